@@ -1,8 +1,8 @@
 """The ``easyref`` command line: one sub-command per step, each a thin shell around the library.
 
-Every command module exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
-imported only when their command runs (or when ``--help`` lists them), and they import torch lazily, so the CLI
-starts quickly.
+Every command module exposes ``HELP`` (one line, repeated in :data:`COMMANDS`), ``add_arguments(parser)`` and
+``run(args) -> int``. Only the module of the command being run is imported, and modules import torch lazily, so
+``easyref --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -13,29 +13,32 @@ import sys
 
 from easyref.errors import UserError
 
-# command name -> module implementing it
-COMMANDS: dict[str, str] = {
-    "tiny-models": "easyref.tiny_models",
-    "generate": "easyref.generate",
-    "demo-data": "easyref.data.demo",
-    "ingest": "easyref.data.ingest",
-    "split": "easyref.data.split",
+# command name -> (module implementing it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiny-models": ("easyref.tiny_models", "write tiny random SDXL / Qwen2-VL / CLIP / DINOv2 models"),
+    "demo-data": ("easyref.data.demo", "write the synthetic demo dataset of image groups"),
+    "ingest": ("easyref.data.ingest", "ingest image sources into a manifest of groups (with rejections)"),
+    "split": ("easyref.data.split", "split a manifest into train / held-in / held-out groups"),
+    "generate": ("easyref.generate", "generate images from a prompt and a group of reference images"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(
         prog="easyref",
         description="EasyRef: train, evaluate and serve SDXL conditioned on a group of reference images.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
+    for name, (module_name, help_line) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_line)
+            continue
         module = importlib.import_module(module_name)
-        doc = (module.__doc__ or "").strip()
         p = sub.add_parser(
             name,
-            help=module.HELP,
-            description=doc or module.HELP,
+            help=help_line,
+            description=(module.__doc__ or help_line).strip(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
@@ -44,14 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except UserError as exc:  # expected, user-facing failures: no traceback
+    except UserError as exc:  # expected, user-facing failures: the message says what to fix
         print(f"easyref {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,306 @@
+"""Write small, randomly initialised models in the hub repositories' on-disk layout.
+
+The tree written under ``--out`` mirrors what the real profile downloads, so the library loads both with the same
+``from_pretrained`` calls:
+
+  sdxl/   a diffusers Stable Diffusion XL folder (model_index.json, unet, vae, text_encoder[_2], tokenizer[_2],
+          scheduler), loadable by ``StableDiffusionXLPipeline.from_pretrained``
+  mllm/   a Qwen2-VL model with tokenizer, chat template and image-processor files
+  clip/   a CLIP model (text and vision towers) with its processor files
+  dino/   a DINOv2 model with its image-processor file
+
+Tokenizers are byte-level BPE vocabularies with no merges, written to files: every byte is a token, so any text
+tokenises without a download. The same seed gives byte-identical weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+HELP = "write tiny random SDXL / Qwen2-VL / CLIP / DINOv2 models"
+
+# The instruction-following chat template of Qwen2-VL, reduced to what a user turn with images and text needs.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("models/tiny"), help="output folder (default: models/tiny)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+
+
+def run(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if not args.force and is_complete(out):
+        print(f"tiny models already present in {out} (use --force to rebuild)")
+        return 0
+    write_tiny_models(out, seed=args.seed)
+    print(f"wrote tiny models to {out}: {', '.join(sorted(p.name for p in out.iterdir() if p.is_dir()))}")
+    return 0
+
+
+def is_complete(out: Path) -> bool:
+    """True when every model folder of a previous build is present (its stamp file is written last)."""
+    return (out / ".complete").is_file()
+
+
+def write_tiny_models(out: str | Path, seed: int = 0) -> Path:
+    """Build all four tiny models under ``out`` (replacing what is there) and return ``out``."""
+    import torch
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.manual_seed(seed)
+    _write_sdxl(tmp / "sdxl", seed)
+    _write_qwen2vl(tmp / "mllm", seed)
+    _write_clip(tmp / "clip", seed)
+    _write_dino(tmp / "dino", seed)
+    (tmp / ".complete").write_text(json.dumps({"seed": seed}) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # the folder appears whole or not at all
+    return out
+
+
+def _byte_alphabet() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    chars = _byte_alphabet()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _clip_text_config(tokenizer, **overrides):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=32,
+        **overrides,
+    )
+
+
+def _seeded(seed: int, offset: int) -> None:
+    import torch
+
+    torch.manual_seed(seed * 1000 + offset)
+
+
+def _write_sdxl(path: Path, seed: int) -> None:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _clip_tokenizer()
+    text_config = _clip_text_config(tokenizer)
+    _seeded(seed, 1)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=64,  # = text_encoder + text_encoder_2 hidden sizes, as 768 + 1280 = 2048 in SDXL
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text (32)
+        norm_num_groups=8,
+    )
+    _seeded(seed, 2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        sample_size=64,
+        norm_num_groups=8,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    _seeded(seed, 3)
+    text_encoder = CLIPTextModel(text_config)
+    _seeded(seed, 4)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    # SDXL base 1.0's scheduler configuration.
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+
+
+def _write_qwen2vl(path: Path, seed: int) -> None:
+    from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN2VL_SPECIAL_TOKENS[1:]),
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2VL_SPECIAL_TOKENS)})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},  # head_dim 8: 4 rotary pairs (t, h, w)
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,  # merger output = the language model's hidden size
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        tie_word_embeddings=True,
+    )
+    _seeded(seed, 5)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    # Qwen2-VL-2B-Instruct's image-processor settings.
+    Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56,
+        max_pixels=28 * 28 * 1280,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    ).save_pretrained(path)
+
+
+def _write_clip(path: Path, seed: int) -> None:
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = _clip_tokenizer()
+    config = CLIPConfig(
+        text_config=_clip_text_config(tokenizer).to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=30,
+            patch_size=6,
+            projection_dim=32,
+        ).to_dict(),
+        projection_dim=32,
+    )
+    _seeded(seed, 6)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+
+
+def _write_dino(path: Path, seed: int) -> None:
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=28,
+        patch_size=7,
+    )
+    _seeded(seed, 7)
+    Dinov2Model(config).save_pretrained(path)
+    BitImageProcessorPil(
+        size={"shortest_edge": 32},
+        crop_size={"height": 28, "width": 28},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_convert_rgb=True,
+    ).save_pretrained(path)
