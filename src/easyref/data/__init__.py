@@ -1,0 +1,6 @@
+"""Data: the demo dataset, ingestion of raw sources into a manifest of groups, group splits and the training dataset.
+
+The pipeline is ``demo-data`` (or any real source) -> ``ingest`` -> ``manifest.parquet`` -> ``split`` ->
+``train.parquet`` / ``held_in.parquet`` / ``held_out.parquet`` -> :class:`easyref.data.dataset.GroupDataset`.
+Modules import their heavy dependencies (torch, pyarrow, boto3) lazily, so the CLI starts quickly.
+"""
