@@ -68,8 +68,11 @@ def is_complete(out: Path) -> bool:
     return (out / ".complete").is_file()
 
 
-def write_tiny_models(out: str | Path, seed: int = 0) -> Path:
-    """Build all four tiny models under ``out`` (replacing what is there) and return ``out``."""
+def write_tiny_models(out: str | Path, seed: int = 0, width: int = 1) -> Path:
+    """Build all tiny models under ``out`` (replacing what is there) and return ``out``.
+
+    ``width`` multiplies the UNet's channels and the MLLM's hidden size (benchmarks use a wider "small" tree).
+    """
     import torch
 
     out = Path(out)
@@ -77,11 +80,11 @@ def write_tiny_models(out: str | Path, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.manual_seed(seed)
-    _write_sdxl(tmp / "sdxl", seed)
-    _write_qwen2vl(tmp / "mllm", seed)
+    _write_sdxl(tmp / "sdxl", seed, width)
+    _write_qwen2vl(tmp / "mllm", seed, width)
     _write_clip(tmp / "clip", seed)
     _write_dino(tmp / "dino", seed)
-    (tmp / ".complete").write_text(json.dumps({"seed": seed}) + "\n")
+    (tmp / ".complete").write_text(json.dumps({"seed": seed, "width": width}) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the folder appears whole or not at all
     return out
@@ -129,7 +132,7 @@ def _seeded(seed: int, offset: int) -> None:
     torch.manual_seed(seed * 1000 + offset)
 
 
-def _write_sdxl(path: Path, seed: int) -> None:
+def _write_sdxl(path: Path, seed: int, width: int = 1) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -140,11 +143,11 @@ def _write_sdxl(path: Path, seed: int) -> None:
         sample_size=32,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=(32 * width, 64 * width),
         layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
+        attention_head_dim=(2 * width, 4 * width),
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
         cross_attention_dim=64,  # = text_encoder + text_encoder_2 hidden sizes, as 768 + 1280 = 2048 in SDXL
@@ -194,7 +197,7 @@ def _write_sdxl(path: Path, seed: int) -> None:
     pipe.save_pretrained(path, safe_serialization=True)
 
 
-def _write_qwen2vl(path: Path, seed: int) -> None:
+def _write_qwen2vl(path: Path, seed: int, width: int = 1) -> None:
     from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -212,13 +215,14 @@ def _write_qwen2vl(path: Path, seed: int) -> None:
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=32 * width,
+            intermediate_size=64 * width,
             num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=8192,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},  # head_dim 8: 4 rotary pairs (t, h, w)
+            # head_dim 8 * width: 4 * width rotary pairs split over (t, h, w)
+            rope_scaling={"type": "mrope", "mrope_section": [2 * width, width, width]},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
@@ -227,7 +231,7 @@ def _write_qwen2vl(path: Path, seed: int) -> None:
         vision_config=dict(
             depth=2,
             embed_dim=32,
-            hidden_size=32,  # merger output = the language model's hidden size
+            hidden_size=32 * width,  # merger output = the language model's hidden size
             num_heads=4,
             mlp_ratio=2,
             patch_size=14,
