@@ -1,0 +1,375 @@
+"""Ingest image sources (folder trees, parquet/jsonl/csv tables) into a manifest of image groups.
+
+Sources: a folder ``ROOT/<group>/<image>`` with captions in ``ROOT/captions.jsonl`` or ``<image stem>.txt``
+sidecars, or a table with ``image``, ``caption`` and ``group`` columns (other columns are kept as metadata).
+Images may be paths, file://, s3:// (endpoint: --s3-endpoint or AWS_ENDPOINT_URL) or http(s):// URIs.
+
+Writes to OUT:
+  images/<id[:2]>/<id>.jpg   normalised images (RGB, EXIF orientation applied, longest side capped), named by the
+                             SHA-256 of their bytes
+  manifest.parquet           one row per accepted image
+  rejected.parquet           one row per rejected input row, with a reason code and a message
+  stats.json, group_sizes.png
+  .cache/ingest.parquet      per-image results, so that a re-run only processes new or changed images
+
+Every input row lands in exactly one of manifest.parquet and rejected.parquet. Re-running on the same sources
+writes byte-identical files. Exit status 2 when every row is rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from easyref.data.fetch import FetchConfig
+from easyref.data.images import SUFFIXES, ImageConfig
+from easyref.data.reasons import Reason, Rejection
+from easyref.data.sources import InputRow, Location
+from easyref.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+HELP = "ingest folder trees and tables of images into manifest.parquet / rejected.parquet"
+
+CACHE_FILE = ".cache/ingest.parquet"
+MANIFEST_COLUMNS = (
+    "image_id", "path", "group", "caption", "width", "height", "source", "row", "uri", "phash", "metadata",
+)  # fmt: skip
+REJECTED_COLUMNS = ("source", "row", "uri", "group", "caption", "reason", "message", "metadata")
+INT_COLUMNS = {"row": "int64", "width": "int32", "height": "int32"}  # every other column is a string
+
+
+@dataclass(kw_only=True)
+class IngestConfig:
+    """The ``ingest`` section of ``params.yaml``; command-line flags override it."""
+
+    workers: int = 2
+    """Worker processes that fetch, check and normalise images (1 runs in the calling process)."""
+    near_duplicate_distance: int = 2
+    """Images of one group whose perceptual hashes differ in at most this many bits (of 64) are near duplicates."""
+    max_caption_chars: int = 1000
+    """Longer captions are rejected."""
+    image: ImageConfig = field(default_factory=ImageConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if not 0 <= self.near_duplicate_distance <= 64:
+            raise ValueError(f"near_duplicate_distance must be in 0..64, got {self.near_duplicate_distance}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What became of one image: stored (``image_id`` set) or rejected (``reason`` set)."""
+
+    image_id: str | None = None
+    path: str | None = None
+    width: int = 0
+    height: int = 0
+    phash: str = ""
+    reason: str | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestResult:
+    """Counts of one run; ``processed`` + ``cached`` images were looked at (rows may share an image)."""
+
+    accepted: int
+    rejected: int
+    processed: int
+    cached: int
+    reasons: dict[str, int]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="folder trees and/or parquet/jsonl/csv tables")
+    parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. data/ingested")
+    parser.add_argument("--params", type=Path, help="read defaults from the 'ingest' section of this params.yaml")
+    parser.add_argument("--workers", type=int, help="worker processes (default 2)")
+    parser.add_argument("--max-side", type=int, help="cap on the longer side of stored images (default 1024)")
+    parser.add_argument("--min-side", type=int, help="reject images whose shorter side is smaller (default 64)")
+    parser.add_argument("--max-pixels", type=int, help="reject larger images without decoding (default 40M)")
+    parser.add_argument("--format", choices=sorted(SUFFIXES), help="stored image format (default jpeg)")
+    parser.add_argument("--near-duplicate-distance", type=int, help="perceptual-hash bits (default 2)")
+    parser.add_argument("--s3-endpoint", help="S3 API endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
+    parser.add_argument("--timeout", type=float, help="seconds per remote connection/read (default 10)")
+    parser.add_argument("--retries", type=int, help="retries per remote image (default 3)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    result = ingest(args.sources, args.out, config, progress=not args.no_progress)
+    print(
+        f"ingest: {result.accepted} accepted, {result.rejected} rejected {dict(result.reasons)}; "
+        f"{result.processed} images processed, {result.cached} from cache -> {args.out / 'manifest.parquet'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> IngestConfig:
+    """The config from ``--params`` (if given) with the flags that were set applied on top."""
+    from easyref.config import from_dict, load_yaml
+
+    config = IngestConfig()
+    if args.params is not None:
+        config = from_dict(IngestConfig, load_yaml(args.params).get("ingest"), f"{args.params}: ingest")
+    image = _override(config.image, min_side=args.min_side, max_side=args.max_side, max_pixels=args.max_pixels)
+    image = _override(image, format=args.format)
+    fetch = _override(config.fetch, s3_endpoint=args.s3_endpoint, timeout=args.timeout, retries=args.retries)
+    try:
+        return _override(
+            config, workers=args.workers, near_duplicate_distance=args.near_duplicate_distance, image=image, fetch=fetch
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def ingest(sources: list[str], out: str | Path, config: IngestConfig, *, progress: bool = True) -> IngestResult:
+    """Ingest ``sources`` into ``out``; see the module docstring for the outputs."""
+    from easyref.data.sources import read_source
+
+    if len(set(sources)) != len(sources):
+        raise UserError(f"a source is named twice: {' '.join(sources)}")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = sorted(
+        (row for source in sources for row in read_source(source, max_caption_chars=config.max_caption_chars)),
+        key=lambda r: r.sort_key,
+    )
+    if not rows:
+        raise UserError(f"no input rows in {' '.join(sources)}: the folders are empty or the tables have no rows")
+
+    config_hash = _config_hash(config)
+    cache = _load_cache(out, config_hash)
+    keys = [_cache_key(row.location, config_hash) if row.location else None for row in rows]
+    todo = sorted({key: row.location for key, row in zip(keys, rows, strict=True) if key and key not in cache}.items())
+    fresh = _process_all(todo, out, config, progress)
+    outcomes = [
+        _rejected_outcome(row.problem) if row.problem else (fresh.get(key) or cache[key])
+        for key, row in zip(keys, rows, strict=True)
+    ]
+    outcomes = _reject_duplicates(rows, outcomes, config.near_duplicate_distance)
+    manifest, rejected = _tables(rows, outcomes)
+    _write_outputs(out, manifest, rejected)
+    _save_cache(out, {**cache, **fresh}, set(keys))
+    _remove_orphans(out, {o.path for o in outcomes if o.path})
+
+    reasons = dict(sorted(Counter(rejected["reason"]).items()))
+    if manifest.empty:
+        raise UserError(
+            f"all {len(rows)} input rows were rejected ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); "
+            f"see {out / 'rejected.parquet'} for the row-by-row reasons"
+        )
+    looked_at = len(set(keys) - {None})
+    return IngestResult(
+        accepted=len(manifest),
+        rejected=len(rejected),
+        processed=len(todo),
+        cached=looked_at - len(todo),
+        reasons=reasons,
+    )
+
+
+def process_image(location: Location, out: Path, config: IngestConfig) -> Outcome:
+    """Fetch, check and normalise one image and store it content-addressed under ``out/images``."""
+    from easyref.data.fetch import fetch
+    from easyref.data.images import normalize
+
+    try:
+        image = normalize(fetch(location, config.fetch), config.image)
+    except Rejection as exc:
+        return _rejected_outcome(exc)
+    rel = f"images/{image.image_id[:2]}/{image.image_id}{SUFFIXES[config.image.format]}"
+    target = out / rel
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(image.data)
+        os.replace(tmp, target)
+    return Outcome(image_id=image.image_id, path=rel, width=image.width, height=image.height, phash=image.phash)
+
+
+def _process_one(task: tuple[Location, Path, IngestConfig]) -> Outcome:
+    return process_image(*task)
+
+
+def _process_all(
+    todo: list[tuple[str, Location]], out: Path, config: IngestConfig, progress: bool
+) -> dict[str, Outcome]:
+    """Outcomes of the images not in the cache, computed by ``config.workers`` processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    tasks = [(location, out, config) for _, location in todo]
+    outcomes: list[Outcome] = []
+    with tqdm(total=len(tasks), unit="img", desc="ingest", disable=not progress or not tasks) as bar:
+        if config.workers == 1 or len(tasks) < 2:
+            for task in tasks:
+                outcomes.append(_process_one(task))
+                bar.update()
+        else:
+            context = multiprocessing.get_context("spawn")  # no inherited threads, locks or sockets
+            chunksize = max(1, min(32, len(tasks) // (4 * config.workers)))
+            with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+                for outcome in pool.map(_process_one, tasks, chunksize=chunksize):
+                    outcomes.append(outcome)
+                    bar.update()
+    return {key: outcome for (key, _), outcome in zip(todo, outcomes, strict=True)}
+
+
+def _rejected_outcome(problem: Rejection) -> Outcome:
+    return Outcome(reason=str(problem.reason), message=problem.message)
+
+
+def _reject_duplicates(rows: list[InputRow], outcomes: list[Outcome], max_distance: int) -> list[Outcome]:
+    """Reject exact duplicates (anywhere) and near duplicates (within a group); the first row in order is kept."""
+    import numpy as np
+
+    outcomes = list(outcomes)
+    first: dict[str, int] = {}
+    by_group: dict[str, list[int]] = {}
+    for i, outcome in enumerate(outcomes):
+        if outcome.image_id is None:
+            continue
+        if outcome.image_id in first:
+            outcomes[i] = _duplicate(outcome, Reason.DUPLICATE, "the same image as", rows[first[outcome.image_id]])
+            continue
+        first[outcome.image_id] = i
+        by_group.setdefault(rows[i].group, []).append(i)
+    for members in by_group.values():
+        hashes = np.array([int(outcomes[i].phash, 16) for i in members], dtype=np.uint64)
+        dropped = np.zeros(len(members), dtype=bool)
+        for a in range(len(members)):
+            if dropped[a]:
+                continue
+            close = np.bitwise_count(hashes[a + 1 :] ^ hashes[a]) <= max_distance
+            for b in np.flatnonzero(close & ~dropped[a + 1 :]) + a + 1:
+                dropped[b] = True
+                kept = rows[members[a]]
+                outcomes[members[b]] = _duplicate(
+                    outcomes[members[b]], Reason.NEAR_DUPLICATE, "nearly the same image as", kept
+                )
+    return outcomes
+
+
+def _duplicate(outcome: Outcome, reason: Reason, what: str, kept: InputRow) -> Outcome:
+    where = kept.uri if kept.row is None else f"row {kept.row} ({kept.uri})"
+    return dataclasses.replace(outcome, reason=str(reason), message=f"{what} {kept.source}: {where}, which is kept")
+
+
+def _tables(rows: list[InputRow], outcomes: list[Outcome]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The manifest (sorted by group, image id) and the rejected rows (in input order)."""
+    import pandas as pd
+
+    accepted, rejected = [], []
+    for row, outcome in zip(rows, outcomes, strict=True):
+        base = {"source": row.source, "row": row.row, "uri": row.uri, "group": row.group, "caption": row.caption}
+        if outcome.reason is None:
+            accepted.append(
+                {
+                    **base,
+                    "image_id": outcome.image_id,
+                    "path": outcome.path,
+                    "width": outcome.width,
+                    "height": outcome.height,
+                    "phash": outcome.phash,
+                    "metadata": row.metadata,
+                }
+            )
+        else:
+            rejected.append({**base, "reason": outcome.reason, "message": outcome.message, "metadata": row.metadata})
+    manifest = pd.DataFrame(accepted, columns=list(MANIFEST_COLUMNS))
+    manifest = manifest.sort_values(["group", "image_id"], kind="stable", ignore_index=True)
+    return manifest, pd.DataFrame(rejected, columns=list(REJECTED_COLUMNS))
+
+
+def _write_outputs(out: Path, manifest: pd.DataFrame, rejected: pd.DataFrame) -> None:
+    from easyref.data.parquet import write_json, write_parquet
+    from easyref.data.stats import draw_histogram, group_size_bins, ingest_stats
+
+    write_parquet(_arrow(manifest), out / "manifest.parquet")
+    write_parquet(_arrow(rejected), out / "rejected.parquet")
+    stats = ingest_stats(manifest, rejected)
+    write_json(stats, out / "stats.json")
+    sizes = manifest.groupby("group").size().tolist()
+    title = f"images per group: {stats['groups']} groups, {stats['accepted']} images"
+    draw_histogram(group_size_bins(sizes), out / "group_sizes.png", title)
+
+
+def _arrow(frame: pd.DataFrame) -> Any:
+    """An Arrow table with explicit column types (strings unless listed in ``INT_COLUMNS``), no pandas metadata."""
+    import pyarrow as pa
+
+    arrays = [pa.array(frame[c].tolist(), type=pa.type_for_alias(INT_COLUMNS.get(c, "string"))) for c in frame.columns]
+    return pa.Table.from_arrays(arrays, names=list(frame.columns))
+
+
+def _config_hash(config: IngestConfig) -> str:
+    """Changes when a setting that affects per-image outcomes changes (and so invalidates the cache)."""
+    relevant = {"image": dataclasses.asdict(config.image), "max_bytes": config.fetch.max_bytes}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_key(location: Location, config_hash: str) -> str:
+    return f"{config_hash}|{location.scheme}|{location.target}|{location.fingerprint}"
+
+
+def _load_cache(out: Path, config_hash: str) -> dict[str, Outcome]:
+    """Cached outcomes for this config whose stored image (if any) still exists."""
+    import pyarrow.parquet as pq
+
+    path = out / CACHE_FILE
+    if not path.is_file():
+        return {}
+    cache = {}
+    for record in pq.read_table(path).to_pylist():
+        key = record.pop("key")
+        outcome = Outcome(**record)
+        if key.startswith(f"{config_hash}|") and (outcome.path is None or (out / outcome.path).is_file()):
+            cache[key] = outcome
+    return cache
+
+
+def _save_cache(out: Path, outcomes: dict[str, Outcome], keys: set[str | None]) -> None:
+    """Keep the outcomes of the current rows, except fetch failures (they may succeed next time)."""
+    import pandas as pd
+
+    from easyref.data.parquet import write_parquet
+
+    records = [
+        {"key": key, **dataclasses.asdict(outcome)}
+        for key, outcome in sorted(outcomes.items())
+        if key in keys and outcome.reason != Reason.FETCH_FAILED
+    ]
+    columns = ["key", *(f.name for f in dataclasses.fields(Outcome))]
+    frame = pd.DataFrame(records, columns=columns)
+    (out / CACHE_FILE).parent.mkdir(exist_ok=True)
+    write_parquet(_arrow(frame), out / CACHE_FILE)
+
+
+def _remove_orphans(out: Path, keep: set[str]) -> None:
+    """Delete stored images no current row refers to (left over from sources no longer ingested)."""
+    for path in (out / "images").glob("*/*"):
+        if path.relative_to(out).as_posix() not in keep:
+            path.unlink()
+
+
+def _override(obj: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` with the changes that are not ``None``."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return dataclasses.replace(obj, **changes) if changes else obj
