@@ -8,6 +8,9 @@ The tree written under ``--out`` mirrors what the real profile downloads, so the
   mllm/   a Qwen2-VL model with tokenizer, chat template and image-processor files
   clip/   a CLIP model (text and vision towers) with its processor files
   dino/   a DINOv2 model with its image-processor file
+  ip_adapter/sdxl_models/   IP-Adapter-SDXL weights for the tiny SDXL (``ip-adapter_sdxl.safetensors``) and its CLIP
+          image encoder (``image_encoder/``), laid out as the ``h94/IP-Adapter`` repository, loadable by
+          ``pipe.load_ip_adapter(path, subfolder="sdxl_models", weight_name="ip-adapter_sdxl.safetensors")``
 
 Tokenizers are byte-level BPE vocabularies with no merges, written to files: every byte is a token, so any text
 tokenises without a download. The same seed gives byte-identical weights.
@@ -84,6 +87,7 @@ def write_tiny_models(out: str | Path, seed: int = 0, width: int = 1) -> Path:
     _write_qwen2vl(tmp / "mllm", seed, width)
     _write_clip(tmp / "clip", seed)
     _write_dino(tmp / "dino", seed)
+    _write_ip_adapter(tmp / "ip_adapter", seed)
     (tmp / ".complete").write_text(json.dumps({"seed": seed, "width": width}) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the folder appears whole or not at all
@@ -308,3 +312,56 @@ def _write_dino(path: Path, seed: int) -> None:
         image_std=[0.229, 0.224, 0.225],
         do_convert_rgb=True,
     ).save_pretrained(path)
+
+
+IP_ADAPTER_SUBFOLDER = "sdxl_models"
+IP_ADAPTER_WEIGHTS = "ip-adapter_sdxl.safetensors"
+
+
+def _write_ip_adapter(path: Path, seed: int) -> None:
+    """Random IP-Adapter-SDXL weights sized for the tiny SDXL written beside ``path``, plus a CLIP image encoder.
+
+    The safetensors file holds ``image_proj.*`` (ImageProjection: Linear(image_embed, 4 x cross_attention_dim) +
+    LayerNorm) and ``ip_adapter.{1,3,5,...}.to_{k,v}_ip.weight`` for each cross-attention layer in
+    ``unet.attn_processors`` order, the layout diffusers' ``load_ip_adapter`` reads.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    folder = path / IP_ADAPTER_SUBFOLDER
+    unet = UNet2DConditionModel.from_pretrained(path.parent / "sdxl", subfolder="unet")
+    cross_dim = unet.config.cross_attention_dim
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=30,
+        patch_size=6,
+        projection_dim=32,
+    )
+    _seeded(seed, 8)
+    CLIPVisionModelWithProjection(vision).save_pretrained(folder / "image_encoder")
+    CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(
+        folder / "image_encoder"
+    )
+    _seeded(seed, 9)
+    tokens = 4  # diffusers' ImageProjection for IP-Adapter (non-plus) always has 4 tokens
+    tensors = {
+        "image_proj.proj.weight": torch.randn(tokens * cross_dim, vision.projection_dim) * 0.05,
+        "image_proj.proj.bias": torch.zeros(tokens * cross_dim),
+        "image_proj.norm.weight": torch.ones(cross_dim),
+        "image_proj.norm.bias": torch.zeros(cross_dim),
+    }
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            attn = unet.get_submodule(name.removesuffix(".processor"))
+            for proj in ("to_k", "to_v"):
+                base = getattr(attn, proj).weight.detach()
+                tensors[f"ip_adapter.{key_id}.{proj}_ip.weight"] = base + 0.02 * torch.randn_like(base)
+            key_id += 2
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / IP_ADAPTER_WEIGHTS)

@@ -1,0 +1,232 @@
+"""Image-similarity metrics of the EasyRef paper: CLIP-I, CLIP-T and DINO-I, with means and 95% intervals.
+
+* CLIP-I: cosine similarity between the CLIP image embeddings of a generated image and its target image.
+* CLIP-T: cosine similarity between the CLIP image embedding of a generated image and the CLIP text embedding of
+  its caption.
+* DINO-I: cosine similarity between the DINOv2 CLS embeddings of a generated image and its target image.
+
+The embedding models are loaded with ``from_pretrained`` from a hub id or a folder (``openai/clip-vit-large-patch14``
+and ``facebook/dinov2-small`` in the real profile, the tiny models in tests), images are embedded in batches and
+target embeddings can be kept in an :class:`EmbeddingCache` keyed by the image file's SHA-256, so evaluating a
+second checkpoint on the same split embeds only the generated images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from easyref.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass(kw_only=True)
+class MetricModels:
+    """Where the metric models come from (``evaluate.metrics`` in ``params.yaml``)."""
+
+    clip: str = "models/tiny/clip"
+    """CLIP model (hub id or folder) for CLIP-I and CLIP-T; the paper uses ``openai/clip-vit-large-patch14``."""
+    dino: str = "models/tiny/dino"
+    """DINOv2 model (hub id or folder) for DINO-I; the paper uses ``facebook/dinov2-small``."""
+    batch_size: int = 32
+    """Images (or captions) embedded per forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean of per-sample values with a two-sided confidence interval (Student's t)."""
+
+    mean: float
+    low: float
+    high: float
+    std: float
+    count: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _features(output: Any) -> torch.Tensor:
+    """``get_*_features`` return a tensor in transformers 4 and a ``BaseModelOutputWithPooling`` in 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _load_image_processor(path: str) -> Any:
+    """The model's image processor, PIL backend (the torchvision one is never used)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path, backend="pil")
+    except OSError as exc:
+        raise UserError(f"cannot load an image processor from {path!r}: {exc}") from exc
+
+
+class ImageEmbedder:
+    """Batched, L2-normalised image embeddings from a ``transformers`` vision model."""
+
+    name: str
+
+    def __init__(self, model: torch.nn.Module, processor: Any, batch_size: int = 32, device: str = "cpu"):
+        self.model = model.eval().to(device)
+        self.processor = processor
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+
+    def _embed_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``(N, D)`` unit-length float32 embeddings on the CPU."""
+        chunks = []
+        for batch in _batches(list(images), self.batch_size):
+            pixels = self.processor(images=[im.convert("RGB") for im in batch], return_tensors="pt")["pixel_values"]
+            pixels = pixels.to(self.device, dtype=next(self.model.parameters()).dtype)
+            chunks.append(torch.nn.functional.normalize(self._embed_batch(pixels).float(), dim=-1).cpu())
+        if not chunks:
+            return torch.empty(0, 0)
+        return torch.cat(chunks)
+
+
+class ClipEmbedder(ImageEmbedder):
+    """CLIP image and text towers (projected embeddings), for CLIP-I and CLIP-T."""
+
+    name = "clip"
+
+    def __init__(self, model: torch.nn.Module, processor: Any, tokenizer: Any, batch_size: int = 32,
+                 device: str = "cpu"):
+        super().__init__(model, processor, batch_size, device)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path: str, batch_size: int = 32, device: str = "cpu") -> ClipEmbedder:
+        from transformers import AutoTokenizer, CLIPModel
+
+        try:
+            model = CLIPModel.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as exc:
+            raise UserError(f"cannot load the CLIP metric model from {path!r} (evaluate.metrics.clip): {exc}") from exc
+        return cls(model, _load_image_processor(path), tokenizer, batch_size, device)
+
+    def _embed_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _features(self.model.get_image_features(pixel_values=pixel_values))
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, D)`` unit-length text embeddings; captions longer than CLIP's context are truncated."""
+        chunks = []
+        for batch in _batches(list(texts), self.batch_size):
+            tokens = self.tokenizer(list(batch), padding=True, truncation=True, return_tensors="pt").to(self.device)
+            chunks.append(torch.nn.functional.normalize(_features(self.model.get_text_features(**tokens)).float(),
+                                                        dim=-1).cpu())
+        return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+class DinoEmbedder(ImageEmbedder):
+    """DINOv2 CLS embeddings (after the final layer norm), for DINO-I."""
+
+    name = "dino"
+
+    @classmethod
+    def from_pretrained(cls, path: str, batch_size: int = 32, device: str = "cpu") -> DinoEmbedder:
+        from transformers import AutoModel
+
+        try:
+            model = AutoModel.from_pretrained(path)
+        except OSError as exc:
+            raise UserError(f"cannot load the DINO metric model from {path!r} (evaluate.metrics.dino): {exc}") from exc
+        return cls(model, _load_image_processor(path), batch_size, device)
+
+    def _embed_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).pooler_output
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class EmbeddingCache:
+    """Embeddings of image files keyed by ``(embedder, SHA-256 of the file)``, optionally persisted.
+
+    The file is a safetensors dict; a corrupt or foreign file is ignored (and rewritten on :meth:`save`), since it
+    only saves time.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self.entries: dict[str, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+        if self.path and self.path.is_file():
+            from safetensors.torch import load_file
+
+            try:
+                self.entries = load_file(self.path)
+            except Exception:  # noqa: BLE001 - a cache that cannot be read is rebuilt
+                self.entries = {}
+
+    def embed_files(self, embedder: ImageEmbedder, paths: Sequence[Path], load: Callable[[Path], Image.Image]
+                    ) -> torch.Tensor:
+        """``(N, D)`` embeddings of the image files ``paths``, computing only those not cached."""
+        keys = [f"{embedder.name}:{sha256_bytes(Path(p).read_bytes())}" for p in paths]
+        missing = {k: p for k, p in zip(keys, paths, strict=True) if k not in self.entries}
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            fresh = embedder.embed_images([load(p) for p in missing.values()])
+            self.entries.update({k: e.clone() for k, e in zip(missing, fresh, strict=True)})
+        if not keys:
+            return torch.empty(0, 0)
+        return torch.stack([self.entries[k] for k in keys])
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        from safetensors.torch import save_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in self.entries.items()}, tmp)
+        tmp.replace(self.path)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity of two ``(N, D)`` tensors."""
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare embeddings of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Summary:
+    """Mean and the ``confidence`` t-interval of the mean; NaNs are skipped. No values give all-NaN."""
+    from scipy import stats
+
+    xs = [float(v) for v in values if not math.isnan(float(v))]
+    n = len(xs)
+    if n == 0:
+        nan = float("nan")
+        return Summary(mean=nan, low=nan, high=nan, std=nan, count=0)
+    mean = sum(xs) / n
+    if n == 1:  # no spread to estimate: the interval is unknown, not zero
+        return Summary(mean=mean, low=float("nan"), high=float("nan"), std=float("nan"), count=1)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
+    return Summary(mean=mean, low=mean - half, high=mean + half, std=std, count=n)
