@@ -36,7 +36,7 @@ from easyref.data.sources import InputRow, Location
 from easyref.errors import UserError
 
 if TYPE_CHECKING:
-    import pandas as pd
+    import pyarrow as pa
 
 HELP = "ingest folder trees and tables of images into manifest.parquet / rejected.parquet"
 
@@ -167,16 +167,16 @@ def ingest(sources: list[str], out: str | Path, config: IngestConfig, *, progres
     _save_cache(out, {**cache, **fresh}, set(keys))
     _remove_orphans(out, {o.path for o in outcomes if o.path})
 
-    reasons = dict(sorted(Counter(rejected["reason"]).items()))
-    if manifest.empty:
+    reasons = dict(sorted(Counter(rejected["reason"].to_pylist()).items()))
+    if manifest.num_rows == 0:
         raise UserError(
             f"all {len(rows)} input rows were rejected ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); "
             f"see {out / 'rejected.parquet'} for the row-by-row reasons"
         )
     looked_at = len(set(keys) - {None})
     return IngestResult(
-        accepted=len(manifest),
-        rejected=len(rejected),
+        accepted=manifest.num_rows,
+        rejected=rejected.num_rows,
         processed=len(todo),
         cached=looked_at - len(todo),
         reasons=reasons,
@@ -272,10 +272,8 @@ def _duplicate(outcome: Outcome, reason: Reason, what: str, kept: InputRow) -> O
     return dataclasses.replace(outcome, reason=str(reason), message=f"{what} {kept.source}: {where}, which is kept")
 
 
-def _tables(rows: list[InputRow], outcomes: list[Outcome]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _tables(rows: list[InputRow], outcomes: list[Outcome]) -> tuple[pa.Table, pa.Table]:
     """The manifest (sorted by group, image id) and the rejected rows (in input order)."""
-    import pandas as pd
-
     accepted, rejected = [], []
     for row, outcome in zip(rows, outcomes, strict=True):
         base = {"source": row.source, "row": row.row, "uri": row.uri, "group": row.group, "caption": row.caption}
@@ -293,30 +291,29 @@ def _tables(rows: list[InputRow], outcomes: list[Outcome]) -> tuple[pd.DataFrame
             )
         else:
             rejected.append({**base, "reason": outcome.reason, "message": outcome.message, "metadata": row.metadata})
-    manifest = pd.DataFrame(accepted, columns=list(MANIFEST_COLUMNS))
-    manifest = manifest.sort_values(["group", "image_id"], kind="stable", ignore_index=True)
-    return manifest, pd.DataFrame(rejected, columns=list(REJECTED_COLUMNS))
+    accepted.sort(key=lambda r: (r["group"], r["image_id"]))
+    return _arrow(accepted, MANIFEST_COLUMNS), _arrow(rejected, REJECTED_COLUMNS)
 
 
-def _write_outputs(out: Path, manifest: pd.DataFrame, rejected: pd.DataFrame) -> None:
+def _write_outputs(out: Path, manifest: pa.Table, rejected: pa.Table) -> None:
     from easyref.data.parquet import write_json, write_parquet
     from easyref.data.stats import draw_histogram, group_size_bins, ingest_stats
 
-    write_parquet(_arrow(manifest), out / "manifest.parquet")
-    write_parquet(_arrow(rejected), out / "rejected.parquet")
-    stats = ingest_stats(manifest, rejected)
+    write_parquet(manifest, out / "manifest.parquet")
+    write_parquet(rejected, out / "rejected.parquet")
+    stats = ingest_stats(manifest.to_pandas(), rejected.to_pandas())
     write_json(stats, out / "stats.json")
-    sizes = manifest.groupby("group").size().tolist()
+    sizes = manifest.to_pandas().groupby("group").size().tolist()
     title = f"images per group: {stats['groups']} groups, {stats['accepted']} images"
     draw_histogram(group_size_bins(sizes), out / "group_sizes.png", title)
 
 
-def _arrow(frame: pd.DataFrame) -> Any:
+def _arrow(records: list[dict[str, Any]], columns: tuple[str, ...]) -> pa.Table:
     """An Arrow table with explicit column types (strings unless listed in ``INT_COLUMNS``), no pandas metadata."""
     import pyarrow as pa
 
-    arrays = [pa.array(frame[c].tolist(), type=pa.type_for_alias(INT_COLUMNS.get(c, "string"))) for c in frame.columns]
-    return pa.Table.from_arrays(arrays, names=list(frame.columns))
+    schema = pa.schema([(c, pa.type_for_alias(INT_COLUMNS.get(c, "string"))) for c in columns])
+    return pa.Table.from_pylist(records, schema=schema)
 
 
 def _config_hash(config: IngestConfig) -> str:
@@ -347,7 +344,6 @@ def _load_cache(out: Path, config_hash: str) -> dict[str, Outcome]:
 
 def _save_cache(out: Path, outcomes: dict[str, Outcome], keys: set[str | None]) -> None:
     """Keep the outcomes of the current rows, except fetch failures (they may succeed next time)."""
-    import pandas as pd
 
     from easyref.data.parquet import write_parquet
 
@@ -356,10 +352,9 @@ def _save_cache(out: Path, outcomes: dict[str, Outcome], keys: set[str | None]) 
         for key, outcome in sorted(outcomes.items())
         if key in keys and outcome.reason != Reason.FETCH_FAILED
     ]
-    columns = ["key", *(f.name for f in dataclasses.fields(Outcome))]
-    frame = pd.DataFrame(records, columns=columns)
+    columns = ("key", *(f.name for f in dataclasses.fields(Outcome)))
     (out / CACHE_FILE).parent.mkdir(exist_ok=True)
-    write_parquet(_arrow(frame), out / CACHE_FILE)
+    write_parquet(_arrow(records, columns), out / CACHE_FILE)
 
 
 def _remove_orphans(out: Path, keep: set[str]) -> None:
