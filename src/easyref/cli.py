@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("easyref.data.ingest", "ingest image sources into a manifest of groups (with rejections)"),
     "split": ("easyref.data.split", "split a manifest into train / held-in / held-out groups"),
     "generate": ("easyref.generate", "generate images from a prompt and a group of reference images"),
+    "evaluate": ("easyref.evaluate", "evaluate a checkpoint: CLIP-I / CLIP-T / DINO-I, reference gain, baselines"),
+    "register": ("easyref.registry", "register a checkpoint in the MLflow registry and promote it by alias"),
 }
 
 
