@@ -1,0 +1,176 @@
+"""What the trainer reads: samples, a resumable global data order, and the dataset behind ``--data``.
+
+A *sample* is a mapping with ``references`` (list of PIL images, the group), ``target`` (float tensor ``(3, H, W)``
+in [-1, 1]) and ``caption`` (str). Any ``torch.utils.data.Dataset`` of such samples can be trained on.
+
+The data order is a pure function of ``(seed, step)``: optimizer step ``s`` consumes global positions
+``[s * G, (s + 1) * G)`` (``G`` = global batch) of an endless sequence of per-epoch permutations. A resumed run
+therefore continues the exact order from its checkpoint's step, whatever the world size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from easyref.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class GlobalOrderSampler(Sampler[int]):
+    """The dataset indices one rank reads from ``start_step`` to ``max_steps``, micro-batch by micro-batch.
+
+    Within a step, micro-step ``m`` of rank ``r`` takes positions ``base + (m * W + r) * B + [0, B)``.
+    """
+
+    def __init__(
+        self, num_samples: int, *, seed: int, batch_size: int, grad_accum: int, rank: int, world_size: int,
+        start_step: int, max_steps: int,
+    ):
+        if num_samples < 1:
+            raise UserError("the training dataset is empty")
+        self.n, self.seed = num_samples, seed
+        self.batch, self.accum, self.rank, self.world = batch_size, grad_accum, rank, world_size
+        self.start_step, self.max_steps = start_step, max_steps
+        self._perms: dict[int, list[int]] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch * self.accum * self.world
+
+    def position_index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch][offset]
+
+    def indices_for_step(self, step: int) -> list[int]:
+        base = step * self.global_batch
+        out = []
+        for m in range(self.accum):
+            first = base + (m * self.world + self.rank) * self.batch
+            out.extend(self.position_index(p) for p in range(first, first + self.batch))
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(self.start_step, self.max_steps):
+            yield from self.indices_for_step(step)
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step) * self.batch * self.accum
+
+    def state(self, step: int) -> dict[str, Any]:
+        """Data-order state after ``step`` optimizer steps (what a checkpoint records)."""
+        return {"seed": self.seed, "num_samples": self.n, "global_batch": self.global_batch,
+                "samples_seen": step * self.global_batch, "epoch": step * self.global_batch // self.n}
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack targets; keep reference groups and captions as lists."""
+    return {
+        "references": [list(s["references"]) for s in samples],
+        "target": torch.stack([s["target"] for s in samples]),
+        "caption": [str(s["caption"]) for s in samples],
+    }
+
+
+def to_target(image: Any, resolution: int) -> torch.Tensor:
+    """A PIL image as a ``(3, R, R)`` tensor in [-1, 1]: resized on the short side, centre-cropped."""
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class FolderGroups(Dataset):
+    """A folder of groups (``<group>/<image>`` + ``captions.jsonl``, the ``easyref demo-data`` layout).
+
+    Every image is a target once; its references are the other images of its group (at most ``max_references``).
+    """
+
+    def __init__(self, root: str | Path, resolution: int, max_references: int = 28):
+        self.root = Path(root)
+        captions_file = self.root / "captions.jsonl"
+        if not captions_file.is_file():
+            raise UserError(f"{self.root}: expected captions.jsonl beside the group folders")
+        captions: dict[str, str] = {}
+        for line_no, line in enumerate(captions_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions[row["image"]] = row["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UserError(f"{captions_file}:{line_no}: expected {{\"image\": ..., \"caption\": ...}} ({exc})") from exc
+        self.groups: dict[str, list[str]] = {}
+        for group in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            images = sorted(f"{group.name}/{f.name}" for f in group.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if len(images) >= 2:
+                self.groups[group.name] = images
+        self.items = [(g, i) for g, images in self.groups.items() for i in range(len(images))]
+        if not self.items:
+            raise UserError(f"{self.root}: no group folder with at least two images")
+        self.captions, self.resolution, self.max_references = captions, resolution, max_references
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _open(self, rel: str) -> Any:
+        from PIL import Image
+
+        with Image.open(self.root / rel) as im:
+            return im.convert("RGB")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        group, i = self.items[index]
+        images = self.groups[group]
+        refs = [r for j, r in enumerate(images) if j != i][: self.max_references]
+        return {
+            "references": [self._open(r) for r in refs],
+            "target": to_target(self._open(images[i]), self.resolution),
+            "caption": self.captions.get(images[i], ""),
+            "group": group,
+        }
+
+
+def build_dataset(path: str | Path, *, stage: str, resolution: int, max_references: int, split: str = "train") -> Dataset:
+    """The dataset behind ``--data``: a split manifest (``.parquet``, via ``easyref.data.dataset``) or a folder."""
+    path = Path(path)
+    if path.is_dir() and (path / "captions.jsonl").is_file():
+        return FolderGroups(path, resolution, max_references)
+    if not path.exists():
+        raise UserError(f"--data {path}: no such file or folder")
+    try:
+        from easyref.data import dataset as data_layer
+    except ImportError as exc:
+        raise UserError(f"--data {path}: reading split manifests needs easyref.data.dataset ({exc})") from exc
+    return data_layer.build_training_dataset(path, stage=stage, resolution=resolution, split=split)
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """A short content hash of the data manifest (or the captions file of a folder), for the MLflow tag."""
+    import hashlib
+
+    path = Path(path)
+    file = path / "captions.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        return "none"
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,106 @@
+"""The torchrun environment: rank, world size, device, process group, and wrapping a module in DDP or FSDP2.
+
+The same code runs as a plain process (no ``WORLD_SIZE``: one rank, no process group), under
+``torchrun``/``torchx`` on one machine, and on a cluster where the Kubeflow Trainer sets the same variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(timeout_s: float = 1800) -> DistEnv:
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and start the process group (NCCL on GPU, gloo on CPU)."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Mean of ``value`` over ranks (a copy; ``value`` is unchanged)."""
+    out = value.detach().clone()
+    if env.distributed:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= env.world_size
+    return out
+
+
+def broadcast_object(obj: object, env: DistEnv) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:
+    """Replicate ``module`` with DDP (gradients of its trainable parameters are all-reduced)."""
+    if not env.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def shard_fsdp(model: nn.Module, env: DistEnv, param_dtype: torch.dtype | None = None) -> None:
+    """Shard EasyRef in place with FSDP2: one unit per MLLM decoder layer and UNet block, then the MLLM and UNet.
+
+    The reference encoder and the UNet are their own units, so the sampler can call them directly (previews).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kwargs = {"mp_policy": mp}
+    encoder, unet = model.reference_encoder, model.unet
+    for layer in [*encoder.mllm.language_model.layers, *encoder.head]:
+        fully_shard(layer, **kwargs)
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        if block is not None:
+            fully_shard(block, **kwargs)
+    fully_shard(encoder, **kwargs)
+    fully_shard(unet, **kwargs)
