@@ -269,3 +269,13 @@ def test_cli_help_and_demo_layout(tmp_path: Path) -> None:
     groups = {json.loads(line)["image"].split("/")[0] for line in lines}
     assert len(groups) >= 40 and "red-star" in groups
     assert os.path.getsize(tmp_path / "raw/red-star/000.png") > 0
+
+
+def test_perceptual_hash_matches_imagehash() -> None:
+    import imagehash
+
+    from easyref.data.images import perceptual_hash
+
+    for seed in range(20):
+        image = noise_image(seed, (120, 90))
+        assert perceptual_hash(image) == str(imagehash.phash(image))

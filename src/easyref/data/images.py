@@ -48,8 +48,6 @@ class NormalizedImage:
 
 def normalize(data: bytes, config: ImageConfig) -> NormalizedImage:
     """Check ``data`` and return the normalised image; raises :class:`Rejection` for a bad image."""
-    import imagehash
-
     image = _decode(data, config)
     buffer = io.BytesIO()
     if config.format == "png":
@@ -62,8 +60,25 @@ def normalize(data: bytes, config: ImageConfig) -> NormalizedImage:
         data=encoded,
         width=image.width,
         height=image.height,
-        phash=str(imagehash.phash(image)),
+        phash=perceptual_hash(image),
     )
+
+
+def perceptual_hash(image: Image.Image) -> str:
+    """The DCT perceptual hash (pHash, as in ``imagehash.phash``): 64 bits as 16 hex digits.
+
+    The image is reduced to 32x32 grey levels; each bit says whether one of the 8x8 lowest-frequency DCT-II
+    coefficients is above their median. Computed with numpy (two small matrix products), without scipy.
+    """
+    import numpy as np
+    from PIL import Image
+
+    n, k = 32, 8
+    pixels = np.asarray(image.convert("L").resize((n, n), Image.Resampling.LANCZOS), dtype=np.float64)
+    basis = np.cos(np.pi * np.arange(k)[:, None] * (2 * np.arange(n)[None, :] + 1) / (2 * n))
+    low = basis @ pixels @ basis.T  # low[u, v]: vertical frequency u, horizontal frequency v
+    bits = (low > np.median(low)).ravel()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
 def _decode(data: bytes, config: ImageConfig) -> Image.Image:
