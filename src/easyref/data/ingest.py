@@ -344,7 +344,6 @@ def _load_cache(out: Path, config_hash: str) -> dict[str, Outcome]:
 
 def _save_cache(out: Path, outcomes: dict[str, Outcome], keys: set[str | None]) -> None:
     """Keep the outcomes of the current rows, except fetch failures (they may succeed next time)."""
-
     from easyref.data.parquet import write_parquet
 
     records = [
