@@ -69,8 +69,9 @@ SPLIT_COLUMNS = ("image_id", "path", "group", "caption", "role")
 class IPAdapterConfig:
     """Where the IP-Adapter-SDXL baseline comes from (arguments of diffusers' ``load_ip_adapter``)."""
 
-    path: str = "models/tiny/ip_adapter"
-    """Hub id or folder of the IP-Adapter repository (real profile: ``h94/IP-Adapter``)."""
+    path: str | None = None
+    """Hub id or folder of the IP-Adapter repository (real profile: ``h94/IP-Adapter``); None = ``ip_adapter/`` in
+    the base-model folder (written by ``easyref tiny-models``)."""
     subfolder: str = "sdxl_models"
     """Folder of the weights inside ``path``."""
     weight_name: str = "ip-adapter_sdxl.safetensors"
@@ -372,9 +373,9 @@ class IPAdapterBaseline:
         from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
         encoder = config.image_encoder_folder
-        encoder_path = (Path(config.path) / (encoder if "/" in encoder else f"{config.subfolder}/{encoder}"))
+        subfolder = encoder if "/" in encoder else f"{config.subfolder}/{encoder}"
         # Passing the processor keeps diffusers from building a torchvision-backed CLIPImageProcessor.
-        feature_extractor = _clip_image_processor(encoder_path)
+        feature_extractor = _clip_image_processor(str(config.path), subfolder)
         pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, feature_extractor=feature_extractor,
                                                          torch_dtype=torch_dtype)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -419,13 +420,21 @@ class IPAdapterBaseline:
         return images
 
 
-def _clip_image_processor(path: Path) -> Any:
+def _clip_image_processor(path: str, subfolder: str) -> Any:
+    """The image encoder's processor files if present, else what diffusers builds: resize + crop to its input size."""
+    from transformers import CLIPVisionConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     try:
-        return CLIPImageProcessorPil.from_pretrained(path)
+        return CLIPImageProcessorPil.from_pretrained(path, subfolder=subfolder)
+    except OSError:
+        pass
+    try:
+        side = CLIPVisionConfig.from_pretrained(path, subfolder=subfolder).image_size
     except OSError as exc:
-        raise UserError(f"{path}: no CLIP image-processor files for the IP-Adapter image encoder ({exc})") from exc
+        raise UserError(f"no IP-Adapter image encoder at {path!r} / {subfolder!r} (evaluate.ip_adapter): {exc}"
+                        ) from exc
+    return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
 # -- reference gain ---------------------------------------------------------------------------------------------------
@@ -748,6 +757,14 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         raise UserError(str(exc)) from exc
 
 
+def with_base_defaults(config: EvaluateConfig, base: Path) -> EvaluateConfig:
+    """Fill model locations left unset (None) from the base-model folder: clip/, dino/, ip_adapter/."""
+    metrics = dataclasses.replace(config.metrics, clip=config.metrics.clip or str(base / "clip"),
+                                  dino=config.metrics.dino or str(base / "dino"))
+    ip_adapter = dataclasses.replace(config.ip_adapter, path=config.ip_adapter.path or str(base / "ip_adapter"))
+    return dataclasses.replace(config, metrics=metrics, ip_adapter=ip_adapter)
+
+
 def evaluate(checkpoint: Path, samples: Sequence[Sample], out: Path, base: Path, config: EvaluateConfig,
              info: dict[str, Any], device: str, tracking_uri: str | None = None) -> dict[str, float | None]:
     """Generate, score and report ``samples`` for the checkpoint and the configured baselines."""
@@ -759,6 +776,7 @@ def evaluate(checkpoint: Path, samples: Sequence[Sample], out: Path, base: Path,
     from easyref.sampler import EasyRefSampler, base_paths
 
     sdxl, mllm = base_paths(base)
+    config = with_base_defaults(config, base)
     dtype = torch.bfloat16 if device.startswith("cuda") else None
     store = ImageStore()
     out.mkdir(parents=True, exist_ok=True)

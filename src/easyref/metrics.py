@@ -32,10 +32,12 @@ if TYPE_CHECKING:
 class MetricModels:
     """Where the metric models come from (``evaluate.metrics`` in ``params.yaml``)."""
 
-    clip: str = "models/tiny/clip"
-    """CLIP model (hub id or folder) for CLIP-I and CLIP-T; the paper uses ``openai/clip-vit-large-patch14``."""
-    dino: str = "models/tiny/dino"
-    """DINOv2 model (hub id or folder) for DINO-I; the paper uses ``facebook/dinov2-small``."""
+    clip: str | None = None
+    """CLIP model (hub id or folder) for CLIP-I and CLIP-T; the paper uses ``openai/clip-vit-large-patch14``.
+    None = ``clip/`` in the base-model folder (the tiny profile)."""
+    dino: str | None = None
+    """DINOv2 model (hub id or folder) for DINO-I; the paper uses ``facebook/dinov2-small``. None = ``dino/`` in
+    the base-model folder."""
     batch_size: int = 32
     """Images (or captions) embedded per forward pass."""
 
