@@ -139,7 +139,8 @@ def test_too_few_groups_is_a_clear_error_and_small_groups_always_train(tmp_path:
 
 
 def test_repeated_image_ids_are_refused(tmp_path: Path) -> None:
-    frame = pd.DataFrame({"image_id": ["a", "a", "b"], "group": ["x", "y", "y"]})
+    # the shared image "a" is in every group, so whichever group is held out shares it with a training group
+    frame = pd.DataFrame({"image_id": ["a", "b", "a", "c", "a", "d"], "group": ["x", "x", "y", "y", "z", "z"]})
     write_parquet(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "m.parquet")
-    with pytest.raises(UserError, match="image_id values repeat"):
-        split_manifest(tmp_path / "m.parquet", tmp_path / "s", SplitConfig(held_out_groups=0, held_in_groups=0))
+    with pytest.raises(UserError, match="image_id a has more than one row"):
+        split_manifest(tmp_path / "m.parquet", tmp_path / "s", SplitConfig(held_out_groups=1, held_in_groups=0))
