@@ -1,0 +1,229 @@
+"""easyref evaluate: split and DreamBench loading, reference gain, and an end-to-end run with both baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from easyref.errors import UserError
+from easyref.evaluate import (
+    DreamBenchConfig,
+    Sample,
+    fill_prompt,
+    load_dreambench,
+    load_split,
+    parse_dreambench_prompts,
+    partners,
+    sample_seed,
+)
+from tests.conftest import SMALL_PIXELS, make_group
+
+DREAMBENCH_PROMPTS = """Classes
+
+subject_name,class
+backpack,backpack
+dog2,dog
+
+Prompts
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a red {0} {1}'.format(unique_token, class_token)
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a {0} {1} wearing a red hat'.format(unique_token, class_token),
+'a {0} {1} in a chef outfit'.format(unique_token, class_token)
+]
+"""
+
+
+def write_split(root: Path, groups: int = 3, refs: int = 2) -> Path:
+    """A held_out.parquet in easyref split's layout (manifest columns + role), images beside it."""
+    rows = []
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for g in range(groups):
+        for i, image in enumerate(make_group(g, refs + 1)):
+            path = f"images/g{g}_{i}.png"
+            image.save(root / path)
+            rows.append({"image_id": f"id{g}{i}", "path": path, "group": f"group-{g}",
+                         "caption": f"a shape of group {g}", "width": image.width, "height": image.height,
+                         "role": "target" if i == 0 else "reference"})
+    pd.DataFrame(rows).to_parquet(root / "held_out.parquet")
+    return root / "held_out.parquet"
+
+
+def test_load_split_builds_one_sample_per_target(tmp_path):
+    samples = load_split(write_split(tmp_path), base_seed=5)
+    assert [s.sample_id for s in samples] == ["id00", "id10", "id20"]
+    first = samples[0]
+    assert first.group == "group-0" and first.caption == "a shape of group 0"
+    assert first.targets == (tmp_path / "images/g0_0.png",)
+    assert first.references == (tmp_path / "images/g0_1.png", tmp_path / "images/g0_2.png")
+    assert first.seed == sample_seed(5, "id00") != sample_seed(6, "id00")
+
+
+def test_load_split_uses_the_ingest_folder_named_by_split_json(tmp_path):
+    ingest, split = tmp_path / "ingest", tmp_path / "split"
+    split.mkdir()
+    file = write_split(ingest).rename(split / "held_out.parquet")
+    (split / "split.json").write_text(json.dumps({"manifest": str(ingest / "manifest.parquet")}))
+    assert load_split(file)[0].targets == (ingest / "images/g0_0.png",)
+
+
+def test_load_split_errors_name_the_file_row_and_field(tmp_path):
+    file = write_split(tmp_path)
+    frame = pd.read_parquet(file)
+    frame.drop(columns=["role"]).to_parquet(tmp_path / "no_role.parquet")
+    with pytest.raises(UserError, match=r"no_role.parquet: missing column\(s\) role"):
+        load_split(tmp_path / "no_role.parquet")
+    frame.loc[4, "path"] = "images/missing.png"
+    frame.to_parquet(tmp_path / "bad_path.parquet")
+    with pytest.raises(UserError, match=r"bad_path.parquet: row 4: image .*missing.png does not exist"):
+        load_split(tmp_path / "bad_path.parquet")
+    frame = pd.read_parquet(file)
+    frame = frame[~((frame["group"] == "group-1") & (frame["role"] == "reference"))]
+    frame.to_parquet(tmp_path / "lonely.parquet")
+    with pytest.raises(UserError, match=r"row 3: group 'group-1' has a target but no reference rows"):
+        load_split(tmp_path / "lonely.parquet")
+
+
+def test_dreambench_prompts_are_parsed_and_filled(tmp_path):
+    (tmp_path / "prompts_and_classes.txt").write_text(DREAMBENCH_PROMPTS)
+    classes, objects, live = parse_dreambench_prompts(tmp_path / "prompts_and_classes.txt")
+    assert classes == {"backpack": "backpack", "dog2": "dog"}
+    assert objects == ["a {0} {1} in the jungle", "a red {0} {1}"]
+    assert len(live) == 3
+    assert fill_prompt(objects[1], "sks", "backpack") == "a red sks backpack"
+    assert fill_prompt(objects[1], "", "backpack") == "a red backpack"
+
+
+def test_dreambench_layout_gives_subject_times_prompt_samples(tmp_path):
+    (tmp_path / "prompts_and_classes.txt").write_text(DREAMBENCH_PROMPTS)
+    for subject, seed in (("backpack", 1), ("dog2", 2), ("teapot", 3)):  # teapot: not in Classes
+        (tmp_path / subject).mkdir()
+        for i, image in enumerate(make_group(seed, 2)):
+            image.save(tmp_path / subject / f"{i:02d}.jpg")
+    samples = load_dreambench(tmp_path, DreamBenchConfig())
+    by_subject = {g: [s for s in samples if s.group == g] for g in ("backpack", "dog2", "teapot")}
+    assert [len(v) for v in by_subject.values()] == [2, 3, 2]  # dogs get the live-subject prompts
+    dog = by_subject["dog2"][1]
+    assert dog.caption == "a dog wearing a red hat" and dog.sample_id == "dog2/01" and dog.slug == "dog2__01"
+    assert dog.references == dog.targets == (tmp_path / "dog2/00.jpg", tmp_path / "dog2/01.jpg")
+    assert by_subject["teapot"][0].caption == "a teapot in the jungle"
+    token = load_dreambench(tmp_path, DreamBenchConfig(unique_token="sks"))
+    assert token[0].caption == "a sks backpack in the jungle"
+
+
+def test_dreambench_without_prompts_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="prompts_and_classes.txt"):
+        load_dreambench(tmp_path, DreamBenchConfig())
+
+
+def test_reference_gain_partners_come_from_another_group():
+    def sample(i: int, group: str) -> Sample:
+        return Sample(sample_id=str(i), group=group, caption="", references=(), targets=(), seed=0)
+
+    samples = [sample(0, "a"), sample(1, "a"), sample(2, "b"), sample(3, "c")]
+    assert partners(samples) == [2, 2, 3, 0]
+    assert partners(samples[:2]) == [None, None]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_models, tmp_path_factory) -> Path:
+    import torch
+
+    from easyref.model import ModelConfig, load_model
+
+    torch.manual_seed(0)
+    model = load_model(tiny_models / "sdxl", tiny_models / "mllm", config=ModelConfig(num_tokens=8, **SMALL_PIXELS))
+    return model.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", ["reference", "adapter"], stage="test")
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
+    """One evaluation of 3 samples with both baselines, 2 DDIM steps, logged to a throwaway sqlite store."""
+    from easyref.cli import main
+
+    root = tmp_path_factory.mktemp("eval")
+    split = write_split(root / "data")
+    params = root / "params.yaml"
+    params.write_text("evaluate:\n  batch_size: 2\n  report_samples: 2\n  reference_gain:\n    timesteps: 2\n")
+    code = main(["evaluate", "--checkpoint", str(checkpoint), "--split", str(split), "--out", str(root / "out"),
+                 "--base", str(tiny_models), "--params", str(params), "--steps", "2", "--baseline", "text",
+                 "--baseline", "ip_adapter", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"])
+    assert code == 0
+    return root
+
+
+def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
+    metrics = json.loads((evaluation / "out/metrics.json").read_text())
+    assert metrics["num_samples"] == 3
+    for method in ("easyref", "text", "ip_adapter"):
+        for name in ("clip_i", "clip_t", "dino_i"):
+            value = metrics[f"{method}.{name}"]
+            assert -1 <= value <= 1
+            assert metrics[f"{method}.{name}.ci_low"] <= value <= metrics[f"{method}.{name}.ci_high"]
+    assert all(isinstance(v, int | float) for v in metrics.values())  # flat numbers: what DVC metrics reads
+    assert metrics["easyref.reference_gain"] == pytest.approx(
+        metrics["easyref.loss_other"] - metrics["easyref.loss_own"], abs=1e-5)
+    assert "text.reference_gain" not in metrics
+
+
+def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
+    out = evaluation / "out"
+    table = pd.read_csv(out / "samples.csv")
+    assert len(table) == 9 and set(table["method"]) == {"easyref", "text", "ip_adapter"}
+    assert table.loc[table["method"] == "easyref", "reference_gain"].notna().all()
+    assert all((out / p).is_file() for p in table["image"])
+    assert len(list((out / "grids").glob("*.png"))) == 2  # report_samples
+    report = (out / "report.html").read_text()
+    for text in ("EasyRef (checkpoint)", "SDXL, text only", "IP-Adapter-SDXL (mean)", "CLIP-I", "DINO-I",
+                 "Reference gain", "data:image/png;base64,"):
+        assert text in report
+    info = json.loads((out / "evaluation.json").read_text())
+    assert len(info["checkpoint_sha256"]) == 64 and len(info["split_sha256"]) == 64
+
+
+def test_evaluate_logs_params_metrics_and_report_to_mlflow(evaluation):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{evaluation / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("easyref-evaluate")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.metrics["easyref.clip_i"] == pytest.approx(
+        json.loads((evaluation / "out/metrics.json").read_text())["easyref.clip_i"])
+    assert run.data.params["evaluate.steps"] == "2"
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "report.html", "samples.csv", "grids"} <= names
+
+
+def test_per_sample_images_do_not_depend_on_batch_size(tiny_models, checkpoint, evaluation):
+    """The same seed per sample: a re-run with another batch size and only the second sample gives its image."""
+    import numpy as np
+    from PIL import Image
+
+    from easyref.evaluate import EvaluateConfig, ImageStore, generate_easyref
+    from easyref.sampler import EasyRefSampler
+
+    sampler = EasyRefSampler.from_pretrained(tiny_models / "sdxl", tiny_models / "mllm", checkpoint=checkpoint)
+    sample = load_split(evaluation / "data/held_out.parquet")[1]
+    (image,) = generate_easyref(sampler, [sample], ImageStore(), EvaluateConfig(steps=2, batch_size=1))
+    before = np.asarray(Image.open(evaluation / "out/images/easyref" / f"{sample.slug}.png"), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - before).max() <= 2  # batched vs single MLLM padding
+
+
+def test_evaluate_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    from easyref.cli import main
+
+    split = write_split(tmp_path / "data", groups=1, refs=1)
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--split", str(split), "--out", str(tmp_path / "o")]) == 2
+    assert "not an EasyRef checkpoint" in capsys.readouterr().err
