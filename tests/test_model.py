@@ -122,10 +122,14 @@ def test_scale_zero_gives_exactly_the_base_unet(tiny_models, model):
     expected = base(**kwargs).sample
     states = torch.randn(2, model.config.num_tokens, model.reference_encoder.hidden_size)
     model.set_scale(0.0)
-    got = model.unet(**{**kwargs, "added_cond_kwargs": {**kwargs["added_cond_kwargs"], "image_embeds": [states[:, None]]}}).sample
+    got = model.unet(
+        **{**kwargs, "added_cond_kwargs": {**kwargs["added_cond_kwargs"], "image_embeds": [states[:, None]]}}
+    ).sample
     assert torch.equal(got, expected)
     model.set_scale(1.0)
-    got = model.unet(**{**kwargs, "added_cond_kwargs": {**kwargs["added_cond_kwargs"], "image_embeds": [states[:, None]]}}).sample
+    got = model.unet(
+        **{**kwargs, "added_cond_kwargs": {**kwargs["added_cond_kwargs"], "image_embeds": [states[:, None]]}}
+    ).sample
     assert (got - expected).abs().max() > 1e-4
 
 
@@ -177,10 +181,22 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_models, mod
     torch.testing.assert_close(loaded.encode_references(inputs), model.encode_references(inputs), rtol=0, atol=0)
     kwargs = _unet_inputs(model.unet)
     states = torch.randn(2, model.config.num_tokens, model.reference_encoder.hidden_size)
-    a = model(kwargs["sample"], kwargs["timestep"], kwargs["encoder_hidden_states"],
-              kwargs["added_cond_kwargs"]["text_embeds"], kwargs["added_cond_kwargs"]["time_ids"], states)
-    b = loaded(kwargs["sample"], kwargs["timestep"], kwargs["encoder_hidden_states"],
-               kwargs["added_cond_kwargs"]["text_embeds"], kwargs["added_cond_kwargs"]["time_ids"], states)
+    a = model(
+        kwargs["sample"],
+        kwargs["timestep"],
+        kwargs["encoder_hidden_states"],
+        kwargs["added_cond_kwargs"]["text_embeds"],
+        kwargs["added_cond_kwargs"]["time_ids"],
+        states,
+    )
+    b = loaded(
+        kwargs["sample"],
+        kwargs["timestep"],
+        kwargs["encoder_hidden_states"],
+        kwargs["added_cond_kwargs"]["text_embeds"],
+        kwargs["added_cond_kwargs"]["time_ids"],
+        states,
+    )
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -200,7 +216,9 @@ def test_mismatched_checkpoint_names_the_tensors(tmp_path, tiny_models, model):
     ckpt = model.save_checkpoint(tmp_path / "ckpt", ["adapter", "reference"])
     other = ModelConfig(num_tokens=3, **SMALL_PIXELS)  # the checkpoint's own config says 8 tokens
     wrong = EasyRef.from_base(tiny_models / "sdxl", tiny_models / "mllm", other)
-    with pytest.raises(UserError, match=r"shape mismatch reference_encoder.ref_tokens: checkpoint \(8, 32\), model \(3, 32\)"):
+    with pytest.raises(
+        UserError, match=r"shape mismatch reference_encoder.ref_tokens: checkpoint \(8, 32\), model \(3, 32\)"
+    ):
         wrong.load_trained(ckpt)
     with pytest.raises(UserError, match="not an EasyRef checkpoint"):
         load_model(tiny_models / "sdxl", tiny_models / "mllm", checkpoint=tmp_path / "missing")

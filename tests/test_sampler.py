@@ -35,8 +35,13 @@ def test_scale_zero_equals_diffusers_sdxl_pipeline_with_ddim(tiny_models, sample
     pipe.set_progress_bar_config(disable=True)
     kw = dict(num_images_per_prompt=2, negative_prompt="blurry", guidance_scale=7.5, height=64, width=48)
     ours = _run(sampler, [make_group(1), make_group(2, 1)], scale=0.0, **kw)
-    theirs = pipe(["a cat on a mat", "a dog"], generator=torch.Generator().manual_seed(0), num_inference_steps=4,
-                  output_type="np", **kw).images
+    theirs = pipe(
+        ["a cat on a mat", "a dog"],
+        generator=torch.Generator().manual_seed(0),
+        num_inference_steps=4,
+        output_type="np",
+        **kw,
+    ).images
     assert ours.shape == (4, 64, 48, 3)
     np.testing.assert_array_equal(ours, theirs)
 
@@ -58,7 +63,15 @@ def test_precomputed_group_encoding_is_reused(sampler):
     groups = [make_group(1), make_group(2)]
     prompts = ["x", "y"]
     states = sampler.encode_references(groups, prompts)
-    a = sampler(prompts, reference_states=states, generator=0, num_inference_steps=3, output_type="np", progress=False)
+    a = sampler(
+        prompts,
+        reference_states=states,
+        negative_reference_states=sampler.encode_unconditional(),
+        generator=0,
+        num_inference_steps=3,
+        output_type="np",
+        progress=False,
+    )
     b = sampler(prompts, groups, generator=0, num_inference_steps=3, output_type="np", progress=False)
     np.testing.assert_array_equal(a, b)
 

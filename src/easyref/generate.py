@@ -23,15 +23,23 @@ HELP = "generate images from a prompt and a group of reference images"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, required=True, help="folder holding the base models sdxl/ and mllm/")
     parser.add_argument("--checkpoint", type=Path, help="trained EasyRef checkpoint folder (default: untrained)")
-    parser.add_argument("--ref", action="append", type=Path, default=[], metavar="IMAGE", required=True,
-                        help="a reference image; repeat for a group")
+    parser.add_argument(
+        "--ref",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="IMAGE",
+        required=True,
+        help="a reference image; repeat for a group",
+    )
     parser.add_argument("--prompt", required=True, help="the text prompt (also read by the MLLM)")
     parser.add_argument("--negative-prompt", default="", help="text of the unconditional branch (default: empty)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps (default: 30)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance weight (default: 7.5)")
-    parser.add_argument("--scale", type=float, default=None,
-                        help="reference attention scale (default: the checkpoint's, 1.0)")
+    parser.add_argument(
+        "--scale", type=float, default=None, help="reference attention scale (default: the checkpoint's, 1.0)"
+    )
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     parser.add_argument("--num-images", type=int, default=1, help="images to generate (default: 1)")

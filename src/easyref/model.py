@@ -240,9 +240,7 @@ class ReferenceEncoder(nn.Module):
         start = position_ids.amax(dim=(0, 2)) + 1  # (B,)
         token_pos = start[None, :, None] + torch.arange(n, device=start.device)[None, None, :]
         positions = torch.cat([position_ids, token_pos.expand(3, -1, -1)], dim=2)
-        attention_mask = torch.cat(
-            [inputs["attention_mask"], inputs["attention_mask"].new_ones(batch, n)], dim=1
-        )
+        attention_mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(batch, n)], dim=1)
         mask = create_causal_mask(
             config=self.text_config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None
         )
@@ -258,7 +256,9 @@ class ConditionProjector(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -454,7 +454,9 @@ class EasyRef(nn.Module):
                 if keys:
                     lines.append(f"  {label} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}")
             for k in mismatched[:10]:
-                lines.append(f"  shape mismatch {k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}")
+                lines.append(
+                    f"  shape mismatch {k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
+                )
             lines.append("  check that --base names the base models it was trained on, and its model settings")
             raise UserError("\n".join(lines))
         self.load_state_dict(tensors, strict=False)

@@ -49,7 +49,10 @@ def base_paths(base: str | Path) -> tuple[Path, Path]:
     """``(sdxl, mllm)`` folders inside ``base``, with a clear error when either is missing."""
     base = Path(base)
     sdxl, mllm = base / "sdxl", base / "mllm"
-    for path, what in ((sdxl / "model_index.json", "an SDXL diffusers folder"), (mllm / "config.json", "a Qwen2-VL folder")):
+    for path, what in (
+        (sdxl / "model_index.json", "an SDXL diffusers folder"),
+        (mllm / "config.json", "a Qwen2-VL folder"),
+    ):
         if not path.is_file():
             raise UserError(
                 f"{base}: expected {what} at {path.parent} (missing {path.name}); build the tiny models with "
@@ -119,6 +122,10 @@ class EasyRefSampler:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         return self.model.encode_references(inputs)
 
+    def encode_unconditional(self) -> torch.Tensor:
+        """``(1, num_tokens, hidden)``: the MLLM's encoding of (one black image, empty caption)."""
+        return self.encode_references([None], [""])
+
     @torch.no_grad()
     def __call__(
         self,
@@ -126,6 +133,7 @@ class EasyRefSampler:
         references: Sequence[Sequence[Image.Image]] | None = None,
         *,
         reference_states: torch.Tensor | None = None,
+        negative_reference_states: torch.Tensor | None = None,
         negative_prompt: str = "",
         num_images_per_prompt: int = 1,
         num_inference_steps: int = 30,
@@ -141,7 +149,8 @@ class EasyRefSampler:
         """Images for each prompt (``num_images_per_prompt`` each, prompt-major order).
 
         ``references[i]`` is the group of prompt i; alternatively pass precomputed ``reference_states`` (from
-        :meth:`encode_references`). ``scale`` overrides the adapter scale for this call. ``output_type`` is
+        :meth:`encode_references`), and ``negative_reference_states`` (from :meth:`encode_unconditional`) to skip
+        encoding the unconditional group on every call. ``scale`` overrides the adapter scale for this call. ``output_type`` is
         ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
         """
         from diffusers.utils.torch_utils import randn_tensor
@@ -150,8 +159,10 @@ class EasyRefSampler:
         batch = len(prompts)
         if reference_states is None:
             if references is None or len(references) != batch:
-                raise UserError(f"need one reference group per prompt: {batch} prompts, "
-                                f"{0 if references is None else len(references)} groups")
+                raise UserError(
+                    f"need one reference group per prompt: {batch} prompts, "
+                    f"{0 if references is None else len(references)} groups"
+                )
             reference_states = self.encode_references(references, prompts)
         unet, device = self.model.unet, self.device
         do_cfg = guidance_scale > 1.0
@@ -174,7 +185,8 @@ class EasyRefSampler:
         n = batch * num_images_per_prompt
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=text.dtype).repeat(n, 1)
         if do_cfg:
-            uncond = self.encode_references([None], [""]).to(dtype=text.dtype).expand(n, -1, -1)
+            uncond = self.encode_unconditional() if negative_reference_states is None else negative_reference_states
+            uncond = uncond.to(device=device, dtype=text.dtype).expand(n, -1, -1)
             text = torch.cat([negative_text, text])
             pooled = torch.cat([negative_pooled, pooled])
             states = torch.cat([uncond, states])
@@ -225,4 +237,3 @@ class EasyRefSampler:
         if upcast:
             vae.to(torch.float16)
         return self.pipe.image_processor.postprocess(image, output_type=output_type)
-
