@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/easyref tiny-models --out models/tiny
 	$(VENV)/bin/easyref demo-data --out data/raw
 	$(VENV)/bin/easyref generate --base models/tiny \
-	    --ref data/raw/images/star-red/000.png --ref data/raw/images/star-red/001.png --ref data/raw/images/star-red/002.png \
+	    --ref data/raw/red-star/000.png --ref data/raw/red-star/001.png --ref data/raw/red-star/002.png \
 	    --prompt "a red star on a plain background" --seed 0 --steps 30 --out outputs/demo/generated.png
 	@echo "Generated image: outputs/demo/generated.png"
 
