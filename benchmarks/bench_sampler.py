@@ -107,11 +107,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profiles", nargs="+", choices=["tiny", "small"], default=["tiny", "small"])
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
-        bench_profile("tiny", Path(tmp), width=1, steps=args.steps, repeats=args.repeats, size=64)
-        bench_profile("small", Path(tmp), width=4, steps=args.steps, repeats=args.repeats, size=96)
+        profiles = {"tiny": (1, 64), "small": (4, 96)}  # width multiplier, image side
+        for name in args.profiles:
+            width, size = profiles[name]
+            bench_profile(name, Path(tmp), width=width, steps=args.steps, repeats=args.repeats, size=size)
 
 
 if __name__ == "__main__":
