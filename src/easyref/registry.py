@@ -166,8 +166,9 @@ class EasyRefModel(mlflow.pyfunc.PythonModel):
         sdxl, mllm = resolve_base(context.model_config)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else None
-        self.sampler = EasyRefSampler.from_pretrained(sdxl, mllm, checkpoint=context.artifacts["checkpoint"],
-                                                      device=device, torch_dtype=dtype)
+        self.sampler = EasyRefSampler.from_pretrained(
+            sdxl, mllm, checkpoint=context.artifacts["checkpoint"], device=device, torch_dtype=dtype
+        )
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         params = {**DEFAULT_PARAMS, **(params or {})}
@@ -214,8 +215,14 @@ def model_signature() -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    types = {"num_inference_steps": "long", "guidance_scale": "double", "seed": "long", "negative_prompt": "string",
-             "height": "long", "width": "long"}
+    types = {
+        "num_inference_steps": "long",
+        "guidance_scale": "double",
+        "seed": "long",
+        "negative_prompt": "string",
+        "height": "long",
+        "width": "long",
+    }
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt"), ColSpec(Array("string"), "references")]),
         outputs=Schema([ColSpec("string", "image")]),
@@ -312,8 +319,10 @@ def registry_lock(tracking_uri: str, model_name: str, timeout_s: float) -> Itera
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise UserError(f"another registration of {model_name!r} holds {path} for over {timeout_s:.0f}s; "
-                                    "wait for it or raise register.lock_timeout_s") from None
+                    raise UserError(
+                        f"another registration of {model_name!r} holds {path} for over {timeout_s:.0f}s; "
+                        "wait for it or raise register.lock_timeout_s"
+                    ) from None
                 time.sleep(0.2)
         try:
             yield
@@ -342,8 +351,15 @@ def find_ready_version(client: MlflowClient, name: str, sha: str) -> ModelVersio
     return min(ready, key=lambda v: int(v.version)) if ready else None
 
 
-def _log_and_register(client: MlflowClient, checkpoint: Path, sha: str, metrics: dict[str, float],
-                      tags: dict[str, str], base: tuple[str, str], config: RegisterConfig) -> ModelVersion:
+def _log_and_register(
+    client: MlflowClient,
+    checkpoint: Path,
+    sha: str,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    base: tuple[str, str],
+    config: RegisterConfig,
+) -> ModelVersion:
     """Log the pyfunc model in a run, create the version with its tags, mark it ready. Raises on any failure."""
     from mlflow.exceptions import MlflowException
 
@@ -370,7 +386,9 @@ def _log_and_register(client: MlflowClient, checkpoint: Path, sha: str, metrics:
     with contextlib.suppress(MlflowException):
         client.create_registered_model(config.model_name)
     version = client.create_model_version(
-        config.model_name, source=info.model_uri, run_id=run_id,
+        config.model_name,
+        source=info.model_uri,
+        run_id=run_id,
         tags={SHA_TAG: sha, **tags, **{f"{METRIC_PREFIX}{k}": repr(v) for k, v in metrics.items()}},
     )
     version = _await_ready(client, config.model_name, version.version)
@@ -413,8 +431,18 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for package in ("mlflow", "torch", "diffusers", "transformers", "safetensors", "accelerate", "peft", "pillow",
-                    "numpy", "pandas"):
+    for package in (
+        "mlflow",
+        "torch",
+        "diffusers",
+        "transformers",
+        "safetensors",
+        "accelerate",
+        "peft",
+        "pillow",
+        "numpy",
+        "pandas",
+    ):
         with contextlib.suppress(PackageNotFoundError):
             reqs.append(f"{package}=={version(package).split('+')[0]}")
     return reqs
@@ -427,15 +455,20 @@ class GateLine:
     champion: float | None
     margin: float
     passed: bool
+    note: str = ""
 
     def describe(self) -> str:
+        if self.note:
+            return f"{self.note} -> {'pass' if self.passed else 'FAIL'}"
         fmt = lambda v: "missing" if v is None else f"{v:.4f}"  # noqa: E731
-        return f"{self.metric}: challenger {fmt(self.challenger)} vs champion {fmt(self.champion)} " \
-               f"(margin {self.margin:+.4f}) -> {'pass' if self.passed else 'FAIL'}"
+        return (
+            f"{self.metric}: challenger {fmt(self.challenger)} vs champion {fmt(self.champion)} "
+            f"(margin {self.margin:+.4f}) -> {'pass' if self.passed else 'FAIL'}"
+        )
 
 
 def version_metrics(version: ModelVersion) -> dict[str, float]:
-    return {k[len(METRIC_PREFIX):]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_PREFIX)}
+    return {k[len(METRIC_PREFIX) :]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_PREFIX)}
 
 
 def evaluate_gate(challenger: dict[str, float], champion: dict[str, float], rules: list[GateRule]) -> list[GateLine]:
@@ -464,22 +497,27 @@ class Registration:
     lines: list[GateLine] = field(default_factory=list)
 
 
-def _record_decision(client: MlflowClient, name: str, version: str, decision: str, champion: str | None,
-                     lines: list[GateLine]) -> None:
-    tags = {"gate.decision": decision, "gate.champion_version": champion or "none",
-            "gate.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def _record_decision(
+    client: MlflowClient, name: str, version: str, decision: str, champion: str | None, lines: list[GateLine]
+) -> None:
+    tags = {
+        "gate.decision": decision,
+        "gate.champion_version": champion or "none",
+        "gate.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     tags.update({f"gate.{line.metric}": line.describe() for line in lines})
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
 
 
-def promote(client: MlflowClient, name: str, version: ModelVersion, config: RegisterConfig,
-            attempts: int = 3) -> Registration:
+def promote(
+    client: MlflowClient, name: str, version: ModelVersion, config: RegisterConfig, attempts: int = 3
+) -> Registration:
     """Move ``champion`` to ``version`` if the gate passes against the current champion (compare-and-set)."""
     for _ in range(attempts):
         champion = _alias_version(client, name, CHAMPION)
-        if champion is not None and champion.version == version.version:
-            return Registration(version.version, False, True, "already champion")
+        if champion is not None and str(champion.version) == str(version.version):
+            return Registration(str(version.version), False, True, "already champion")
         lines: list[GateLine] = []
         if champion is None:
             decision = "promoted: no champion yet"
@@ -487,23 +525,30 @@ def promote(client: MlflowClient, name: str, version: ModelVersion, config: Regi
             lines = evaluate_gate(version_metrics(version), version_metrics(champion), config.gate)
             split_old, split_new = champion.tags.get("eval.split_sha256"), version.tags.get("eval.split_sha256")
             if config.require_same_split and split_old != split_new:
-                lines.append(GateLine(f"same evaluation split ({split_new} vs {split_old})", None, None, 0.0, False))
+                lines.append(GateLine("same_split", None, None, 0.0, False,
+                                      note=f"evaluated on split {split_new} vs champion's {split_old}"))
             passed = all(line.passed for line in lines)
             decision = f"{'promoted' if passed else 'rejected'} vs champion v{champion.version}"
         promoted = decision.startswith("promoted")
         current = _alias_version(client, name, CHAMPION)
-        if (current and current.version) != (champion and champion.version):
+        if (current and str(current.version)) != (champion and str(champion.version)):
             continue  # someone moved champion while we compared: compare again
+        _record_decision(client, name, version.version, decision, champion and str(champion.version), lines)
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version.version)
-        _record_decision(client, name, version.version, decision, champion and champion.version, lines)
-        return Registration(version.version, False, promoted, decision, lines)
+        return Registration(str(version.version), False, promoted, decision, lines)
     raise UserError(f"{name}: @champion kept changing during promotion; re-run `easyref register ... --promote`")
 
 
-def register(checkpoint: Path, metrics_file: Path, config: RegisterConfig, base: Path | None = None,
-             params_file: Path | None = None, promote_: bool = False, tracking_uri: str | None = None
-             ) -> Registration:
+def register(
+    checkpoint: Path,
+    metrics_file: Path,
+    config: RegisterConfig,
+    base: Path | None = None,
+    params_file: Path | None = None,
+    promote_: bool = False,
+    tracking_uri: str | None = None,
+) -> Registration:
     """Register ``checkpoint`` (idempotently), point ``challenger`` at it and optionally promote it."""
     from mlflow import MlflowClient
 
@@ -534,12 +579,14 @@ def register(checkpoint: Path, metrics_file: Path, config: RegisterConfig, base:
         version = existing or _create_version(client, checkpoint, sha, metrics, tags, recorded, config, rerun)
         try:
             client.set_registered_model_alias(name, CHALLENGER, version.version)
-            result = promote(client, name, version, config) if promote_ else Registration(version.version, created)
+            result = promote(client, name, version, config) if promote_ else Registration(str(version.version), created)
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{name} v{version.version} is registered and complete, but setting its aliases failed "
-                            f"({exc}); {rerun} (it will reuse v{version.version})") from exc
+            raise UserError(
+                f"{name} v{version.version} is registered and complete, but setting its aliases failed "
+                f"({exc}); {rerun} (it will reuse v{version.version})"
+            ) from exc
     result.created = created
     return result
 
@@ -556,8 +603,16 @@ def _model_exists(client: MlflowClient, name: str) -> bool:
         raise
 
 
-def _create_version(client: MlflowClient, checkpoint: Path, sha: str, metrics: dict[str, float],
-                    tags: dict[str, str], base: tuple[str, str], config: RegisterConfig, rerun: str) -> ModelVersion:
+def _create_version(
+    client: MlflowClient,
+    checkpoint: Path,
+    sha: str,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    base: tuple[str, str],
+    config: RegisterConfig,
+    rerun: str,
+) -> ModelVersion:
     """:func:`_log_and_register`, deleting a half-made version on failure (best effort)."""
     before = _versions_with_sha(client, config.model_name, sha)
     try:
@@ -567,8 +622,9 @@ def _create_version(client: MlflowClient, checkpoint: Path, sha: str, metrics: d
         for version in leftovers:
             with contextlib.suppress(Exception):
                 client.delete_model_version(config.model_name, version)
-        raise UserError(f"registering {checkpoint} failed ({type(exc).__name__}: {exc}); no alias was changed; "
-                        f"{rerun}") from exc
+        raise UserError(
+            f"registering {checkpoint} failed ({type(exc).__name__}: {exc}); no alias was changed; {rerun}"
+        ) from exc
 
 
 def _versions_with_sha(client: MlflowClient, name: str, sha: str, quiet: bool = False) -> set[str]:
@@ -587,12 +643,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="trained EasyRef checkpoint folder")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics.json written by easyref evaluate")
     parser.add_argument("--model-name", help="registered model name (default: register.model_name, 'easyref')")
-    parser.add_argument("--base", type=Path, default=Path("models/tiny"),
-                        help="base models (sdxl/, mllm/) recorded by reference (default: models/tiny)")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=Path("models/tiny"),
+        help="base models (sdxl/, mllm/) recorded by reference (default: models/tiny)",
+    )
     parser.add_argument("--promote", action="store_true", help="move @champion here if the gate passes")
     parser.add_argument("--params", type=Path, help="read the 'register' section of this params.yaml")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
-                                               "sqlite:///mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RegisterConfig:
@@ -613,11 +674,20 @@ def config_from_args(args: argparse.Namespace) -> RegisterConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    result = register(args.checkpoint, args.metrics, config, base=args.base, params_file=args.params,
-                      promote_=args.promote, tracking_uri=args.tracking_uri)
+    result = register(
+        args.checkpoint,
+        args.metrics,
+        config,
+        base=args.base,
+        params_file=args.params,
+        promote_=args.promote,
+        tracking_uri=args.tracking_uri,
+    )
     name = config.model_name
-    print(f"{name} v{result.version}: {'registered' if result.created else 'already registered (same checkpoint)'}; "
-          f"@{CHALLENGER} -> v{result.version}")
+    print(
+        f"{name} v{result.version}: {'registered' if result.created else 'already registered (same checkpoint)'}; "
+        f"@{CHALLENGER} -> v{result.version}"
+    )
     if result.promoted is not None:
         for line in result.lines:
             print(f"  {line.describe()}")
