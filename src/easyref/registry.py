@@ -361,8 +361,6 @@ def _log_and_register(
     config: RegisterConfig,
 ) -> ModelVersion:
     """Log the pyfunc model in a run, create the version with its tags, mark it ready. Raises on any failure."""
-    from mlflow.exceptions import MlflowException
-
     mlflow.set_experiment(config.experiment)
     validation = _ValidationWatch()
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"register {sha[:12]}") as run:
@@ -383,13 +381,10 @@ def _log_and_register(
         if validation.failed:
             raise RuntimeError(f"the logged model failed to load or predict on its input example: {validation.failed}")
         run_id = run.info.run_id
-    with contextlib.suppress(MlflowException):
-        client.create_registered_model(config.model_name)
-    version = client.create_model_version(
-        config.model_name,
-        source=info.model_uri,
-        run_id=run_id,
-        tags={SHA_TAG: sha, **tags, **{f"{METRIC_PREFIX}{k}": repr(v) for k, v in metrics.items()}},
+    version = mlflow.register_model(
+        info.model_uri, config.model_name, await_registration_for=0,
+        tags={SHA_TAG: sha, "run_id": run_id, **tags,
+              **{f"{METRIC_PREFIX}{k}": repr(v) for k, v in metrics.items()}},
     )
     version = _await_ready(client, config.model_name, version.version)
     client.set_model_version_tag(config.model_name, version.version, STATUS_TAG, READY)
