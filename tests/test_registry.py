@@ -301,7 +301,9 @@ def test_mlflow_models_serve_answers_on_loopback(registry, tmp_path):
 
     _, uri, _, _ = registry
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # mlflow execs uvicorn by name: put this interpreter's scripts folder first on PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/demo@challenger", "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
