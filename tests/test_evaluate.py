@@ -54,9 +54,17 @@ def write_split(root: Path, groups: int = 3, refs: int = 2) -> Path:
         for i, image in enumerate(make_group(g, refs + 1)):
             path = f"images/g{g}_{i}.png"
             image.save(root / path)
-            rows.append({"image_id": f"id{g}{i}", "path": path, "group": f"group-{g}",
-                         "caption": f"a shape of group {g}", "width": image.width, "height": image.height,
-                         "role": "target" if i == 0 else "reference"})
+            rows.append(
+                {
+                    "image_id": f"id{g}{i}",
+                    "path": path,
+                    "group": f"group-{g}",
+                    "caption": f"a shape of group {g}",
+                    "width": image.width,
+                    "height": image.height,
+                    "role": "target" if i == 0 else "reference",
+                }
+            )
     pd.DataFrame(rows).to_parquet(root / "held_out.parquet")
     return root / "held_out.parquet"
 
@@ -157,9 +165,29 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
     split = write_split(root / "data")
     params = root / "params.yaml"
     params.write_text("evaluate:\n  batch_size: 2\n  report_samples: 2\n  reference_gain:\n    timesteps: 2\n")
-    code = main(["evaluate", "--checkpoint", str(checkpoint), "--split", str(split), "--out", str(root / "out"),
-                 "--base", str(tiny_models), "--params", str(params), "--steps", "2", "--baseline", "text",
-                 "--baseline", "ip_adapter", "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(checkpoint),
+            "--split",
+            str(split),
+            "--out",
+            str(root / "out"),
+            "--base",
+            str(tiny_models),
+            "--params",
+            str(params),
+            "--steps",
+            "2",
+            "--baseline",
+            "text",
+            "--baseline",
+            "ip_adapter",
+            "--tracking-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+        ]
+    )
     assert code == 0
     return root
 
@@ -174,7 +202,8 @@ def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
             assert metrics[f"{method}.{name}.ci_low"] <= value <= metrics[f"{method}.{name}.ci_high"]
     assert all(isinstance(v, int | float) for v in metrics.values())  # flat numbers: what DVC metrics reads
     assert metrics["easyref.reference_gain"] == pytest.approx(
-        metrics["easyref.loss_other"] - metrics["easyref.loss_own"], abs=1e-5)
+        metrics["easyref.loss_other"] - metrics["easyref.loss_own"], abs=1e-5
+    )
     assert "text.reference_gain" not in metrics
 
 
@@ -186,8 +215,15 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
     assert all((out / p).is_file() for p in table["image"])
     assert len(list((out / "grids").glob("*.png"))) == 2  # report_samples
     report = (out / "report.html").read_text()
-    for text in ("EasyRef (checkpoint)", "SDXL, text only", "IP-Adapter-SDXL (mean)", "CLIP-I", "DINO-I",
-                 "Reference gain", "data:image/png;base64,"):
+    for text in (
+        "EasyRef (checkpoint)",
+        "SDXL, text only",
+        "IP-Adapter-SDXL (mean)",
+        "CLIP-I",
+        "DINO-I",
+        "Reference gain",
+        "data:image/png;base64,",
+    ):
         assert text in report
     info = json.loads((out / "evaluation.json").read_text())
     assert len(info["checkpoint_sha256"]) == 64 and len(info["split_sha256"]) == 64
@@ -200,7 +236,8 @@ def test_evaluate_logs_params_metrics_and_report_to_mlflow(evaluation):
     experiment = client.get_experiment_by_name("easyref-evaluate")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.metrics["easyref.clip_i"] == pytest.approx(
-        json.loads((evaluation / "out/metrics.json").read_text())["easyref.clip_i"])
+        json.loads((evaluation / "out/metrics.json").read_text())["easyref.clip_i"]
+    )
     assert run.data.params["evaluate.steps"] == "2"
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "report.html", "samples.csv", "grids"} <= names

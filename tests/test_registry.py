@@ -62,8 +62,11 @@ def aliases(uri: str, name: str) -> dict[str, str]:
 
 
 def test_gate_rules_with_margins_and_directions():
-    rules = [GateRule(metric="a", margin=0.01), GateRule(metric="b", margin=-0.02),
-             GateRule(metric="loss", margin=0.0, higher_is_better=False)]
+    rules = [
+        GateRule(metric="a", margin=0.01),
+        GateRule(metric="b", margin=-0.02),
+        GateRule(metric="loss", margin=0.0, higher_is_better=False),
+    ]
     lines = evaluate_gate({"a": 0.52, "b": 0.49, "loss": 1.0}, {"a": 0.50, "b": 0.50, "loss": 1.1}, rules)
     assert [line.passed for line in lines] == [True, True, True]
     lines = evaluate_gate({"a": 0.505, "b": 0.47, "loss": 1.2}, {"a": 0.50, "b": 0.50, "loss": 1.1}, rules)
@@ -124,21 +127,40 @@ def test_promotion_gate_moves_champion_only_when_it_passes(checkpoints, tiny_mod
     from mlflow import MlflowClient
 
     uri = sqlite_uri(tmp_path)
-    config = RegisterConfig(model_name="gated", gate=[GateRule(metric="easyref.clip_i", margin=0.01),
-                                                      GateRule(metric="easyref.dino_i", margin=-0.05)])
-    first = register(checkpoints[0], write_metrics(tmp_path / "a/metrics.json"), config, base=tiny_models,
-                     promote_=True, tracking_uri=uri)
+    config = RegisterConfig(
+        model_name="gated",
+        gate=[GateRule(metric="easyref.clip_i", margin=0.01), GateRule(metric="easyref.dino_i", margin=-0.05)],
+    )
+    first = register(
+        checkpoints[0],
+        write_metrics(tmp_path / "a/metrics.json"),
+        config,
+        base=tiny_models,
+        promote_=True,
+        tracking_uri=uri,
+    )
     assert first.promoted and first.decision == "promoted: no champion yet"
-    worse = register(checkpoints[1], write_metrics(tmp_path / "b/metrics.json", **{"easyref.clip_i": 0.805}),
-                     config, base=tiny_models, promote_=True, tracking_uri=uri)
+    worse = register(
+        checkpoints[1],
+        write_metrics(tmp_path / "b/metrics.json", **{"easyref.clip_i": 0.805}),
+        config,
+        base=tiny_models,
+        promote_=True,
+        tracking_uri=uri,
+    )
     assert worse.promoted is False and worse.decision == "rejected vs champion v1"
     assert aliases(uri, "gated") == {CHALLENGER: "2", CHAMPION: "1"}
     tags = MlflowClient(uri).get_model_version("gated", "2").tags
     assert tags["gate.decision"] == "rejected vs champion v1" and tags["gate.champion_version"] == "1"
     assert "0.8050 vs champion 0.8000" in tags["gate.easyref.clip_i"] and tags["gate.easyref.clip_i"].endswith("FAIL")
-    better = register(checkpoints[2], write_metrics(tmp_path / "c/metrics.json", **{"easyref.clip_i": 0.85,
-                                                                                     "easyref.dino_i": 0.58}),
-                      config, base=tiny_models, promote_=True, tracking_uri=uri)
+    better = register(
+        checkpoints[2],
+        write_metrics(tmp_path / "c/metrics.json", **{"easyref.clip_i": 0.85, "easyref.dino_i": 0.58}),
+        config,
+        base=tiny_models,
+        promote_=True,
+        tracking_uri=uri,
+    )
     assert better.promoted and aliases(uri, "gated") == {CHALLENGER: "3", CHAMPION: "3"}
     assert MlflowClient(uri).get_model_version("gated", "3").tags["gate.easyref.dino_i"].endswith("pass")
 
@@ -156,19 +178,45 @@ def test_gate_fails_when_champion_was_evaluated_on_another_split(checkpoints, ti
 def test_bad_metrics_file_is_a_user_error(checkpoints, tiny_models, tmp_path):
     (tmp_path / "nested.json").write_text(json.dumps({"easyref": {"clip_i": 0.8}}))
     with pytest.raises(UserError, match="nested.json: key 'easyref' is nested"):
-        register(checkpoints[0], tmp_path / "nested.json", RegisterConfig(), base=tiny_models,
-                 tracking_uri=sqlite_uri(tmp_path))
+        register(
+            checkpoints[0],
+            tmp_path / "nested.json",
+            RegisterConfig(),
+            base=tiny_models,
+            tracking_uri=sqlite_uri(tmp_path),
+        )
     with pytest.raises(UserError, match="no such metrics file"):
-        register(checkpoints[0], tmp_path / "none.json", RegisterConfig(), base=tiny_models,
-                 tracking_uri=sqlite_uri(tmp_path))
+        register(
+            checkpoints[0],
+            tmp_path / "none.json",
+            RegisterConfig(),
+            base=tiny_models,
+            tracking_uri=sqlite_uri(tmp_path),
+        )
 
 
-def _register_cli(checkpoint: Path, metrics: Path, name: str, uri: str, base: Path, env: dict[str, str],
-                  promote: bool = True) -> subprocess.Popen:
-    args = [sys.executable, "-m", "easyref.cli", "register", "--checkpoint", str(checkpoint), "--metrics",
-            str(metrics), "--model-name", name, "--base", str(base), "--tracking-uri", uri]
-    return subprocess.Popen(args + (["--promote"] if promote else []), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _register_cli(
+    checkpoint: Path, metrics: Path, name: str, uri: str, base: Path, env: dict[str, str], promote: bool = True
+) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "easyref.cli",
+        "register",
+        "--checkpoint",
+        str(checkpoint),
+        "--metrics",
+        str(metrics),
+        "--model-name",
+        name,
+        "--base",
+        str(base),
+        "--tracking-uri",
+        uri,
+    ]
+    return subprocess.Popen(
+        args + (["--promote"] if promote else []), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_concurrent_registrations_keep_aliases_consistent(checkpoints, tiny_models, tmp_path):
@@ -177,8 +225,10 @@ def test_concurrent_registrations_keep_aliases_consistent(checkpoints, tiny_mode
 
     uri = sqlite_uri(tmp_path)
     MlflowClient(uri).search_experiments()  # create the schema once, before the racers
-    metrics = [write_metrics(tmp_path / "a/metrics.json"),
-               write_metrics(tmp_path / "b/metrics.json", **{"easyref.clip_i": 0.9})]
+    metrics = [
+        write_metrics(tmp_path / "a/metrics.json"),
+        write_metrics(tmp_path / "b/metrics.json", **{"easyref.clip_i": 0.9}),
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     procs = [_register_cli(checkpoints[i], metrics[i], "race", uri, tiny_models, env) for i in (0, 0, 1)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
@@ -227,9 +277,14 @@ def s3_server(tmp_path, monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
-                       "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    }.items():
         monkeypatch.setenv(key, value)
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     moto.start()
@@ -239,10 +294,27 @@ def s3_server(tmp_path, monkeypatch):
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="mlflow")
     mlflow_port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", "s3://mlflow/art",
-         "--no-serve-artifacts", "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            "s3://mlflow/art",
+            "--no-serve-artifacts",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ),
     )
     uri = f"http://127.0.0.1:{mlflow_port}"
     try:
@@ -254,43 +326,61 @@ def s3_server(tmp_path, monkeypatch):
         moto.stop()
 
 
-def test_register_against_mlflow_server_with_s3_artifacts(s3_server, checkpoints, tiny_models, tmp_path,
-                                                          monkeypatch):
+def test_register_against_mlflow_server_with_s3_artifacts(s3_server, checkpoints, tiny_models, tmp_path, monkeypatch):
     import boto3
     import mlflow
 
     uri, endpoint = s3_server
     config = RegisterConfig(model_name="remote")
-    first = register(checkpoints[0], write_metrics(tmp_path / "a/metrics.json"), config, base=tiny_models,
-                     promote_=True, tracking_uri=uri)
+    first = register(
+        checkpoints[0],
+        write_metrics(tmp_path / "a/metrics.json"),
+        config,
+        base=tiny_models,
+        promote_=True,
+        tracking_uri=uri,
+    )
     assert first.created and first.promoted and aliases(uri, "remote") == {CHALLENGER: "1", CHAMPION: "1"}
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(Bucket="mlflow")["Contents"]]
     assert any(k.endswith("/easyref.safetensors") for k in keys), "\n".join(keys)
     mlflow.set_tracking_uri(uri)
     from easyref.registry import input_example
 
-    out = mlflow.pyfunc.load_model("models:/remote@champion").predict(input_example(None)[0],
-                                                                       params={"num_inference_steps": 1})
+    out = mlflow.pyfunc.load_model("models:/remote@champion").predict(
+        input_example(None)[0], params={"num_inference_steps": 1}
+    )
     assert decode_png(out["image"][0]).size[0] > 0
 
     # S3 goes away half-way: logging the model fails, nothing is registered, aliases stay where they were.
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
     with pytest.raises(UserError, match=r"no alias was changed; re-run `easyref register --checkpoint"):
-        register(checkpoints[1], write_metrics(tmp_path / "b/metrics.json", **{"easyref.clip_i": 0.9}), config,
-                 base=tiny_models, promote_=True, tracking_uri=uri)
+        register(
+            checkpoints[1],
+            write_metrics(tmp_path / "b/metrics.json", **{"easyref.clip_i": 0.9}),
+            config,
+            base=tiny_models,
+            promote_=True,
+            tracking_uri=uri,
+        )
     from mlflow import MlflowClient
 
     assert len(MlflowClient(uri).search_model_versions("name = 'remote'")) == 1
     assert aliases(uri, "remote") == {CHALLENGER: "1", CHAMPION: "1"}
 
 
-def test_unreachable_tracking_server_changes_nothing_and_says_what_to_rerun(checkpoints, tiny_models, tmp_path,
-                                                                             monkeypatch):
+def test_unreachable_tracking_server_changes_nothing_and_says_what_to_rerun(
+    checkpoints, tiny_models, tmp_path, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     with pytest.raises(UserError, match="nothing was changed; re-run `easyref register"):
-        register(checkpoints[0], write_metrics(tmp_path / "metrics.json"), RegisterConfig(), base=tiny_models,
-                 tracking_uri=f"http://127.0.0.1:{_free_port()}")
+        register(
+            checkpoints[0],
+            write_metrics(tmp_path / "metrics.json"),
+            RegisterConfig(),
+            base=tiny_models,
+            tracking_uri=f"http://127.0.0.1:{_free_port()}",
+        )
 
 
 @pytest.mark.slow
@@ -302,12 +392,31 @@ def test_mlflow_models_serve_answers_on_loopback(registry, tmp_path):
     _, uri, _, _ = registry
     port = _free_port()
     # mlflow execs uvicorn by name: put this interpreter's scripts folder first on PATH.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/demo@challenger", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/demo@challenger",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         _wait_http(f"http://127.0.0.1:{port}/ping", server, timeout=180)

@@ -207,22 +207,35 @@ def load_split(split_file: str | Path, images_root: str | Path | None = None, ba
     bad_roles = frame.loc[~frame["role"].isin(["target", "reference"])]
     if len(bad_roles):
         row = int(bad_roles.index[0])
-        raise UserError(f"{split_file}: row {row}: role {bad_roles['role'].iloc[0]!r} is neither 'target' nor 'reference'")
+        raise UserError(
+            f"{split_file}: row {row}: role {bad_roles['role'].iloc[0]!r} is neither 'target' nor 'reference'"
+        )
     for row, path in zip(frame.index, frame["path"], strict=True):
         if not (root / str(path)).is_file():
-            raise UserError(f"{split_file}: row {row}: image {root / str(path)} does not exist; pass --images-root "
-                            "(the folder `easyref ingest` wrote)")
-    references = {g: tuple(root / p for p in rows["path"]) for g, rows in frame[frame["role"] == "reference"]
-                  .groupby("group", sort=False)}
+            raise UserError(
+                f"{split_file}: row {row}: image {root / str(path)} does not exist; pass --images-root "
+                "(the folder `easyref ingest` wrote)"
+            )
+    references = {
+        g: tuple(root / p for p in rows["path"])
+        for g, rows in frame[frame["role"] == "reference"].groupby("group", sort=False)
+    }
     samples = []
     for row, target in frame[frame["role"] == "target"].iterrows():
         group = str(target["group"])
         if group not in references:
             raise UserError(f"{split_file}: row {row}: group {group!r} has a target but no reference rows")
         sample_id = str(target["image_id"])
-        samples.append(Sample(sample_id=sample_id, group=group, caption=str(target["caption"]),
-                              references=references[group], targets=(root / str(target["path"]),),
-                              seed=sample_seed(base_seed, sample_id)))
+        samples.append(
+            Sample(
+                sample_id=sample_id,
+                group=group,
+                caption=str(target["caption"]),
+                references=references[group],
+                targets=(root / str(target["path"]),),
+                seed=sample_seed(base_seed, sample_id),
+            )
+        )
     if not samples:
         raise UserError(f"{split_file}: no rows with role 'target': nothing to evaluate")
     return samples
@@ -272,8 +285,10 @@ def load_dreambench(root: str | Path, config: DreamBenchConfig, base_seed: int =
     root = Path(root)
     prompts_file = root / "prompts_and_classes.txt"
     if not prompts_file.is_file():
-        raise UserError(f"{root}: no prompts_and_classes.txt; expected DreamBench's layout (DIR/<subject>/*.jpg and "
-                        "DIR/prompts_and_classes.txt)")
+        raise UserError(
+            f"{root}: no prompts_and_classes.txt; expected DreamBench's layout (DIR/<subject>/*.jpg and "
+            "DIR/prompts_and_classes.txt)"
+        )
     classes, object_prompts, live_prompts = parse_dreambench_prompts(prompts_file)
     samples = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -284,9 +299,16 @@ def load_dreambench(root: str | Path, config: DreamBenchConfig, base_seed: int =
         templates = live_prompts if cls in config.live_classes else object_prompts
         for i, template in enumerate(templates):
             sample_id = f"{folder.name}/{i:02d}"
-            samples.append(Sample(sample_id=sample_id, group=folder.name,
-                                  caption=fill_prompt(template, config.unique_token, cls), references=images,
-                                  targets=images, seed=sample_seed(base_seed, sample_id)))
+            samples.append(
+                Sample(
+                    sample_id=sample_id,
+                    group=folder.name,
+                    caption=fill_prompt(template, config.unique_token, cls),
+                    references=images,
+                    targets=images,
+                    seed=sample_seed(base_seed, sample_id),
+                )
+            )
     if not samples:
         raise UserError(f"{root}: no subject folder with images")
     return samples
@@ -330,8 +352,14 @@ def _generators(batch: Sequence[Sample]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s.seed) for s in batch]
 
 
-def generate_easyref(sampler: EasyRefSampler, samples: Sequence[Sample], store: ImageStore, config: EvaluateConfig,
-                     *, text_only: bool = False) -> list[Image.Image]:
+def generate_easyref(
+    sampler: EasyRefSampler,
+    samples: Sequence[Sample],
+    store: ImageStore,
+    config: EvaluateConfig,
+    *,
+    text_only: bool = False,
+) -> list[Image.Image]:
     """One image per sample with the EasyRef sampler; ``text_only`` = reference scale 0 and any LoRA disabled."""
     from tqdm.auto import tqdm
 
@@ -368,23 +396,30 @@ class IPAdapterBaseline:
         self.pipe = pipe
 
     @classmethod
-    def from_pretrained(cls, sdxl: str | Path, config: IPAdapterConfig, device: str = "cpu",
-                        torch_dtype: torch.dtype | None = None) -> IPAdapterBaseline:
+    def from_pretrained(
+        cls, sdxl: str | Path, config: IPAdapterConfig, device: str = "cpu", torch_dtype: torch.dtype | None = None
+    ) -> IPAdapterBaseline:
         from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
         encoder = config.image_encoder_folder
         subfolder = encoder if "/" in encoder else f"{config.subfolder}/{encoder}"
         # Passing the processor keeps diffusers from building a torchvision-backed CLIPImageProcessor.
         feature_extractor = _clip_image_processor(str(config.path), subfolder)
-        pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, feature_extractor=feature_extractor,
-                                                         torch_dtype=torch_dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            sdxl, feature_extractor=feature_extractor, torch_dtype=torch_dtype
+        )
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         try:
-            pipe.load_ip_adapter(config.path, subfolder=config.subfolder, weight_name=config.weight_name,
-                                 image_encoder_folder=config.image_encoder_folder)
+            pipe.load_ip_adapter(
+                config.path,
+                subfolder=config.subfolder,
+                weight_name=config.weight_name,
+                image_encoder_folder=config.image_encoder_folder,
+            )
         except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"cannot load the IP-Adapter baseline from {config.path!r} (evaluate.ip_adapter): {exc}"
-                            ) from exc
+            raise UserError(
+                f"cannot load the IP-Adapter baseline from {config.path!r} (evaluate.ip_adapter): {exc}"
+            ) from exc
         pipe.set_ip_adapter_scale(config.scale)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device))
@@ -432,8 +467,9 @@ def _clip_image_processor(path: str, subfolder: str) -> Any:
     try:
         side = CLIPVisionConfig.from_pretrained(path, subfolder=subfolder).image_size
     except OSError as exc:
-        raise UserError(f"no IP-Adapter image encoder at {path!r} / {subfolder!r} (evaluate.ip_adapter): {exc}"
-                        ) from exc
+        raise UserError(
+            f"no IP-Adapter image encoder at {path!r} / {subfolder!r} (evaluate.ip_adapter): {exc}"
+        ) from exc
     return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
 
@@ -449,8 +485,9 @@ def partners(samples: Sequence[Sample]) -> list[int | None]:
     return out
 
 
-def reference_gain(sampler: EasyRefSampler, samples: Sequence[Sample], store: ImageStore, sdxl: str | Path,
-                   config: EvaluateConfig) -> list[dict[str, float]]:
+def reference_gain(
+    sampler: EasyRefSampler, samples: Sequence[Sample], store: ImageStore, sdxl: str | Path, config: EvaluateConfig
+) -> list[dict[str, float]]:
     """Per sample: denoising loss with its own references, with another group's, and the gain (other - own).
 
     Both losses use the same target latents (VAE posterior mean), caption, timesteps and noise; only the reference
@@ -468,8 +505,9 @@ def reference_gain(sampler: EasyRefSampler, samples: Sequence[Sample], store: Im
     k = config.reference_gain.timesteps
     results: list[dict[str, float]] = []
     nan = float("nan")
-    for sample, partner in tqdm(list(zip(samples, partners(samples), strict=True)), desc="reference gain",
-                                unit="sample"):
+    for sample, partner in tqdm(
+        list(zip(samples, partners(samples), strict=True)), desc="reference gain", unit="sample"
+    ):
         if partner is None:
             results.append({"loss_own": nan, "loss_other": nan, "reference_gain": nan})
             continue
@@ -477,18 +515,23 @@ def reference_gain(sampler: EasyRefSampler, samples: Sequence[Sample], store: Im
             target = pipe.image_processor.preprocess(store(sample.targets[0]), height=height, width=width)
             latents = pipe.vae.encode(target.to(device, pipe.vae.dtype)).latent_dist.mean
             latents = (latents * pipe.vae.config.scaling_factor).repeat(k, 1, 1, 1)
-            text, _, pooled, _ = pipe.encode_prompt(prompt=[sample.caption], device=device, num_images_per_prompt=k,
-                                                    do_classifier_free_guidance=False)
+            text, _, pooled, _ = pipe.encode_prompt(
+                prompt=[sample.caption], device=device, num_images_per_prompt=k, do_classifier_free_guidance=False
+            )
             generator = torch.Generator().manual_seed(sample.seed)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (k,), generator=generator)
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             noisy = scheduler.add_noise(latents, noise, timesteps.to(device))
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=text.dtype).repeat(k, 1)
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=text.dtype).repeat(
+                k, 1
+            )
             groups = [store.group(sample.references), store.group(samples[partner].references)]
             states = sampler.encode_references(groups, [sample.caption] * 2)
             losses = []
             for s in states:
-                eps = model(noisy, timesteps.to(device), text, pooled, time_ids, s[None].expand(k, -1, -1).to(text.dtype))
+                eps = model(
+                    noisy, timesteps.to(device), text, pooled, time_ids, s[None].expand(k, -1, -1).to(text.dtype)
+                )
                 losses.append(torch.nn.functional.mse_loss(eps.float(), noise.float()).item())
         results.append({"loss_own": losses[0], "loss_other": losses[1], "reference_gain": losses[1] - losses[0]})
     return results
@@ -497,8 +540,14 @@ def reference_gain(sampler: EasyRefSampler, samples: Sequence[Sample], store: Im
 # -- metrics ----------------------------------------------------------------------------------------------------------
 
 
-def score(samples: Sequence[Sample], generated: dict[str, list[Image.Image]], store: ImageStore,
-          config: EvaluateConfig, cache_file: Path | None, device: str) -> pd.DataFrame:
+def score(
+    samples: Sequence[Sample],
+    generated: dict[str, list[Image.Image]],
+    store: ImageStore,
+    config: EvaluateConfig,
+    cache_file: Path | None,
+    device: str,
+) -> pd.DataFrame:
     """One row per (method, sample) with CLIP-I, CLIP-T and DINO-I (image metrics averaged over the targets)."""
     import pandas as pd
     import torch
@@ -520,8 +569,13 @@ def score(samples: Sequence[Sample], generated: dict[str, list[Image.Image]], st
         clip_t = cosine(gen["clip"], captions)
         for i, sample in enumerate(samples):
             t_idx = [index[t] for t in sample.targets]
-            row: dict[str, Any] = {"method": method, "sample_id": sample.sample_id, "group": sample.group,
-                                   "caption": sample.caption, "seed": sample.seed}
+            row: dict[str, Any] = {
+                "method": method,
+                "sample_id": sample.sample_id,
+                "group": sample.group,
+                "caption": sample.caption,
+                "seed": sample.seed,
+            }
             for name, key in (("clip", "clip_i"), ("dino", "dino_i")):
                 g = gen[name][i : i + 1].expand(len(t_idx), -1)
                 row[key] = float(cosine(g, target_emb[name][torch.tensor(t_idx)]).mean())
@@ -563,8 +617,13 @@ def _thumb(image: Image.Image, cell: int) -> Image.Image:
     return canvas
 
 
-def make_grid(references: Sequence[Image.Image], target: Image.Image, generated: dict[str, Image.Image],
-              cell: int = 128, max_refs: int = 4) -> Image.Image:
+def make_grid(
+    references: Sequence[Image.Image],
+    target: Image.Image,
+    generated: dict[str, Image.Image],
+    cell: int = 128,
+    max_refs: int = 4,
+) -> Image.Image:
     """One row: up to ``max_refs`` references | target | one generated image per method, each labelled."""
     from PIL import Image, ImageDraw
 
@@ -602,8 +661,12 @@ def _cell(s: Summary | None) -> str:
 METHOD_LABELS = {"easyref": "EasyRef (checkpoint)", "text": "SDXL, text only", "ip_adapter": "IP-Adapter-SDXL (mean)"}
 
 
-def render_report(summary: dict[str, dict[str, Summary]], info: dict[str, Any], grids: Sequence[tuple[str, str,
-                  Image.Image]], confidence: float) -> str:
+def render_report(
+    summary: dict[str, dict[str, Summary]],
+    info: dict[str, Any],
+    grids: Sequence[tuple[str, str, Image.Image]],
+    confidence: float,
+) -> str:
     """A self-contained HTML page: the metrics table, provenance and the grids (embedded as PNG data URIs)."""
     pct = f"{confidence:.0%}"
     head = "".join(f"<th>{METRIC_LABELS[m]}</th>" for m in METRICS)
@@ -616,9 +679,11 @@ def render_report(summary: dict[str, dict[str, Summary]], info: dict[str, Any], 
     gain = summary.get("easyref", {})
     gain_text = ""
     if "reference_gain" in gain:
-        gain_text = (f"<p>Reference gain: denoising loss with another group's references "
-                     f"{_cell(gain.get('loss_other'))} minus with the sample's own {_cell(gain.get('loss_own'))} = "
-                     f"<b>{_cell(gain['reference_gain'])}</b>. Positive means the model uses its references.</p>")
+        gain_text = (
+            f"<p>Reference gain: denoising loss with another group's references "
+            f"{_cell(gain.get('loss_other'))} minus with the sample's own {_cell(gain.get('loss_own'))} = "
+            f"<b>{_cell(gain['reference_gain'])}</b>. Positive means the model uses its references.</p>"
+        )
     provenance = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in info.items())
     figures = "".join(
         f"<figure><img src='{_data_uri(img)}' alt='grid {html.escape(sid)}'><figcaption><code>{html.escape(sid)}"
@@ -646,9 +711,16 @@ embeddings (CLIP image tower / DINOv2 CLS); CLIP-T: generated image vs caption (
 """
 
 
-def write_outputs(out: Path, samples: Sequence[Sample], generated: dict[str, list[Image.Image]],
-                  table: pd.DataFrame, summary: dict[str, dict[str, Summary]], info: dict[str, Any],
-                  store: ImageStore, config: EvaluateConfig) -> dict[str, float]:
+def write_outputs(
+    out: Path,
+    samples: Sequence[Sample],
+    generated: dict[str, list[Image.Image]],
+    table: pd.DataFrame,
+    summary: dict[str, dict[str, Summary]],
+    info: dict[str, Any],
+    store: ImageStore,
+    config: EvaluateConfig,
+) -> dict[str, float]:
     """Images, grids, per-sample table, metrics.json, evaluation.json and report.html under ``out``."""
     from easyref.data.parquet import write_json
 
@@ -659,16 +731,18 @@ def write_outputs(out: Path, samples: Sequence[Sample], generated: dict[str, lis
             image.save(folder / f"{sample.slug}.png")
     table = table.copy()
     slugs = {s.sample_id: s.slug for s in samples}
-    table["image"] = [f"images/{m}/{slugs[sid]}.png" for m, sid in zip(table["method"], table["sample_id"],
-                                                                     strict=True)]
+    table["image"] = [
+        f"images/{m}/{slugs[sid]}.png" for m, sid in zip(table["method"], table["sample_id"], strict=True)
+    ]
     table.to_parquet(out / "samples.parquet", index=False)
     table.to_csv(out / "samples.csv", index=False)
 
     grids = []
     (out / "grids").mkdir(exist_ok=True)
     for i, sample in enumerate(samples[: config.report_samples]):
-        grid = make_grid(store.group(sample.references), store(sample.targets[0]),
-                         {m: images[i] for m, images in generated.items()})
+        grid = make_grid(
+            store.group(sample.references), store(sample.targets[0]), {m: images[i] for m, images in generated.items()}
+        )
         grid.save(out / "grids" / f"{sample.slug}.png")
         grids.append((sample.sample_id, sample.caption, grid))
 
@@ -682,8 +756,9 @@ def write_outputs(out: Path, samples: Sequence[Sample], generated: dict[str, lis
 # -- MLflow -----------------------------------------------------------------------------------------------------------
 
 
-def log_to_mlflow(out: Path, metrics: dict[str, float | None], config: EvaluateConfig, info: dict[str, Any],
-                  tracking_uri: str | None) -> str:
+def log_to_mlflow(
+    out: Path, metrics: dict[str, float | None], config: EvaluateConfig, info: dict[str, Any], tracking_uri: str | None
+) -> str:
     """One MLflow run with the config as params, the flat metrics and the outputs as artifacts; its id."""
     import mlflow
 
@@ -693,11 +768,16 @@ def log_to_mlflow(out: Path, metrics: dict[str, float | None], config: EvaluateC
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     mlflow.set_experiment(config.experiment)
     params = {f"evaluate.{k}": str(v)[:500] for k, v in flatten(to_dict(config)).items()}
-    params.update({k: str(v)[:500] for k, v in info.items() if k in ("checkpoint_sha256", "split_sha256", "split",
-                                                                    "checkpoint")})
+    params.update(
+        {k: str(v)[:500] for k, v in info.items() if k in ("checkpoint_sha256", "split_sha256", "split", "checkpoint")}
+    )
     with mlflow.start_run(run_name=f"evaluate {Path(str(info.get('checkpoint', ''))).name}") as run:
-        mlflow.set_tags({"easyref.step": "evaluate", **{f"easyref.{k}": str(v) for k, v in info.items()
-                                                        if k.endswith("sha256") or k == "git_commit"}})
+        mlflow.set_tags(
+            {
+                "easyref.step": "evaluate",
+                **{f"easyref.{k}": str(v) for k, v in info.items() if k.endswith("sha256") or k == "git_commit"},
+            }
+        )
         mlflow.log_params(params)
         mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
         for name in ("metrics.json", "evaluation.json", "samples.csv", "report.html"):
@@ -713,16 +793,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="trained EasyRef checkpoint folder")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", type=Path, help="held_in.parquet or held_out.parquet written by easyref split")
-    source.add_argument("--dreambench", type=Path, metavar="DIR",
-                        help="a DreamBench folder (<subject>/*.jpg + prompts_and_classes.txt)")
-    parser.add_argument("--images-root", type=Path,
-                        help="folder the split's image paths are relative to (default: from split.json)")
+    source.add_argument(
+        "--dreambench", type=Path, metavar="DIR", help="a DreamBench folder (<subject>/*.jpg + prompts_and_classes.txt)"
+    )
+    parser.add_argument(
+        "--images-root", type=Path, help="folder the split's image paths are relative to (default: from split.json)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--baseline", action="append", choices=BASELINES, default=None,
-                        help="also evaluate this baseline (repeatable; default: evaluate.baselines of --params)")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        choices=BASELINES,
+        default=None,
+        help="also evaluate this baseline (repeatable; default: evaluate.baselines of --params)",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="evaluate the checkpoint only")
-    parser.add_argument("--base", type=Path, default=Path("models/tiny"),
-                        help="folder holding the base models sdxl/ and mllm/ (default: models/tiny)")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=Path("models/tiny"),
+        help="folder holding the base models sdxl/ and mllm/ (default: models/tiny)",
+    )
     parser.add_argument("--params", type=Path, help="read the 'evaluate' section of this params.yaml")
     parser.add_argument("--steps", type=int, help="DDIM steps (default 30)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance weight (default 7.5)")
@@ -731,8 +822,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="samples per sampler call (default 4)")
     parser.add_argument("--no-reference-gain", action="store_true", help="skip the reference-gain check")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
-                                               "sqlite:///mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
@@ -742,8 +834,13 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     config = EvaluateConfig()
     if args.params is not None:
         config = from_dict(EvaluateConfig, load_yaml(args.params).get("evaluate"), f"{args.params}: evaluate")
-    flags = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "max_samples": args.max_samples,
-             "batch_size": args.batch_size}
+    flags = {
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "max_samples": args.max_samples,
+        "batch_size": args.batch_size,
+    }
     changes: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     if args.no_baselines:
         changes["baselines"] = []
@@ -759,14 +856,23 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
 
 def with_base_defaults(config: EvaluateConfig, base: Path) -> EvaluateConfig:
     """Fill model locations left unset (None) from the base-model folder: clip/, dino/, ip_adapter/."""
-    metrics = dataclasses.replace(config.metrics, clip=config.metrics.clip or str(base / "clip"),
-                                  dino=config.metrics.dino or str(base / "dino"))
+    metrics = dataclasses.replace(
+        config.metrics, clip=config.metrics.clip or str(base / "clip"), dino=config.metrics.dino or str(base / "dino")
+    )
     ip_adapter = dataclasses.replace(config.ip_adapter, path=config.ip_adapter.path or str(base / "ip_adapter"))
     return dataclasses.replace(config, metrics=metrics, ip_adapter=ip_adapter)
 
 
-def evaluate(checkpoint: Path, samples: Sequence[Sample], out: Path, base: Path, config: EvaluateConfig,
-             info: dict[str, Any], device: str, tracking_uri: str | None = None) -> dict[str, float | None]:
+def evaluate(
+    checkpoint: Path,
+    samples: Sequence[Sample],
+    out: Path,
+    base: Path,
+    config: EvaluateConfig,
+    info: dict[str, Any],
+    device: str,
+    tracking_uri: str | None = None,
+) -> dict[str, float | None]:
     """Generate, score and report ``samples`` for the checkpoint and the configured baselines."""
     import gc
 
@@ -799,8 +905,14 @@ def evaluate(checkpoint: Path, samples: Sequence[Sample], out: Path, base: Path,
         gain_frame = pd.DataFrame(gains).assign(method="easyref", sample_id=[s.sample_id for s in samples])
         table = table.merge(gain_frame, on=["method", "sample_id"], how="left")
     summary = summarize(table, config.confidence)
-    info = {**info, "num_samples": len(samples), "methods": ", ".join(generated), "steps": config.steps,
-            "guidance": config.guidance, "seconds": round(time.perf_counter() - started, 1)}
+    info = {
+        **info,
+        "num_samples": len(samples),
+        "methods": ", ".join(generated),
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     metrics = write_outputs(out, samples, generated, table, summary, info, store, config)
     run_id = log_to_mlflow(out, metrics, config, info, tracking_uri)
     print(f"logged to MLflow run {run_id}")
@@ -824,8 +936,12 @@ def run(args: argparse.Namespace) -> int:
         info = {"dreambench": str(args.dreambench)}
     if config.max_samples is not None:
         samples = samples[: config.max_samples]
-    info = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256(args.checkpoint), **info,
-            "git_commit": git_commit()}
+    info = {
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": checkpoint_sha256(args.checkpoint),
+        **info,
+        "git_commit": git_commit(),
+    }
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(args.checkpoint, samples, args.out, args.base, config, info, device, args.tracking_uri)
     for key in sorted(k for k in metrics if k.count(".") == 1):

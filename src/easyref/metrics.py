@@ -112,8 +112,9 @@ class ClipEmbedder(ImageEmbedder):
 
     name = "clip"
 
-    def __init__(self, model: torch.nn.Module, processor: Any, tokenizer: Any, batch_size: int = 32,
-                 device: str = "cpu"):
+    def __init__(
+        self, model: torch.nn.Module, processor: Any, tokenizer: Any, batch_size: int = 32, device: str = "cpu"
+    ):
         super().__init__(model, processor, batch_size, device)
         self.tokenizer = tokenizer
 
@@ -137,8 +138,9 @@ class ClipEmbedder(ImageEmbedder):
         chunks = []
         for batch in _batches(list(texts), self.batch_size):
             tokens = self.tokenizer(list(batch), padding=True, truncation=True, return_tensors="pt").to(self.device)
-            chunks.append(torch.nn.functional.normalize(_features(self.model.get_text_features(**tokens)).float(),
-                                                        dim=-1).cpu())
+            chunks.append(
+                torch.nn.functional.normalize(_features(self.model.get_text_features(**tokens)).float(), dim=-1).cpu()
+            )
         return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
@@ -185,8 +187,9 @@ class EmbeddingCache:
             except Exception:  # noqa: BLE001 - a cache that cannot be read is rebuilt
                 self.entries = {}
 
-    def embed_files(self, embedder: ImageEmbedder, paths: Sequence[Path], load: Callable[[Path], Image.Image]
-                    ) -> torch.Tensor:
+    def embed_files(
+        self, embedder: ImageEmbedder, paths: Sequence[Path], load: Callable[[Path], Image.Image]
+    ) -> torch.Tensor:
         """``(N, D)`` embeddings of the image files ``paths``, computing only those not cached."""
         keys = [f"{embedder.name}:{sha256_bytes(Path(p).read_bytes())}" for p in paths]
         missing = {k: p for k, p in zip(keys, paths, strict=True) if k not in self.entries}

@@ -382,9 +382,10 @@ def _log_and_register(
             raise RuntimeError(f"the logged model failed to load or predict on its input example: {validation.failed}")
         run_id = run.info.run_id
     version = mlflow.register_model(
-        info.model_uri, config.model_name, await_registration_for=0,
-        tags={SHA_TAG: sha, "run_id": run_id, **tags,
-              **{f"{METRIC_PREFIX}{k}": repr(v) for k, v in metrics.items()}},
+        info.model_uri,
+        config.model_name,
+        await_registration_for=0,
+        tags={SHA_TAG: sha, "run_id": run_id, **tags, **{f"{METRIC_PREFIX}{k}": repr(v) for k, v in metrics.items()}},
     )
     version = _await_ready(client, config.model_name, version.version)
     client.set_model_version_tag(config.model_name, version.version, STATUS_TAG, READY)
@@ -520,8 +521,16 @@ def promote(
             lines = evaluate_gate(version_metrics(version), version_metrics(champion), config.gate)
             split_old, split_new = champion.tags.get("eval.split_sha256"), version.tags.get("eval.split_sha256")
             if config.require_same_split and split_old != split_new:
-                lines.append(GateLine("same_split", None, None, 0.0, False,
-                                      note=f"evaluated on split {split_new} vs champion's {split_old}"))
+                lines.append(
+                    GateLine(
+                        "same_split",
+                        None,
+                        None,
+                        0.0,
+                        False,
+                        note=f"evaluated on split {split_new} vs champion's {split_old}",
+                    )
+                )
             passed = all(line.passed for line in lines)
             decision = f"{'promoted' if passed else 'rejected'} vs champion v{champion.version}"
         promoted = decision.startswith("promoted")
