@@ -268,7 +268,7 @@ def test_mismatched_or_missing_init_fails_fast_naming_tensors(stage1, workdir, p
 
 # -- real processes: torchrun ---------------------------------------------------------------------------------------
 
-DDP_STEPS = 6
+DDP_STEPS = 10
 
 
 def _torchrun(params_file: Path, out: Path, tracking_uri: str, *extra: str) -> subprocess.Popen:

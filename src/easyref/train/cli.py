@@ -49,7 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import faulthandler
+    import signal
+
     from easyref.train.config import load_train_config
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a hung rank waits
     from easyref.train.loop import train
 
     params = args.params

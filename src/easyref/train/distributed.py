@@ -45,7 +45,14 @@ def setup(timeout_s: float = 1800) -> DistEnv:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
+        timeout = timedelta(seconds=timeout_s)
+        # torchrun keeps its store across worker restarts: a per-attempt prefix keeps a restarted group from
+        # reading the dead workers' addresses (seen with gloo as a hang or "connection refused" after SIGKILL).
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"easyref/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
