@@ -181,23 +181,16 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_models, mod
     torch.testing.assert_close(loaded.encode_references(inputs), model.encode_references(inputs), rtol=0, atol=0)
     kwargs = _unet_inputs(model.unet)
     states = torch.randn(2, model.config.num_tokens, model.reference_encoder.hidden_size)
-    a = model(
+    added = kwargs["added_cond_kwargs"]
+    args = (
         kwargs["sample"],
         kwargs["timestep"],
         kwargs["encoder_hidden_states"],
-        kwargs["added_cond_kwargs"]["text_embeds"],
-        kwargs["added_cond_kwargs"]["time_ids"],
+        added["text_embeds"],
+        added["time_ids"],
         states,
     )
-    b = loaded(
-        kwargs["sample"],
-        kwargs["timestep"],
-        kwargs["encoder_hidden_states"],
-        kwargs["added_cond_kwargs"]["text_embeds"],
-        kwargs["added_cond_kwargs"]["time_ids"],
-        states,
-    )
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(loaded(*args), model(*args), rtol=0, atol=0)
 
 
 def test_only_the_trained_parts_are_saved(tmp_path, model):

@@ -267,28 +267,39 @@ def _write_qwen2vl(path: Path, seed: int, width: int = 1) -> None:
     ).save_pretrained(path)
 
 
-def _write_clip(path: Path, seed: int) -> None:
-    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+def _clip_vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=30,
+        patch_size=6,
+        projection_dim=32,
+    )
+
+
+def _save_clip_image_processor(path: Path) -> None:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+
+
+def _write_clip(path: Path, seed: int) -> None:
+    from transformers import CLIPConfig, CLIPModel
 
     tokenizer = _clip_tokenizer()
     config = CLIPConfig(
         text_config=_clip_text_config(tokenizer).to_dict(),
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            image_size=30,
-            patch_size=6,
-            projection_dim=32,
-        ).to_dict(),
+        vision_config=_clip_vision_config().to_dict(),
         projection_dim=32,
     )
     _seeded(seed, 6)
     CLIPModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+    _save_clip_image_processor(path)
 
 
 def _write_dino(path: Path, seed: int) -> None:
@@ -328,26 +339,15 @@ def _write_ip_adapter(path: Path, seed: int) -> None:
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import CLIPVisionModelWithProjection
 
     folder = path / IP_ADAPTER_SUBFOLDER
     unet = UNet2DConditionModel.from_pretrained(path.parent / "sdxl", subfolder="unet")
     cross_dim = unet.config.cross_attention_dim
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        image_size=30,
-        patch_size=6,
-        projection_dim=32,
-    )
+    vision = _clip_vision_config()
     _seeded(seed, 8)
     CLIPVisionModelWithProjection(vision).save_pretrained(folder / "image_encoder")
-    CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(
-        folder / "image_encoder"
-    )
+    _save_clip_image_processor(folder / "image_encoder")
     _seeded(seed, 9)
     tokens = 4  # diffusers' ImageProjection for IP-Adapter (non-plus) always has 4 tokens
     tensors = {
