@@ -1,0 +1,1 @@
+"""The finetune component (see README.md)."""

@@ -1,0 +1,1 @@
+"""The pretrain component (see README.md)."""

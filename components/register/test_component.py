@@ -1,0 +1,33 @@
+"""The register component through kfp.local: a checkpoint and its metrics become model@challenger and @champion."""
+
+import json
+from pathlib import Path
+
+from kfp import dsl
+
+from components.register.component import register
+
+
+def test_register_promotes_first_version(kfp_local: Path, pretrained: Path, workspace: dict[str, Path],
+                                         tmp_path: Path) -> None:
+    evaluation = tmp_path / "evaluation"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps(
+        {"easyref.clip_i": 0.5, "easyref.clip_t": 0.2, "easyref.dino_i": 0.4}))
+
+    @dsl.pipeline(name="register-test")
+    def register_test(checkpoint_uri: str, evaluation_uri: str, base_models: str) -> str:
+        checkpoint = dsl.importer(artifact_uri=checkpoint_uri, artifact_class=dsl.Model)
+        results = dsl.importer(artifact_uri=evaluation_uri, artifact_class=dsl.Dataset)
+        task = register(checkpoint=checkpoint.output, evaluation=results.output, base_models=base_models,
+                        model_name="easyref-test", promote=True)
+        return task.outputs["champion"]
+
+    run = register_test(checkpoint_uri=str(pretrained), evaluation_uri=str(evaluation),
+                        base_models=str(workspace["models"]))
+
+    assert run.output == "1"
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("easyref-test", "challenger").version) == "1"

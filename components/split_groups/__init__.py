@@ -1,0 +1,1 @@
+"""The split_groups component (see README.md)."""
