@@ -45,6 +45,8 @@ class TrainConfig:
     """Folder holding the base models ``sdxl/`` and ``mllm/``."""
     data: str = "data/split/train.parquet"
     """Training samples: a split manifest (``.parquet``) or a folder of groups (``<group>/<image>`` + ``captions.jsonl``)."""
+    image_root: str = "data/ingested"
+    """Folder the image paths of a split table are relative to (the ``easyref ingest`` output)."""
     preview_data: str = ""
     """Samples whose references drive the preview grids (e.g. the held-in split); empty = the training data."""
     lr: float | None = None

@@ -23,7 +23,7 @@ from easyref.errors import UserError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class GlobalOrderSampler(Sampler[int]):
+class GlobalOrderSampler(Sampler[tuple[int, int]]):
     """The dataset indices one rank reads from ``start_step`` to ``max_steps``, micro-batch by micro-batch.
 
     Within a step, micro-step ``m`` of rank ``r`` takes positions ``base + (m * W + r) * B + [0, B)``.
@@ -51,17 +51,22 @@ class GlobalOrderSampler(Sampler[int]):
             self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._perms[epoch][offset]
 
-    def indices_for_step(self, step: int) -> list[int]:
+    def keys_for_step(self, step: int) -> list[tuple[int, int]]:
+        """This rank's ``(epoch, index)`` pairs of optimizer step ``step``, micro-batch after micro-batch."""
         base = step * self.global_batch
         out = []
         for m in range(self.accum):
             first = base + (m * self.world + self.rank) * self.batch
-            out.extend(self.position_index(p) for p in range(first, first + self.batch))
+            out.extend((p // self.n, self.position_index(p)) for p in range(first, first + self.batch))
         return out
 
-    def __iter__(self) -> Iterator[int]:
+    def indices_for_step(self, step: int) -> list[int]:
+        return [index for _, index in self.keys_for_step(step)]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """``(epoch, index)`` pairs; :class:`EpochIndexed` turns them into samples of that epoch."""
         for step in range(self.start_step, self.max_steps):
-            yield from self.indices_for_step(step)
+            yield from self.keys_for_step(step)
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start_step) * self.batch * self.accum
@@ -70,6 +75,22 @@ class GlobalOrderSampler(Sampler[int]):
         """Data-order state after ``step`` optimizer steps (what a checkpoint records)."""
         return {"seed": self.seed, "num_samples": self.n, "global_batch": self.global_batch,
                 "samples_seen": step * self.global_batch, "epoch": step * self.global_batch // self.n}
+
+
+class EpochIndexed(Dataset):
+    """Reads ``(epoch, index)`` keys: sets the epoch of datasets whose sampling depends on it, then indexes."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -147,18 +168,23 @@ class FolderGroups(Dataset):
         }
 
 
-def build_dataset(path: str | Path, *, stage: str, resolution: int, max_references: int, split: str = "train") -> Dataset:
-    """The dataset behind ``--data``: a split manifest (``.parquet``, via ``easyref.data.dataset``) or a folder."""
+def build_dataset(
+    path: str | Path, *, stage: str, resolution: int, max_references: int, image_root: str | Path, seed: int = 0
+) -> Dataset:
+    """The dataset behind ``--data``: a split table (``.parquet``, read by :class:`easyref.data.dataset.GroupDataset`
+    with image paths relative to ``image_root``) or a folder of groups (:class:`FolderGroups`)."""
     path = Path(path)
     if path.is_dir() and (path / "captions.jsonl").is_file():
         return FolderGroups(path, resolution, max_references)
-    if not path.exists():
-        raise UserError(f"--data {path}: no such file or folder")
+    if not path.is_file():
+        raise UserError(f"--data {path}: no such split table (.parquet) or folder of groups (with captions.jsonl)")
+    from easyref.data.dataset import DatasetConfig, GroupDataset
+
     try:
-        from easyref.data import dataset as data_layer
-    except ImportError as exc:
-        raise UserError(f"--data {path}: reading split manifests needs easyref.data.dataset ({exc})") from exc
-    return data_layer.build_training_dataset(path, stage=stage, resolution=resolution, split=split)
+        config = DatasetConfig(stage=stage, resolution=resolution, max_refs=max_references, seed=seed)
+    except ValueError as exc:
+        raise UserError(f"--data {path}: {exc}") from exc
+    return GroupDataset(path, image_root, config)
 
 
 def dataset_fingerprint(path: str | Path) -> str:

@@ -20,7 +20,7 @@ from easyref.sampler import EasyRefSampler, base_paths
 from easyref.train import checkpoint as ckpt
 from easyref.train import distributed as D
 from easyref.train.config import TrainConfig
-from easyref.train.data import GlobalOrderSampler, build_dataset, collate, dataset_fingerprint
+from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset, collate, dataset_fingerprint
 from easyref.train.recipe import Conditioner, DiffusionObjective, step_generator
 from easyref.train.tracking import MlflowTracker, NullTracker, git_commit, preview_grid
 
@@ -129,12 +129,15 @@ def _train(config: TrainConfig, out: Path, init: Path | None, dataset: Dataset |
     model = build_model(config, init, sdxl, mllm)
     sampler = EasyRefSampler.from_model(model, sdxl, mllm, device=env.device)
     resolution = config.resolution or model.unet.config.sample_size * sampler.pipe.vae_scale_factor
+    data_kw = dict(stage=config.stage, resolution=resolution, max_references=model.config.max_references,
+                   image_root=config.image_root, seed=config.seed)
     if dataset is None:
-        dataset = build_dataset(config.data, stage=config.stage, resolution=resolution,
-                                max_references=model.config.max_references)
+        dataset = build_dataset(config.data, **data_kw)
     if preview_dataset is None and config.preview_data:
-        preview_dataset = build_dataset(config.preview_data, stage=config.stage, resolution=resolution,
-                                        max_references=model.config.max_references, split="held_in")
+        preview_dataset = build_dataset(config.preview_data, **data_kw)
+    if config.stage == "multi_ref" and config.batch_size > 1 and len(getattr(dataset, "buckets", [None])) > 1:
+        raise UserError("multi_ref trains on aspect-ratio buckets: use batch_size 1 per device and grad_accum for "
+                        "a larger global batch (bucket-aware global order is not implemented yet)")
 
     conditioner = Conditioner.from_pipeline(
         sampler.pipe, sampler.processor, sdxl, env.device, (config.drop_text, config.drop_image, config.drop_both)
@@ -176,7 +179,7 @@ def _train(config: TrainConfig, out: Path, init: Path | None, dataset: Dataset |
     order = GlobalOrderSampler(len(dataset), seed=config.seed, batch_size=config.batch_size,
                                grad_accum=config.grad_accum, rank=env.rank, world_size=env.world_size,
                                start_step=start, max_steps=config.max_steps)
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=order, collate_fn=collate,
+    loader = DataLoader(EpochIndexed(dataset), batch_size=config.batch_size, sampler=order, collate_fn=collate,
                         num_workers=config.num_workers, drop_last=False)
     batches = _infinite(loader)
     result = TrainResult(final=out / "final", step=start, start_step=start, run_id=run_id)
