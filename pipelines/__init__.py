@@ -1,0 +1,1 @@
+"""Pipelines chaining the components (full.py) and helpers of the DVC stages."""
