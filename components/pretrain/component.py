@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.settings import BASE_IMAGE, SHARED_MOUNT_PATH
+from components.settings import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -22,7 +22,7 @@ def pretrain(
     image: str = "",
     namespace: str = "easyref",
     pvc: str = "",
-    mount_path: str = SHARED_MOUNT_PATH,
+    mount_path: str = "/mnt/easyref",
     secret_env: list = [],  # noqa: B006
     run_id: str = "local",
     mlflow_tracking_uri: str = "",
