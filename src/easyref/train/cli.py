@@ -14,6 +14,7 @@ result is written to OUT/final, the folder the next stage's --init and `easyref 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from easyref.train.config import STAGES
@@ -51,11 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import faulthandler
+    import io
     import signal
 
     from easyref.train.config import load_train_config
 
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a hung rank waits
+    with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):  # stderr without a file
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a hung rank waits
     from easyref.train.loop import train
 
     params = args.params
