@@ -22,7 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("easyref.generate", "generate images from a prompt and a group of reference images"),
     "evaluate": ("easyref.evaluate", "evaluate a checkpoint: CLIP-I / CLIP-T / DINO-I, reference gain, baselines"),
     "register": ("easyref.registry", "register a checkpoint in the MLflow registry and promote it by alias"),
-    "train": ("easyref.train.cli", "train one EasyRef stage (pretrain, single_ref, multi_ref), distributed and resumable"),
+    "train": (
+        "easyref.train.cli",
+        "train one EasyRef stage (pretrain, single_ref, multi_ref), distributed and resumable",
+    ),
     "launch": ("easyref.train.launch", "render or submit a Kubeflow Trainer TrainJob running `easyref train`"),
 }
 
