@@ -58,9 +58,3 @@ def _keep_groups(raw: Path, groups: int) -> None:
     (raw / "captions.jsonl").write_text(
         "".join(line + "\n" for line in lines if line and json.loads(line)["image"].split("/")[0] in kept))
 
-
-def manifest_training_available() -> bool:
-    """Whether ``easyref train --data SPLIT.parquet`` can read split manifests (the data layer's entry point)."""
-    from easyref.data import dataset
-
-    return hasattr(dataset, "build_training_dataset")

@@ -78,9 +78,10 @@ def _log(message: str) -> None:
     print(f"[easyref {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _train_flags(req: StageRequest, params_file: Path, split_dir: Path, run_dir: Path, init: Path | None) -> list[str]:
+def _train_flags(req: StageRequest, params_file: Path, split_dir: Path, image_root: Path, run_dir: Path,
+                 init: Path | None) -> list[str]:
     flags = ["train", "--stage", req.stage, "--params", str(params_file), "--out", str(run_dir),
-             "--base", req.base_models, "--data", str(split_dir / "train.parquet")]
+             "--base", req.base_models, "--data", str(split_dir / "train.parquet"), "--image-root", str(image_root)]
     if (split_dir / "held_in.parquet").is_file():
         flags += ["--preview-data", str(split_dir / "held_in.parquet")]
     if init is not None:
@@ -117,7 +118,8 @@ def run_torchrun(req: StageRequest) -> Path:
     """``torchrun --standalone --nproc_per_node N -m easyref.cli train ...`` in a run folder beside the artifact."""
     run_dir = Path(req.out_dir + ".run")
     params = write_params(run_dir / "params.yaml", req.train_config)
-    flags = _train_flags(req, params, Path(req.split_dir), run_dir, Path(req.init_dir) if req.init_dir else None)
+    flags = _train_flags(req, params, Path(req.split_dir), Path(req.ingested_dir), run_dir,
+                         Path(req.init_dir) if req.init_dir else None)
     if req.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(req.nproc),
                "-m", "easyref.cli", *flags]
@@ -154,7 +156,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
 def stage_inputs(req: StageRequest) -> tuple[Path, Path, Path | None]:
     """Copy the split, the ingested data and the init checkpoint to the shared volume; returns their new places.
 
-    The staged ``split.json`` names the staged manifest, so the training processes find the images there.
+    The staged ``split.json`` names the staged manifest, so that tools reading it find the staged images.
     """
     if not req.mount_path or not Path(req.mount_path).is_dir():
         raise RuntimeError(f"the shared volume is not mounted at {req.mount_path!r}; the trainjob launcher needs the "
@@ -243,7 +245,7 @@ def launch_command(req: StageRequest, name: str, params: Path, split: Path, run_
         cmd += ["--env", f"MLFLOW_TRACKING_URI={uri}"]
     for pair in req.secret_env:
         cmd += ["--secret-env", pair]
-    flags = _train_flags(req, params, split, run_dir / "run", None)
+    flags = _train_flags(req, params, split, split.parent / "ingested", run_dir / "run", None)
     # launch already sets --stage/--params/--out/--init; pass the rest after "--"
     extra = flags[flags.index("--base"):]
     return [*cmd, "--", *extra]

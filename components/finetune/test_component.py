@@ -7,7 +7,7 @@ import pytest
 from kfp import dsl
 
 from components.finetune.component import finetune
-from components.testing import TINY_TRAIN, manifest_training_available
+from components.testing import TINY_TRAIN
 
 
 def _pipeline(stage: str):
@@ -23,8 +23,6 @@ def _pipeline(stage: str):
     return finetune_test
 
 
-@pytest.mark.skipif(not manifest_training_available(),
-                    reason="easyref train cannot read split manifests yet (build_training_dataset missing)")
 def test_finetune_single_ref_from_pretrained(kfp_local: Path, workspace: dict[str, Path], pretrained: Path) -> None:
     run = _pipeline("single_ref")(init_uri=str(pretrained), split_uri=str(workspace["split"]),
                                   ingested_uri=str(workspace["ingested"]), base_models=str(workspace["models"]))

@@ -3,16 +3,10 @@
 import json
 from pathlib import Path
 
-import pytest
 from kfp import dsl
 
 from components.pretrain.component import pretrain
-from components.testing import TINY_TRAIN, manifest_training_available
-
-pytestmark = pytest.mark.skipif(
-    not manifest_training_available(),
-    reason="easyref train cannot read split manifests yet (easyref.data.dataset.build_training_dataset missing)",
-)
+from components.testing import TINY_TRAIN
 
 
 def test_pretrain_two_processes_writes_checkpoint(kfp_local: Path, workspace: dict[str, Path]) -> None:
