@@ -17,14 +17,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,pipeline]"
 	touch $@
 
-## The main job on the tiny profile.
+## The main job on the tiny profile: the whole pipeline (dvc.yaml) from tiny models to a promoted model.
 demo: setup
-	$(VENV)/bin/easyref tiny-models --out models/tiny
-	$(VENV)/bin/easyref demo-data --out data/raw
-	$(VENV)/bin/easyref generate --base models/tiny \
-	    --ref data/raw/red-star/000.png --ref data/raw/red-star/001.png --ref data/raw/red-star/002.png \
-	    --prompt "a red star on a plain background" --seed 0 --steps 30 --out outputs/demo/generated.png
-	@echo "Generated image: outputs/demo/generated.png"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	@echo ""
+	@echo "Done. Where to look:"
+	@echo "  evaluation report:  outputs/eval/report.html   (metrics: outputs/eval/metrics.json, dvc metrics show)"
+	@cat outputs/register.txt
+	@echo "  registered model:   models:/easyref@champion   (outputs/register.txt)"
+	@echo "  MLflow UI:          $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000)"
+	@echo "  loss curves:        $(VENV)/bin/dvc plots show   (outputs/runs/*/loss.csv)"
 
 ## The whole test suite (slow end-to-end tests included).
 test: setup
