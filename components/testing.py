@@ -58,3 +58,43 @@ def _keep_groups(raw: Path, groups: int) -> None:
     (raw / "captions.jsonl").write_text(
         "".join(line + "\n" for line in lines if line and json.loads(line)["image"].split("/")[0] in kept))
 
+
+
+def fresh_copy(dst: Path) -> Path:
+    """The repository's files (tracked + untracked, not ignored) copied to ``dst`` as a new one-commit git repo."""
+    import shutil
+
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = REPO_ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dst, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dst, check=True)
+    return dst
+
+
+def tool_env(tmp: Path) -> dict[str, str]:
+    """Environment for `dvc` / `easyref` subprocesses: this venv first on PATH, MLflow in ``tmp``, no telemetry."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def fast_params(params_file: Path) -> None:
+    """Shrink params.yaml for tests: 2 optimizer steps per stage, 2 test samples, 2 DDIM steps, no baselines."""
+    import yaml
+
+    params = yaml.safe_load(params_file.read_text())
+    params["data"].update({"demo_groups_min_images": 4, "demo_groups_max_images": 5})
+    for stage in ("pretrain", "single_ref", "multi_ref"):
+        params["train"][stage]["max_steps"] = 2
+    params["train"].update({"preview_every": -1, "save_every": 0})
+    params["evaluate"].update(TINY_EVALUATE)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,0 +1,163 @@
+"""infra/: every manifest validates offline, Secrets carry no values, RBAC is TrainJob-only, the Dockerfile installs
+what pyproject.toml declares."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "infra" / "k8s"
+K8S_VERSION = "1.33.0"
+
+
+def kustomize_build() -> list[dict]:
+    """`kubectl kustomize` when kubectl is installed; otherwise the listed files with the namespace applied."""
+    if shutil.which("kubectl"):
+        out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, check=True).stdout
+        return [d for d in yaml.safe_load_all(out) if d]
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    docs = []
+    for name in kustomization["resources"]:
+        for doc in yaml.safe_load_all((K8S / name).read_text()):
+            if doc and doc["kind"] != "Namespace":
+                doc["metadata"]["namespace"] = kustomization["namespace"]
+            if doc:
+                docs.append(doc)
+    return docs
+
+
+def secret_templates() -> list[dict]:
+    return [yaml.safe_load(p.read_text()) for p in sorted((K8S / "secret-templates").glob("*.yaml"))]
+
+
+def test_every_manifest_validates_against_the_kubernetes_schema() -> None:
+    import kubernetes_validate
+
+    docs = kustomize_build() + secret_templates()
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "ConfigMap", "PersistentVolumeClaim", "StatefulSet", "Deployment", "Service",
+            "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "Secret"} <= kinds
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        assert doc["metadata"].get("namespace", "easyref") == "easyref" or doc["kind"] == "Namespace"
+
+
+def test_secret_templates_hold_no_values_and_cover_every_reference() -> None:
+    templates = {s["metadata"]["name"]: s for s in secret_templates()}
+    for secret in templates.values():
+        assert not secret.get("data")
+        assert all(v == "" for v in secret["stringData"].values()), secret["metadata"]["name"]
+    assert not [d for d in kustomize_build() if d["kind"] == "Secret"], "no Secret may be part of the build"
+    # every secretKeyRef of the manifests and of the pipeline names a template and one of its keys
+    text = "\n".join(p.read_text() for p in K8S.glob("*.yaml"))
+    refs = re.findall(r"secretKeyRef: \{name: ([\w-]+), key: (\w+)\}", text)
+    assert refs
+    for name, key in refs:
+        assert key in templates[name]["stringData"], (name, key)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]
+    assert {params["mlflow_secret"], params["s3_secret"]} <= set(templates)
+
+
+def test_rbac_lets_the_pipeline_create_trainjobs_and_nothing_more() -> None:
+    docs = kustomize_build()
+    roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")]
+    assert [r["kind"] for r in roles] == ["Role"]
+    assert roles[0]["rules"] == [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+                                  "verbs": ["create", "get"]}]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == roles[0]["metadata"]["name"]
+    assert not [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+
+
+def test_network_policies_deny_ingress_by_default_and_fence_postgres() -> None:
+    policies = {d["metadata"]["name"]: d for d in kustomize_build() if d["kind"] == "NetworkPolicy"}
+    deny = policies["default-deny-ingress"]["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    postgres = policies["postgres-from-mlflow"]["spec"]
+    assert postgres["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
+
+
+def test_mlflow_server_has_postgres_backend_s3_artifacts_and_auth() -> None:
+    mlflow = next(d for d in kustomize_build() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
+    container = mlflow["spec"]["template"]["spec"]["containers"][0]
+    args = " ".join(container["args"])
+    assert "--backend-store-uri=postgresql://" in args and "--app-name=basic-auth" in args
+    assert "--serve-artifacts" in args and "--artifacts-destination=$(MLFLOW_ARTIFACTS_DESTINATION)" in args
+    storage = next(d for d in kustomize_build() if d["kind"] == "ConfigMap")
+    assert storage["data"]["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    pvcs = {d["metadata"]["name"]: d for d in kustomize_build() if d["kind"] == "PersistentVolumeClaim"}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]
+    assert pvcs[params["shared_pvc"]]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_custom_resources_of_the_pipeline_have_the_trainer_structure() -> None:
+    """The TrainJob the training components create (through `easyref launch`) is a well-formed custom resource."""
+    from easyref.train.launch import LaunchConfig, render_trainjob
+
+    job = render_trainjob(LaunchConfig(name="easyref-pretrain-abc", namespace="easyref", image="easyref:0.1.0",
+                                       command=["torchrun", "-m", "easyref.cli", "train"], nodes=2, gpus_per_node=8,
+                                       pvc="easyref-shared", mount_path="/mnt/easyref"))
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
+    assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    trainer = job["spec"]["trainer"]
+    assert trainer["numNodes"] == 2 and trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
+    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    volumes = {v["name"]: v for v in pod["template"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["runs"]["persistentVolumeClaim"]["claimName"] == "easyref-shared"
+
+
+def dockerfile() -> str:
+    return (ROOT / "infra" / "Dockerfile").read_text()
+
+
+def test_dockerfile_installs_what_pyproject_declares() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    text = dockerfile()
+    # torch first, the same pin as the Makefile, inside pyproject's range
+    torch_spec = re.search(r"ARG TORCH_SPEC=(\S+)", text).group(1)
+    makefile_spec = re.search(r"TORCH_SPEC \?= (\S+)", (ROOT / "Makefile").read_text()).group(1)
+    assert torch_spec == makefile_spec
+    torch_dep = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch"))
+    from packaging.specifiers import SpecifierSet
+
+    assert torch_spec.split("==")[1] in SpecifierSet(torch_dep.removeprefix("torch"))
+    assert text.index("${TORCH_SPEC}") < text.index('pip install ".[pipeline]"')
+    # the extra the image installs exists and holds the orchestration packages
+    extras = re.findall(r'pip install "\.\[([\w,]+)\]"', text)
+    assert extras == ["pipeline"]
+    names = {re.split(r"[<>=\[ ]", d)[0] for d in pyproject["project"]["optional-dependencies"]["pipeline"]}
+    assert {"kfp", "kfp-kubernetes", "dvc"} <= names
+    # the Python of both bases is pyproject's
+    version = re.search(r">=(\d+\.\d+)", pyproject["project"]["requires-python"]).group(1)
+    assert f"python{version}" in text and f"python:{version}-" in text
+    # never torchvision; the components are importable (PYTHONPATH) and everything pyproject installs is copied
+    instructions = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "torchvision" not in re.sub(r"!\s*pip show torchvision", "", instructions)
+    assert "PYTHONPATH=/opt/easyref" in text and "COPY components ./components" in text
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["where"] == ["src"] and "COPY src ./src" in text
+
+
+def test_dockerfile_has_cuda_base_and_cpu_build_arg() -> None:
+    text = dockerfile()
+    assert re.search(r"ARG CUDA_BASE=nvidia/cuda:\S+", text) and "ARG DEVICE=cuda" in text
+    assert "FROM base-${DEVICE}" in text and "FROM ${CPU_BASE} AS base-cpu" in text
+
+
+def test_dockerignore_keeps_data_and_secrets_out_of_the_build_context() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "data", "models", "outputs", "mlflow.db"} <= ignored
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "infra").rglob("*") if p.is_file()))
+def test_infra_names_no_absolute_path_of_a_dev_machine(path: str) -> None:
+    text = (ROOT / path).read_text()
+    assert "/work/" not in text and "/home/" not in text and "/tmp/" not in text

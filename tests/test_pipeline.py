@@ -1,0 +1,150 @@
+"""pipelines/full.py: the compiled package chains every step, with GPU requests, secrets and volumes on the right
+tasks; `local` runs the whole pipeline in kfp.local (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from components.testing import fast_params, tool_env  # noqa: E402
+
+TRAINING_EXECUTORS = ("exec-pretrain", "exec-finetune", "exec-finetune-2")
+
+
+def load_full():
+    spec = importlib.util.spec_from_file_location("easyref_full_pipeline", ROOT / "pipelines" / "full.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """(pipeline spec, kubernetes platform spec) of `python pipelines/full.py compile`."""
+    out = tmp_path_factory.mktemp("compile") / "full.yaml"
+    done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "full.py"), "compile", "--out", str(out),
+                           "--image", "registry.example/easyref:1.2.3"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    docs = list(yaml.safe_load_all(out.read_text()))
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_package_chains_every_step(package: tuple[dict, dict]) -> None:
+    spec, _ = package
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"ingest", "split-groups", "pretrain", "finetune", "finetune-2", "evaluate", "register"}
+    deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert deps["split-groups"] == {"ingest"}
+    assert "split-groups" in deps["pretrain"]
+    assert "pretrain" in deps["finetune"] and "finetune" in deps["finetune-2"]
+    assert "finetune-2" in deps["evaluate"] and {"evaluate", "finetune-2"} <= deps["register"]
+    stages = {name: tasks[name]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]
+              for name in ("finetune", "finetune-2")}
+    assert stages == {"finetune": "single_ref", "finetune-2": "multi_ref"}
+
+
+def test_parameters_default_to_params_yaml(package: tuple[dict, dict]) -> None:
+    spec, _ = package
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["split_config"]["defaultValue"] == params["split"]
+    assert inputs["pretrain_steps"]["defaultValue"] == params["train"]["pretrain"]["max_steps"]
+    assert inputs["sources"]["defaultValue"] == params["data"]["sources"]
+    assert inputs["nodes"]["defaultValue"] == params["cluster"]["nodes"]
+    assert inputs["gpus_per_node"]["defaultValue"] == params["cluster"]["gpus_per_node"]
+    assert inputs["model_name"]["defaultValue"] == params["register"]["model_name"]
+    for name in ("mlflow_tracking_uri", "launcher", "image", "shared_pvc", "base_models", "train_config"):
+        assert name in inputs
+
+
+def test_training_tasks_request_gpus_and_get_shm_nodes_and_tolerations(package: tuple[dict, dict]) -> None:
+    spec, k8s = package
+    executors = spec["deploymentSpec"]["executors"]
+    for name in (*TRAINING_EXECUTORS, "exec-evaluate"):
+        resources = executors[name]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert "pipelinechannel--" in resources["accelerator"]["resourceCount"]  # a pipeline parameter
+        platform = k8s[name]
+        assert platform["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi",
+                                               "volumeName": "dshm"}]
+        assert platform["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        assert platform["tolerations"][0]["key"] == "nvidia.com/gpu"
+    for name in ("exec-ingest", "exec-split-groups", "exec-register"):
+        assert "accelerator" not in (executors[name]["container"].get("resources") or {})
+
+
+def test_every_task_gets_secrets_as_env_and_the_shared_volume(package: tuple[dict, dict]) -> None:
+    spec, k8s = package
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]
+    assert set(k8s) == set(spec["deploymentSpec"]["executors"])
+    for name, platform in k8s.items():
+        secrets: dict[str, set[str]] = {}
+        for entry in platform["secretAsEnv"]:
+            secrets.setdefault(entry["secretName"], set()).update(k["envVar"] for k in entry["keyToEnv"])
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= secrets[params["mlflow_secret"]]
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= secrets[params["s3_secret"]]
+        assert platform["pvcMount"][0]["mountPath"] == params["mount_path"]
+        assert platform["pvcMount"][0]["pvcNameParameter"]["componentInputParameter"] == "shared_pvc"
+
+
+def test_components_run_in_the_project_image_without_installing_packages(package: tuple[dict, dict]) -> None:
+    spec, _ = package
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        container = executor["container"]
+        assert container["image"] == "registry.example/easyref:1.2.3", name
+        command = " ".join(container["command"])
+        assert "pip install" not in command and "kfp.dsl.executor_main" in command
+
+
+def test_trainjob_launcher_settings_reach_the_training_tasks(package: tuple[dict, dict]) -> None:
+    spec, _ = package
+    tasks = spec["root"]["dag"]["tasks"]
+    for name in ("pretrain", "finetune", "finetune-2"):
+        inputs = tasks[name]["inputs"]["parameters"]
+        for key, source in {"launcher": "launcher", "nodes": "nodes", "gpus_per_node": "gpus_per_node",
+                            "pvc": "shared_pvc", "image": "image", "namespace": "namespace"}.items():
+            assert inputs[key]["componentInputParameter"] == source, (name, key)
+        assert inputs["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        secret_env = inputs["secret_env"]["runtimeValue"]["constant"]
+        assert any(s.startswith("MLFLOW_TRACKING_PASSWORD=") for s in secret_env)
+
+
+def test_submit_parameters_parse_as_yaml() -> None:
+    full = load_full()
+    assert full.parse_param(["nodes=2", "sources=[s3://b/t.parquet]", "launcher=trainjob"]) == {
+        "nodes": 2, "sources": ["s3://b/t.parquet"], "launcher": "trainjob"}
+    with pytest.raises(SystemExit):
+        full.parse_param(["nodes"])
+
+
+@pytest.mark.slow
+def test_local_runs_the_whole_pipeline_in_kfp_local(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["profile"]["base_models"] = str(tmp_path / "models" / "tiny")
+    params["data"]["sources"] = [str(tmp_path / "data" / "raw")]
+    params["register"]["model_name"] = "easyref-local-test"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    fast_params(params_file)
+    env = tool_env(tmp_path)
+    done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "full.py"), "--params", str(params_file),
+                           "local", "--workdir", str(tmp_path / "kfp")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "local run finished" in done.stdout
+    root = tmp_path / "kfp" / "kfp-outputs"
+    metrics = next(root.rglob("evaluate/evaluation/metrics.json"))
+    assert "easyref.clip_i" in json.loads(metrics.read_text())
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    assert str(client.get_model_version_by_alias("easyref-local-test", "champion").version) == "1"
