@@ -37,7 +37,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks components pipelines
 
 clean:
 	rm -rf $(VENV) models/tiny outputs .pytest_cache

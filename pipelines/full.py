@@ -15,6 +15,7 @@ the MLflow and S3 credentials from Secrets as environment variables, and the tra
 TrainJob of `nodes` x `gpus_per_node` GPUs and waits for it).
 """
 
+# ruff: noqa: B006 - KFP pipeline parameter defaults are JSON values (lists, dicts)
 # no `from __future__ import annotations`: KFP reads the pipeline's annotations as types
 import argparse
 import os

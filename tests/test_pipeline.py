@@ -86,7 +86,7 @@ def test_every_task_gets_secrets_as_env_and_the_shared_volume(package: tuple[dic
     spec, k8s = package
     params = yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]
     assert set(k8s) == set(spec["deploymentSpec"]["executors"])
-    for name, platform in k8s.items():
+    for platform in k8s.values():
         secrets: dict[str, set[str]] = {}
         for entry in platform["secretAsEnv"]:
             secrets.setdefault(entry["secretName"], set()).update(k["envVar"] for k in entry["keyToEnv"])
