@@ -159,5 +159,7 @@ def test_dockerignore_keeps_data_and_secrets_out_of_the_build_context() -> None:
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "infra").rglob("*") if p.is_file()))
 def test_infra_names_no_absolute_path_of_a_dev_machine(path: str) -> None:
+    import tempfile
+
     text = (ROOT / path).read_text()
-    assert "/work/" not in text and "/home/" not in text and "/tmp/" not in text
+    assert str(ROOT) not in text and str(Path.home()) + "/" not in text and tempfile.gettempdir() + "/" not in text
