@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 # Small reference images keep the tiny MLLM fast: 4-9 merged visual tokens per image.
 SMALL_PIXELS = {"min_pixels": 4 * 28 * 28, "max_pixels": 9 * 28 * 28, "dropped_image_size": 56}
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """``mlflow.set_tracking_uri`` is process-global and also exports ``MLFLOW_TRACKING_URI``; a test that points it
+    at a server it then stops must not leak that URI into later tests (or into their subprocesses)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)  # forget the global URI (this also unsets the variable)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture(scope="session")
