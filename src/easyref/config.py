@@ -58,6 +58,20 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         raise UserError(f"{where or cls.__name__}: {exc}") from exc
 
 
+def load_section(cls: type[T], params: str | Path | None, section: str, overrides: dict[str, Any] | None = None) -> T:
+    """``cls`` from the ``section`` of the params file (defaults without a file), with ``overrides`` on top.
+
+    ``overrides`` are command-line flags: a ``None`` value means "not given" and keeps the file's value. Invalid
+    combinations (``__post_init__`` checks) become a :class:`UserError`.
+    """
+    config = cls() if params is None else from_dict(cls, load_yaml(params).get(section), f"{params}: {section}")
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as exc:
+        raise UserError(f"{section}: {exc}") from exc
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """The plain-dict form of a config dataclass (tuples become lists), suitable for YAML/JSON."""
     return _plain(dataclasses.asdict(obj))

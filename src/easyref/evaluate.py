@@ -829,29 +829,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     """The ``evaluate`` section of ``--params`` (if given) with the flags that were set applied on top."""
-    from easyref.config import from_dict, load_yaml
+    from easyref.config import load_section
 
-    config = EvaluateConfig()
-    if args.params is not None:
-        config = from_dict(EvaluateConfig, load_yaml(args.params).get("evaluate"), f"{args.params}: evaluate")
+    baselines = [] if args.no_baselines else list(dict.fromkeys(args.baseline)) if args.baseline else None
     flags = {
         "steps": args.steps,
         "guidance": args.guidance,
         "seed": args.seed,
         "max_samples": args.max_samples,
         "batch_size": args.batch_size,
+        "baselines": baselines,
     }
-    changes: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
-    if args.no_baselines:
-        changes["baselines"] = []
-    elif args.baseline:
-        changes["baselines"] = list(dict.fromkeys(args.baseline))
+    config = load_section(EvaluateConfig, args.params, "evaluate", flags)
     if args.no_reference_gain:
-        changes["reference_gain"] = dataclasses.replace(config.reference_gain, enabled=False)
-    try:
-        return dataclasses.replace(config, **changes)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+        config = dataclasses.replace(config, reference_gain=dataclasses.replace(config.reference_gain, enabled=False))
+    return config
 
 
 def with_base_defaults(config: EvaluateConfig, base: Path) -> EvaluateConfig:

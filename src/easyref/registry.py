@@ -661,19 +661,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RegisterConfig:
-    import dataclasses
+    from easyref.config import load_section
 
-    from easyref.config import from_dict, load_yaml
-
-    config = RegisterConfig()
-    if args.params is not None:
-        config = from_dict(RegisterConfig, load_yaml(args.params).get("register"), f"{args.params}: register")
-    if args.model_name:
-        try:
-            config = dataclasses.replace(config, model_name=args.model_name)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
-    return config
+    return load_section(RegisterConfig, args.params, "register", {"model_name": args.model_name or None})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -121,11 +121,9 @@ def run(args: argparse.Namespace) -> int:
 
 def config_from_args(args: argparse.Namespace) -> IngestConfig:
     """The config from ``--params`` (if given) with the flags that were set applied on top."""
-    from easyref.config import from_dict, load_yaml
+    from easyref.config import load_section
 
-    config = IngestConfig()
-    if args.params is not None:
-        config = from_dict(IngestConfig, load_yaml(args.params).get("ingest"), f"{args.params}: ingest")
+    config = load_section(IngestConfig, args.params, "ingest")
     image = _override(config.image, min_side=args.min_side, max_side=args.max_side, max_pixels=args.max_pixels)
     image = _override(image, format=args.format)
     fetch = _override(config.fetch, s3_endpoint=args.s3_endpoint, timeout=args.timeout, retries=args.retries)

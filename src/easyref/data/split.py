@@ -104,13 +104,8 @@ def run(args: argparse.Namespace) -> int:
 
 def config_from_args(args: argparse.Namespace) -> SplitConfig:
     """The config from ``--params`` (if given) with the flags that were set applied on top."""
-    import dataclasses
+    from easyref.config import load_section
 
-    from easyref.config import from_dict, load_yaml
-
-    config = SplitConfig()
-    if args.params is not None:
-        config = from_dict(SplitConfig, load_yaml(args.params).get("split"), f"{args.params}: split")
     flags = {
         "held_out_groups": args.held_out_groups,
         "held_in_groups": args.held_in_groups,
@@ -118,10 +113,7 @@ def config_from_args(args: argparse.Namespace) -> SplitConfig:
         "targets_per_group": args.targets_per_group,
         "seed": args.seed,
     }
-    try:
-        return dataclasses.replace(config, **{k: v for k, v in flags.items() if v is not None})
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    return load_section(SplitConfig, args.params, "split", flags)
 
 
 def split_manifest(
