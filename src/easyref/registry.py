@@ -344,9 +344,14 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion 
         raise
 
 
+def _search_sha(client: MlflowClient, name: str, sha: str) -> list[ModelVersion]:
+    """Every version of ``name`` tagged with checkpoint ``sha``, complete or not."""
+    return client.search_model_versions(f"name = '{name}' and tags.{SHA_TAG} = '{sha}'")
+
+
 def find_ready_version(client: MlflowClient, name: str, sha: str) -> ModelVersion | None:
     """The complete version holding checkpoint ``sha``, if any (incomplete leftovers are ignored)."""
-    versions = client.search_model_versions(f"name = '{name}' and tags.{SHA_TAG} = '{sha}'")
+    versions = _search_sha(client, name, sha)
     ready = [v for v in versions if v.tags.get(STATUS_TAG) == READY]
     return min(ready, key=lambda v: int(v.version)) if ready else None
 
@@ -633,7 +638,7 @@ def _create_version(
 
 def _versions_with_sha(client: MlflowClient, name: str, sha: str, quiet: bool = False) -> set[str]:
     try:
-        return {v.version for v in client.search_model_versions(f"name = '{name}' and tags.{SHA_TAG} = '{sha}'")}
+        return {v.version for v in _search_sha(client, name, sha)}
     except Exception:  # noqa: BLE001
         if quiet:
             return set()
