@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,8 @@ from easyref.errors import UserError
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
+
+    from easyref.data.split_pins import Pins
 
 HELP = "split a manifest into train / held-in / held-out groups (train.parquet, held_in.parquet, held_out.parquet)"
 
@@ -80,20 +82,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets-per-group", type=int, help="test targets per evaluation group (default 1)")
     parser.add_argument("--seed", type=int, help="hash seed (default 0)")
     parser.add_argument(
-        "--previous", type=Path, help="an earlier split.json: reuse its seed and thresholds so no old group moves"
+        "--previous",
+        type=Path,
+        help="an earlier split.json (its train.parquet beside it): no old group or trained image moves to a test set "
+        "(default: the split already in --out, if any)",
     )
+    parser.add_argument("--fresh", action="store_true", help="ignore a split already in --out (a new experiment)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from easyref.data.split_pins import load_pins
+
     config = config_from_args(args)
-    thresholds = None
-    if args.previous is not None:
-        config, thresholds = _previous(args.previous, config)
-        for name in ("seed", "min_group_size", "targets_per_group"):
+    previous = args.previous
+    if previous is None and not args.fresh and (args.out / "split.json").is_file():
+        previous = args.out / "split.json"
+        print(f"split: {args.out} already holds a split; pinning to it (pass --fresh to ignore it)", file=sys.stderr)
+    pins = None
+    if previous is not None:
+        config, pins = load_pins(previous, config)
+        for name in ("seed", "min_group_size"):
             flag = getattr(args, name)
             if flag is not None and flag != getattr(config, name):
-                raise UserError(f"--{name.replace('_', '-')} {flag} contradicts {args.previous}; drop one of them")
-    summary = split_manifest(args.manifest, args.out, config, thresholds=thresholds)
+                fix = "drop one of them" if args.previous is not None else "or pass --fresh for a new split"
+                raise UserError(f"--{name.replace('_', '-')} {flag} contradicts {previous}; {fix}")
+    summary = split_manifest(args.manifest, args.out, config, pins=pins)
     groups, samples = summary["groups"], summary["test_samples"]
     print(
         f"split: {groups['train']} train, {groups['held_in']} held-in, {groups['held_out']} held-out groups; "
@@ -117,46 +130,62 @@ def config_from_args(args: argparse.Namespace) -> SplitConfig:
 
 
 def split_manifest(
-    manifest: str | Path, out: str | Path, config: SplitConfig, *, thresholds: Thresholds | None = None
+    manifest: str | Path, out: str | Path, config: SplitConfig, *, pins: Pins | None = None
 ) -> dict[str, Any]:
-    """Split ``manifest`` into ``out``; returns the content of split.json."""
+    """Split ``manifest`` into ``out``; returns the content of split.json.
+
+    With ``pins`` (an earlier split, :func:`easyref.data.split_pins.load_pins`), every group that split knew keeps its
+    split, its test targets stay targets, and no image that trained becomes a test image.
+    """
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
+    from easyref.data import commit
     from easyref.data.parquet import sha256_file, write_json, write_parquet
+    from easyref.data.split_pins import read_manifest
 
-    table = _read_manifest(manifest)
+    table = read_manifest(manifest)
     groups = table["group"].combine_chunks().dictionary_encode()
     codes = groups.indices.to_numpy()
     sizes = np.bincount(codes, minlength=len(groups.dictionary))
     keys = hash_keys(groups.dictionary.to_pylist(), config.seed)
     eligible = sizes >= config.min_group_size
-    if thresholds is None:
-        thresholds = thresholds_for_counts(keys[eligible], config)
+    thresholds = pins.thresholds if pins else thresholds_for_counts(keys[eligible], config)
     group_split = assign_groups(keys, eligible, thresholds)
+    trained = np.zeros(len(table), dtype=bool)
+    pinned_targets = pa.array([], type=pa.string())
+    if pins is not None:
+        trained = pc.is_in(table["image_id"], value_set=pins.trained_ids).to_numpy(zero_copy_only=False)
+        group_split = pins.apply(groups.dictionary, group_split, np.bincount(codes[trained], minlength=len(sizes)))
+        pinned_targets = pins.targets
     row_split = group_split[codes]
-    _check_no_shared_images(table, np.flatnonzero(row_split != TRAIN), manifest)
 
     held_in_rows = np.flatnonzero(row_split == HELD_IN)
     held_out_rows = np.flatnonzero(row_split == HELD_OUT)
-    held_in_target = _targets(table, codes, sizes, held_in_rows, config)
-    held_out_target = _targets(table, codes, sizes, held_out_rows, config)
+    held_in_target = _targets(table, codes, sizes, held_in_rows, config, pinned_targets, trained)
+    held_out_target = _targets(table, codes, sizes, held_out_rows, config, pinned_targets, trained)
     train_mask = row_split == TRAIN
     train_mask[held_in_rows[~held_in_target]] = True
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    commit.begin(out, "split")
     write_parquet(table.filter(pa.array(train_mask)), out / "train.parquet")
+    targets = {}
     for name, rows, is_target in (
         ("held_in", held_in_rows, held_in_target),
         ("held_out", held_out_rows, held_out_target),
     ):
         roles = pa.array(np.where(is_target, "target", "reference").tolist(), type=pa.string())
-        write_parquet(table.take(pa.array(rows)).append_column("role", roles), out / f"{name}.parquet")
+        part = table.take(pa.array(rows)).append_column("role", roles)
+        write_parquet(part, out / f"{name}.parquet")
+        targets[name] = _targets_by_group(part)
 
     summary = {
         "manifest": str(manifest),
         "manifest_sha256": sha256_file(manifest),
+        "previous": pins.source if pins else None,
         "seed": config.seed,
         "min_group_size": config.min_group_size,
         "targets_per_group": config.targets_per_group,
@@ -176,8 +205,10 @@ def split_manifest(
             "held_out": len(held_out_rows),
         },
         "test_samples": {"held_in": int(held_in_target.sum()), "held_out": int(held_out_target.sum())},
+        "targets": targets,
     }
     write_json(summary, out / "split.json")
+    commit.finish(out, "split", ["train.parquet", "held_in.parquet", "held_out.parquet"])
     return summary
 
 
@@ -216,64 +247,46 @@ def assign_groups(keys: np.ndarray, eligible: np.ndarray, thresholds: Thresholds
 
 
 def _targets(
-    table: pa.Table, codes: np.ndarray, sizes: np.ndarray, rows: np.ndarray, config: SplitConfig
+    table: pa.Table,
+    codes: np.ndarray,
+    sizes: np.ndarray,
+    rows: np.ndarray,
+    config: SplitConfig,
+    pinned: pa.Array,
+    trained: np.ndarray,
 ) -> np.ndarray:
-    """Whether each of ``rows`` is a target: the images with the smallest BLAKE2b(image_id) keys of each group."""
+    """Whether each of ``rows`` is a target.
+
+    Per group: the pinned targets of an earlier split first, then the images with the smallest BLAKE2b(image_id)
+    keys, up to ``targets_per_group`` (or the pinned count, if larger), always leaving one reference. An image that
+    trained (``trained``) is never a target.
+    """
     import numpy as np
-
-    image_keys = hash_keys(table["image_id"].take(rows).to_pylist(), config.seed)
-    group_codes = codes[rows]
-    order = np.lexsort((image_keys, group_codes))
-    sorted_codes = group_codes[order]
-    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-    rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
-    limit = np.minimum(config.targets_per_group, sizes[sorted_codes] - 1)
-    is_target = np.empty(len(rows), dtype=bool)
-    is_target[order] = rank < limit
-    return is_target
-
-
-def _check_no_shared_images(table: pa.Table, test_rows: np.ndarray, manifest: str | Path) -> None:
-    """Refuse a manifest where an image of a test group also has another row (which could train)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    test_ids = table["image_id"].take(pa.array(test_rows)).combine_chunks()
-    hits = table["image_id"].filter(pc.is_in(table["image_id"], value_set=test_ids))
-    if len(hits) != len(test_rows):
-        repeated = next(c["values"] for c in pc.value_counts(hits).to_pylist() if c["counts"] > 1)
-        raise UserError(
-            f"{manifest}: image_id {repeated} has more than one row (in two groups?), so it would leak between "
-            f"splits; de-duplicate the manifest (easyref ingest does)"
-        )
+    ids = table["image_id"].take(pa.array(rows))
+    image_keys = hash_keys(ids.to_pylist(), config.seed)
+    priority = np.ones(len(rows), dtype=np.int8)
+    priority[pc.is_in(ids, value_set=pinned).to_numpy(zero_copy_only=False)] = 0
+    priority[trained[rows]] = 2
+    group_codes = codes[rows]
+    order = np.lexsort((image_keys, priority, group_codes))
+    sorted_codes = group_codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+    n_pinned = np.bincount(group_codes[priority == 0], minlength=len(sizes))
+    limit = np.minimum(np.maximum(config.targets_per_group, n_pinned[sorted_codes]), sizes[sorted_codes] - 1)
+    is_target = np.empty(len(rows), dtype=bool)
+    is_target[order] = (rank < limit) & (priority[order] < 2)
+    return is_target
 
 
-def _read_manifest(path: str | Path) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such manifest; run easyref ingest first")
-    table = pq.read_table(path)
-    missing = [c for c in ("image_id", "group") if c not in table.column_names]
-    if missing:
-        raise UserError(
-            f"{path}: missing column(s) {', '.join(missing)}; expected a manifest written by easyref ingest"
-        )
-    if table.num_rows == 0:
-        raise UserError(f"{path}: the manifest has no rows")
-    return table
-
-
-def _previous(path: Path, config: SplitConfig) -> tuple[SplitConfig, Thresholds]:
-    """The seed, eligibility rule and thresholds of an earlier split.json."""
-    import dataclasses
-
-    try:
-        previous = json.loads(path.read_text())
-        thresholds = Thresholds(
-            held_out=int(previous["thresholds"]["held_out"], 16), held_in=int(previous["thresholds"]["held_in"], 16)
-        )
-        pinned = {k: int(previous[k]) for k in ("seed", "min_group_size", "targets_per_group")}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path}: not a split.json written by easyref split ({exc})") from exc
-    return dataclasses.replace(config, **pinned), thresholds
+def _targets_by_group(part: pa.Table) -> dict[str, list[str]]:
+    """The target image ids of each group of a held-in / held-out table (pinned by later splits)."""
+    result: dict[str, list[str]] = {}
+    for group, image_id, role in zip(*(part[c].to_pylist() for c in ("group", "image_id", "role")), strict=True):
+        targets = result.setdefault(group, [])
+        if role == "target":
+            targets.append(image_id)
+    return {group: sorted(ids) for group, ids in sorted(result.items())}
