@@ -84,7 +84,8 @@ def test_every_rejection_reason_with_real_files(tmp_path: Path) -> None:
     ).to_csv(table_dir / "table.csv", index=False)
 
     out = tmp_path / "out"
-    result = ingest([str(root), str(table_dir / "table.csv")], out, FAST)
+    # absolute and file:// paths outside the table's folder need an allowed root (tests/test_ingest_local_files.py)
+    result = ingest([str(root), str(table_dir / "table.csv")], out, replace(FAST, allow_roots=(str(absolute.parent),)))
     manifest, rejected = read(out)
 
     by_uri = reasons(rejected)
@@ -247,7 +248,8 @@ def test_http_source_with_retries_and_failures(tmp_path: Path) -> None:
         uris = [f"{base}/1.png", f"{base}/flaky.png", f"{base}/missing.png", "http://127.0.0.1:9/refused.png"]
         table = tmp_path / "web.parquet"
         pd.DataFrame({"image": uris, "caption": "c", "group": ["a", "b", "a", "a"]}).to_parquet(table)
-        ingest([str(table)], tmp_path / "out", FAST)
+        local = replace(FAST, fetch=replace(FAST.fetch, allow_private_networks=True))  # the server is on loopback
+        ingest([str(table)], tmp_path / "out", local)
     finally:
         server.shutdown()
         thread.join()

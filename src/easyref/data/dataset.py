@@ -15,6 +15,9 @@ bucket (sides multiples of 64, area about ``resolution**2``); batch stage 3 with
 :class:`easyref.data.batching.GroupBatchSampler` over :attr:`GroupDataset.bucket_ids` so that a batch shares one
 size. References stay PIL images (the model's processor resizes them).
 
+A split table is checked against its folder's commit marker (``easyref.data.commit``) before it is read, and the
+image root must not be an ingest folder whose run is unfinished.
+
 Randomness is a function of (seed, epoch, index) only, so samples do not depend on the worker or rank that loads
 them; call :meth:`GroupDataset.set_epoch` before each epoch (with ``persistent_workers=False``).
 """
@@ -97,6 +100,11 @@ class GroupDataset(Dataset):
     def __init__(self, table: str | Path | pd.DataFrame, image_root: str | Path, config: DatasetConfig) -> None:
         import pandas as pd
 
+        if isinstance(table, str | Path):
+            from easyref.data import commit
+
+            commit.check(table)  # not a table of an interrupted split, nor one mixed in from another run
+            commit.check_complete(image_root)  # not an ingest folder being written or left half-written
         frame = pd.read_parquet(table, columns=list(COLUMNS)) if isinstance(table, str | Path) else table
         missing = [c for c in COLUMNS if c not in frame.columns]
         if missing:

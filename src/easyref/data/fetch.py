@@ -1,22 +1,23 @@
-"""Fetching an image's bytes from a local file, S3 (boto3) or HTTP(S) (requests), with timeouts and bounded retries.
+"""Fetching an image's bytes from a local file, S3 (boto3) or HTTP(S), with timeouts and bounded retries.
 
-Failures raise :class:`~easyref.data.reasons.Rejection`; clients are created once per worker process.
+Local files must be regular files (a FIFO, device or socket is refused without being opened for a blocking read).
+HTTP(S) goes through :mod:`easyref.data.fetch_http`, which refuses private and metadata addresses (SSRF) and
+enforces a per-object deadline. Failures raise :class:`~easyref.data.reasons.Rejection`; clients are created once
+per worker process.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import stat
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from typing import Any
 
 from easyref.data.reasons import Reason, Rejection
 from easyref.data.sources import Location
-
-if TYPE_CHECKING:
-    import requests
-
-RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +34,29 @@ class FetchConfig:
     """Exponential backoff factor in seconds between retries."""
     max_bytes: int = 64 * 2**20
     """Larger files are rejected as ``too_large`` without being read whole."""
+    deadline: float = 60.0
+    """Seconds for a whole remote object, all redirects and retries included."""
+    max_redirects: int = 5
+    """HTTP redirects followed per object; each target is checked like the first URL."""
+    allow_hosts: tuple[str, ...] = ()
+    """Host names fetched even when they resolve to private or loopback addresses (an in-cluster MinIO, ...)."""
+    allow_private_networks: bool = False
+    """Fetch from private, loopback and link-local addresses (never the cloud metadata address otherwise)."""
+
+    def __post_init__(self) -> None:
+        for name in ("timeout", "deadline"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.retries < 0 or self.max_redirects < 0:
+            raise ValueError(
+                f"retries and max_redirects must not be negative, got {self.retries}, {self.max_redirects}"
+            )
+        if self.backoff < 0 or not math.isfinite(self.backoff):
+            raise ValueError(f"backoff must be a non-negative number of seconds, got {self.backoff!r}")
+        if self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
+        object.__setattr__(self, "allow_hosts", tuple(self.allow_hosts))
 
 
 def fetch(location: Location, config: FetchConfig) -> bytes:
@@ -41,33 +65,56 @@ def fetch(location: Location, config: FetchConfig) -> bytes:
         return _read_file(location.target, config.max_bytes)
     if location.scheme == "s3":
         return _read_s3(location.target, config)
-    return _read_http(location.target, config)
+    from easyref.data.fetch_http import http_get
+
+    return http_get(location.target, config)
 
 
 def _read_file(path: str, max_bytes: int) -> bytes:
+    """A regular file's bytes; opened non-blocking, so that a FIFO or device cannot hang the read."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
         raise Rejection(Reason.MISSING_FILE, f"no such file: {path}") from None
     except OSError as exc:
         raise Rejection(Reason.UNREADABLE, f"cannot read {path}: {exc.strerror or exc}") from None
-    return _check_size(data, max_bytes)
+    with open(fd, "rb", closefd=True) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Rejection(Reason.UNREADABLE, f"{path} is not a regular file (a FIFO, device or socket)")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise Rejection(Reason.UNREADABLE, f"cannot read {path}: {exc.strerror or exc}") from None
+    return check_size(data, max_bytes)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """(bucket, key) of ``s3://BUCKET/KEY``; the key is taken verbatim (``#`` and ``?`` are part of it)."""
+    rest = uri[len("s3://") :] if uri.lower().startswith("s3://") else ""
+    bucket, _, key = rest.partition("/")
+    return bucket, key
 
 
 def _read_s3(uri: str, config: FetchConfig) -> bytes:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    parsed = urlparse(uri)
-    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    bucket, key = split_s3_uri(uri)
     if not bucket or not key:
         raise Rejection(Reason.FETCH_FAILED, f"{uri}: expected s3://BUCKET/KEY")
     client = _s3_client(config.s3_endpoint, config.timeout, config.retries)
+    deadline = time.monotonic() + config.deadline
     try:
         response = client.get_object(Bucket=bucket, Key=key)
         if response["ContentLength"] > config.max_bytes:
             raise Rejection(Reason.TOO_LARGE, f"{response['ContentLength']} bytes, more than {config.max_bytes}")
-        return _check_size(response["Body"].read(config.max_bytes + 1), config.max_bytes)
+        data = bytearray()
+        for chunk in response["Body"].iter_chunks(1 << 16):
+            data += chunk
+            if len(data) > config.max_bytes:
+                break
+            if time.monotonic() > deadline:
+                raise Rejection(Reason.FETCH_FAILED, f"not fetched within the deadline of {config.deadline} s")
+        return check_size(bytes(data), config.max_bytes)
     except ClientError as exc:
         error = exc.response.get("Error", {})
         raise Rejection(
@@ -77,27 +124,7 @@ def _read_s3(uri: str, config: FetchConfig) -> bytes:
         raise Rejection(Reason.FETCH_FAILED, f"S3 request failed: {exc}") from None
 
 
-def _read_http(url: str, config: FetchConfig) -> bytes:
-    import requests
-
-    session = _http_session(config.retries, config.backoff)
-    try:
-        with session.get(url, timeout=config.timeout, stream=True) as response:
-            if response.status_code != 200:
-                raise Rejection(Reason.FETCH_FAILED, f"HTTP {response.status_code} {response.reason}")
-            data = bytearray()
-            for chunk in response.iter_content(chunk_size=1 << 16):
-                data += chunk
-                if len(data) > config.max_bytes:
-                    break
-            return _check_size(bytes(data), config.max_bytes)
-    except requests.RequestException as exc:
-        raise Rejection(
-            Reason.FETCH_FAILED, f"HTTP request failed (with up to {config.retries} retries): {exc}"
-        ) from None
-
-
-def _check_size(data: bytes, max_bytes: int) -> bytes:
+def check_size(data: bytes, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise Rejection(Reason.TOO_LARGE, f"more than {max_bytes} bytes")
     return data
@@ -112,23 +139,3 @@ def _s3_client(endpoint: str | None, timeout: float, retries: int) -> Any:
         connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": retries + 1, "mode": "standard"}
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
-
-
-@functools.cache
-def _http_session(retries: int, backoff: float) -> requests.Session:
-    import requests
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
-
-    retry = Retry(
-        total=retries,
-        backoff_factor=backoff,
-        status_forcelist=RETRY_STATUSES,
-        allowed_methods=frozenset({"GET"}),
-        raise_on_status=False,
-    )
-    session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session

@@ -34,6 +34,16 @@ class ImageConfig:
     quality: int = 95
     """JPEG quality (4:4:4 chroma, no subsampling)."""
 
+    def __post_init__(self) -> None:
+        for name in ("min_side", "max_side", "max_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
+        if self.max_side < self.min_side:
+            raise ValueError(f"max_side ({self.max_side}) must be at least min_side ({self.min_side})")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class NormalizedImage:
@@ -44,6 +54,8 @@ class NormalizedImage:
     height: int
     phash: str
     """64-bit perceptual hash (DCT) of the normalised image, 16 hex digits."""
+    colour: str
+    """The image's colour signature (:func:`colour_signature`)."""
 
 
 def normalize(data: bytes, config: ImageConfig) -> NormalizedImage:
@@ -61,24 +73,25 @@ def normalize(data: bytes, config: ImageConfig) -> NormalizedImage:
         width=image.width,
         height=image.height,
         phash=perceptual_hash(image),
+        colour=colour_signature(image),
     )
 
 
 def perceptual_hash(image: Image.Image) -> str:
-    """The DCT perceptual hash (pHash, as in ``imagehash.phash``): 64 bits as 16 hex digits.
+    """The DCT perceptual hash of ``imagehash.phash``: 64 bits as 16 hex digits. It sees grey levels only."""
+    import imagehash
 
-    The image is reduced to 32x32 grey levels; each bit says whether one of the 8x8 lowest-frequency DCT-II
-    coefficients is above their median. Computed with numpy (two small matrix products), without scipy.
-    """
-    import numpy as np
+    return str(imagehash.phash(image))
+
+
+COLOUR_GRID = 4
+
+
+def colour_signature(image: Image.Image) -> str:
+    """The mean colour of each cell of a 4x4 grid (48 bytes as hex): what pHash, being colour-blind, misses."""
     from PIL import Image
 
-    n, k = 32, 8
-    pixels = np.asarray(image.convert("L").resize((n, n), Image.Resampling.LANCZOS), dtype=np.float64)
-    basis = np.cos(np.pi * np.arange(k)[:, None] * (2 * np.arange(n)[None, :] + 1) / (2 * n))
-    low = basis @ pixels @ basis.T  # low[u, v]: vertical frequency u, horizontal frequency v
-    bits = (low > np.median(low)).ravel()
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+    return image.convert("RGB").resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX).tobytes().hex()
 
 
 def _decode(data: bytes, config: ImageConfig) -> Image.Image:
@@ -108,6 +121,12 @@ def _decode(data: bytes, config: ImageConfig) -> Image.Image:
     if max(image.size) > config.max_side:
         scale = config.max_side / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        if min(size) < config.min_side:
+            raise Rejection(
+                Reason.TOO_SMALL,
+                f"{width}x{height} pixels: scaled to max_side {config.max_side}, the shorter side would be "
+                f"{min(size)}, under min_side {config.min_side} (aspect ratio {max(size) / min(size):.0f}:1)",
+            )
         image = image.resize(size, Image.Resampling.LANCZOS)
     return image
 

@@ -4,12 +4,17 @@ Sources: a folder ``ROOT/<group>/<image>`` with captions in ``ROOT/captions.json
 sidecars, or a table with ``image``, ``caption`` and ``group`` columns (other columns are kept as metadata).
 Images may be paths, file://, s3:// (endpoint: --s3-endpoint or AWS_ENDPOINT_URL) or http(s):// URIs.
 
+One run at a time per OUT: the folder is locked (``easyref.locking.output_lock``) for the whole run, and a second
+``easyref ingest`` into it is refused with the holder's name.
+
 Writes to OUT:
   images/<id[:2]>/<id>.jpg   normalised images (RGB, EXIF orientation applied, longest side capped), named by the
                              SHA-256 of their bytes
   manifest.parquet           one row per accepted image
   rejected.parquet           one row per rejected input row, with a reason code and a message
   stats.json, group_sizes.png
+  commit.json                the SHA-256 of the four files above: they are one unit (``easyref.data.commit``), and
+                             readers refuse a folder whose run was interrupted or whose files come from two runs
   .cache/ingest.parquet      per-image results, so that a re-run only processes new or changed images
 
 Every input row lands in exactly one of manifest.parquet and rejected.parquet. Re-running on the same sources
@@ -23,11 +28,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from easyref.data.fetch import FetchConfig
 from easyref.data.images import SUFFIXES, ImageConfig
@@ -41,6 +47,8 @@ if TYPE_CHECKING:
 HELP = "ingest folder trees and tables of images into manifest.parquet / rejected.parquet"
 
 CACHE_FILE = ".cache/ingest.parquet"
+OUTPUT_FILES = ("manifest.parquet", "rejected.parquet", "stats.json", "group_sizes.png")
+HASH_VERSION = 2  # bump when the per-image outcome changes meaning (2: colour signature, imagehash's pHash)
 MANIFEST_COLUMNS = (
     "image_id", "path", "group", "caption", "width", "height", "source", "row", "uri", "phash", "metadata",
 )  # fmt: skip
@@ -55,9 +63,16 @@ class IngestConfig:
     workers: int = 2
     """Worker processes that fetch, check and normalise images (1 runs in the calling process)."""
     near_duplicate_distance: int = 2
-    """Images of one group whose perceptual hashes differ in at most this many bits (of 64) are near duplicates."""
+    """Images of one group whose perceptual hashes differ in at most this many bits (of 64) are near duplicates..."""
+    near_duplicate_colour_distance: int = 24
+    """...if their colour signatures (4x4 grid of mean colours) also differ by at most this much (0-255)."""
     max_caption_chars: int = 1000
     """Longer captions are rejected."""
+    group_collision: Literal["merge", "prefix", "error"] = "prefix"
+    """A group name found in two sources: one group (merge), one group per source named SOURCE/GROUP (prefix), or
+    an error."""
+    allow_roots: tuple[str, ...] = ()
+    """Folders that local paths in tables (absolute, file://) may point into, besides the table's own folder."""
     image: ImageConfig = field(default_factory=ImageConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
@@ -66,6 +81,15 @@ class IngestConfig:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if not 0 <= self.near_duplicate_distance <= 64:
             raise ValueError(f"near_duplicate_distance must be in 0..64, got {self.near_duplicate_distance}")
+        if not 0 <= self.near_duplicate_colour_distance <= 255:
+            raise ValueError(
+                f"near_duplicate_colour_distance must be in 0..255, got {self.near_duplicate_colour_distance}"
+            )
+        if self.max_caption_chars < 1:
+            raise ValueError(f"max_caption_chars must be positive, got {self.max_caption_chars}")
+        if self.group_collision not in ("merge", "prefix", "error"):
+            raise ValueError(f"group_collision must be merge, prefix or error, got {self.group_collision!r}")
+        self.allow_roots = tuple(self.allow_roots)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +101,7 @@ class Outcome:
     width: int = 0
     height: int = 0
     phash: str = ""
+    colour: str = ""
     reason: str | None = None
     message: str = ""
 
@@ -102,6 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, help="reject larger images without decoding (default 40M)")
     parser.add_argument("--format", choices=sorted(SUFFIXES), help="stored image format (default jpeg)")
     parser.add_argument("--near-duplicate-distance", type=int, help="perceptual-hash bits (default 2)")
+    parser.add_argument(
+        "--group-collision", choices=("merge", "prefix", "error"), help="a group name in two sources (default prefix)"
+    )
+    parser.add_argument(
+        "--allow-root",
+        action="append",
+        type=Path,
+        help="a folder that absolute or file:// paths in tables may point into (repeatable; default: the table's own)",
+    )
     parser.add_argument("--s3-endpoint", help="S3 API endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     parser.add_argument("--timeout", type=float, help="seconds per remote connection/read (default 10)")
     parser.add_argument("--retries", type=int, help="retries per remote image (default 3)")
@@ -124,31 +158,52 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
     from easyref.config import load_section
 
     config = load_section(IngestConfig, args.params, "ingest")
-    image = _override(config.image, min_side=args.min_side, max_side=args.max_side, max_pixels=args.max_pixels)
-    image = _override(image, format=args.format)
-    fetch = _override(config.fetch, s3_endpoint=args.s3_endpoint, timeout=args.timeout, retries=args.retries)
+    roots = None if not args.allow_root else (*config.allow_roots, *map(str, args.allow_root))
     try:
+        image = _override(config.image, min_side=args.min_side, max_side=args.max_side, max_pixels=args.max_pixels)
+        image = _override(image, format=args.format)
+        fetch = _override(config.fetch, s3_endpoint=args.s3_endpoint, timeout=args.timeout, retries=args.retries)
         return _override(
-            config, workers=args.workers, near_duplicate_distance=args.near_duplicate_distance, image=image, fetch=fetch
+            config,
+            workers=args.workers,
+            near_duplicate_distance=args.near_duplicate_distance,
+            group_collision=args.group_collision,
+            allow_roots=roots,
+            image=image,
+            fetch=fetch,
         )
     except ValueError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(f"ingest: {exc}") from exc
 
 
 def ingest(sources: list[str], out: str | Path, config: IngestConfig, *, progress: bool = True) -> IngestResult:
-    """Ingest ``sources`` into ``out``; see the module docstring for the outputs."""
-    from easyref.data.sources import read_source
+    """Ingest ``sources`` into ``out`` (locked for the whole run); see the module docstring for the outputs."""
+    from easyref.locking import FolderLocked, output_lock
 
     if len(set(sources)) != len(sources):
         raise UserError(f"a source is named twice: {' '.join(sources)}")
-    out = Path(out)
+    try:
+        with output_lock(out, "ingest"):
+            return _ingest_locked(sources, Path(out), config, progress)
+    except FolderLocked as exc:
+        raise UserError(str(exc)) from None
+
+
+def _ingest_locked(sources: list[str], out: Path, config: IngestConfig, progress: bool) -> IngestResult:
+    from easyref.data import commit
+    from easyref.data.groups import reject_duplicates, resolve_collisions
+    from easyref.data.sources import read_source
+
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = sorted(
-        (row for source in sources for row in read_source(source, max_caption_chars=config.max_caption_chars)),
-        key=lambda r: r.sort_key,
-    )
+    rows = [
+        row
+        for source in sources
+        for row in read_source(source, max_caption_chars=config.max_caption_chars, allow_roots=config.allow_roots)
+    ]
     if not rows:
         raise UserError(f"no input rows in {' '.join(sources)}: the folders are empty or the tables have no rows")
+    rows, collisions = resolve_collisions(rows, sources, config.group_collision)
+    rows.sort(key=lambda r: r.sort_key)
 
     config_hash = _config_hash(config)
     cache = _load_cache(out, config_hash)
@@ -159,11 +214,13 @@ def ingest(sources: list[str], out: str | Path, config: IngestConfig, *, progres
         _rejected_outcome(row.problem) if row.problem else (fresh.get(key) or cache[key])
         for key, row in zip(keys, rows, strict=True)
     ]
-    outcomes = _reject_duplicates(rows, outcomes, config.near_duplicate_distance)
+    outcomes = reject_duplicates(rows, outcomes, config.near_duplicate_distance, config.near_duplicate_colour_distance)
     manifest, rejected = _tables(rows, outcomes)
-    _write_outputs(out, manifest, rejected)
+    commit.begin(out, "ingest")
+    _write_outputs(out, manifest, rejected, _row_notes(rows, collisions))
     _save_cache(out, {**cache, **fresh}, set(keys))
     _remove_orphans(out, {o.path for o in outcomes if o.path})
+    commit.finish(out, "ingest", list(OUTPUT_FILES))
 
     reasons = dict(sorted(Counter(rejected["reason"].to_pylist()).items()))
     if manifest.num_rows == 0:
@@ -194,10 +251,17 @@ def process_image(location: Location, out: Path, config: IngestConfig) -> Outcom
     target = out / rel
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         tmp.write_bytes(image.data)
         os.replace(tmp, target)
-    return Outcome(image_id=image.image_id, path=rel, width=image.width, height=image.height, phash=image.phash)
+    return Outcome(
+        image_id=image.image_id,
+        path=rel,
+        width=image.width,
+        height=image.height,
+        phash=image.phash,
+        colour=image.colour,
+    )
 
 
 def _process_one(task: tuple[Location, Path, IngestConfig]) -> Outcome:
@@ -234,42 +298,6 @@ def _rejected_outcome(problem: Rejection) -> Outcome:
     return Outcome(reason=str(problem.reason), message=problem.message)
 
 
-def _reject_duplicates(rows: list[InputRow], outcomes: list[Outcome], max_distance: int) -> list[Outcome]:
-    """Reject exact duplicates (anywhere) and near duplicates (within a group); the first row in order is kept."""
-    import numpy as np
-
-    outcomes = list(outcomes)
-    first: dict[str, int] = {}
-    by_group: dict[str, list[int]] = {}
-    for i, outcome in enumerate(outcomes):
-        if outcome.image_id is None:
-            continue
-        if outcome.image_id in first:
-            outcomes[i] = _duplicate(outcome, Reason.DUPLICATE, "the same image as", rows[first[outcome.image_id]])
-            continue
-        first[outcome.image_id] = i
-        by_group.setdefault(rows[i].group, []).append(i)
-    for members in by_group.values():
-        hashes = np.array([int(outcomes[i].phash, 16) for i in members], dtype=np.uint64)
-        dropped = np.zeros(len(members), dtype=bool)
-        for a in range(len(members)):
-            if dropped[a]:
-                continue
-            close = np.bitwise_count(hashes[a + 1 :] ^ hashes[a]) <= max_distance
-            for b in np.flatnonzero(close & ~dropped[a + 1 :]) + a + 1:
-                dropped[b] = True
-                kept = rows[members[a]]
-                outcomes[members[b]] = _duplicate(
-                    outcomes[members[b]], Reason.NEAR_DUPLICATE, "nearly the same image as", kept
-                )
-    return outcomes
-
-
-def _duplicate(outcome: Outcome, reason: Reason, what: str, kept: InputRow) -> Outcome:
-    where = kept.uri if kept.row is None else f"row {kept.row} ({kept.uri})"
-    return dataclasses.replace(outcome, reason=str(reason), message=f"{what} {kept.source}: {where}, which is kept")
-
-
 def _tables(rows: list[InputRow], outcomes: list[Outcome]) -> tuple[pa.Table, pa.Table]:
     """The manifest (sorted by group, image id) and the rejected rows (in input order)."""
     accepted, rejected = [], []
@@ -293,13 +321,23 @@ def _tables(rows: list[InputRow], outcomes: list[Outcome]) -> tuple[pa.Table, pa
     return _arrow(accepted, MANIFEST_COLUMNS), _arrow(rejected, REJECTED_COLUMNS)
 
 
-def _write_outputs(out: Path, manifest: pa.Table, rejected: pa.Table) -> None:
+def _row_notes(rows: list[InputRow], collisions: dict[str, Any]) -> dict[str, Any]:
+    """What stats.json records about how rows were changed: cleaned captions/groups and group-name collisions."""
+    cleaned: dict[str, Any] = {}
+    for field_name in ("caption", "group"):
+        hits = [row for row in rows if field_name in row.cleaned]
+        examples = [row.uri if row.row is None else f"{row.source} row {row.row}" for row in hits[:20]]
+        cleaned[field_name] = {"rows": len(hits), "examples": examples}
+    return {"control_characters_stripped": cleaned, "group_collision": collisions}
+
+
+def _write_outputs(out: Path, manifest: pa.Table, rejected: pa.Table, notes: dict[str, Any]) -> None:
     from easyref.data.parquet import write_json, write_parquet
     from easyref.data.stats import draw_histogram, group_size_bins, ingest_stats
 
     write_parquet(manifest, out / "manifest.parquet")
     write_parquet(rejected, out / "rejected.parquet")
-    stats = ingest_stats(manifest.to_pandas(), rejected.to_pandas())
+    stats = {**ingest_stats(manifest.to_pandas(), rejected.to_pandas()), **notes}
     write_json(stats, out / "stats.json")
     sizes = manifest.to_pandas().groupby("group").size().tolist()
     title = f"images per group: {stats['groups']} groups, {stats['accepted']} images"
@@ -316,7 +354,11 @@ def _arrow(records: list[dict[str, Any]], columns: tuple[str, ...]) -> pa.Table:
 
 def _config_hash(config: IngestConfig) -> str:
     """Changes when a setting that affects per-image outcomes changes (and so invalidates the cache)."""
-    relevant = {"image": dataclasses.asdict(config.image), "max_bytes": config.fetch.max_bytes}
+    relevant = {
+        "image": dataclasses.asdict(config.image),
+        "max_bytes": config.fetch.max_bytes,
+        "version": HASH_VERSION,
+    }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -355,7 +397,8 @@ def _save_cache(out: Path, outcomes: dict[str, Outcome], keys: set[str | None]) 
 
 
 def _remove_orphans(out: Path, keep: set[str]) -> None:
-    """Delete stored images no current row refers to (left over from sources no longer ingested)."""
+    """Delete stored images no current row refers to (left over from sources no longer ingested, or temp files of a
+    killed run). Only called under the folder's lock, so no other run's files are in flight."""
     for path in (out / "images").glob("*/*"):
         if path.relative_to(out).as_posix() not in keep:
             path.unlink()

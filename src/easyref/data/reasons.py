@@ -26,6 +26,10 @@ class Reason(StrEnum):
     """Within ``near_duplicate_distance`` bits of perceptual hash of an accepted image of the same group."""
     PATH_ESCAPE = "path_escape"
     """A symlink or ``../`` path that leads out of the folder the source lives in."""
+    BLOCKED_ADDRESS = "blocked_address"
+    """An http(s) URL (or a redirect) to a private, loopback, link-local or metadata address (SSRF guard)."""
+    BAD_NAME = "bad_name"
+    """A file or folder name that is not UTF-8 (the message shows its bytes escaped)."""
     FETCH_FAILED = "fetch_failed"
     """A remote image (``s3://``, ``http(s)://``) could not be fetched after the retries, or an unknown scheme."""
 

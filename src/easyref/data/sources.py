@@ -9,8 +9,12 @@ A *table source* is a ``.parquet``, ``.jsonl`` or ``.csv`` file with at least th
 and ``group``; other columns are kept as JSON metadata. ``image`` is a path relative to the table's folder, an
 absolute path, a ``file://``, ``s3://`` or ``http(s)://`` URI.
 
-Relative paths (and symlinks in folder trees) must stay inside the source's folder. Problems found here (no
-caption, path escapes, missing file) are recorded on the row, so that every row is accounted for.
+Local paths (relative, absolute, ``file://``, and symlinks in folder trees) must resolve inside the source's folder
+or one of the ``allow_roots`` (``--allow-root``), and must be regular files: FIFOs, devices and sockets are rejected
+from their ``stat`` alone, never opened. File and folder names that are not UTF-8 are rejected rows (their bytes
+escaped). Control characters (NUL, ANSI escape sequences, bidirectional overrides) are stripped from captions and
+group names, and the row records that it was cleaned. Problems found here (no caption, path escapes, missing file)
+are recorded on the row, so that every row is accounted for.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -59,6 +65,8 @@ class InputRow:
     location: Location | None
     """``None`` when ``problem`` is set."""
     problem: Rejection | None = None
+    cleaned: tuple[str, ...] = ()
+    """The fields (``caption``, ``group``) that had control characters stripped."""
 
     @property
     def sort_key(self) -> tuple[str, int, str]:
@@ -66,22 +74,23 @@ class InputRow:
         return (self.source, -1 if self.row is None else self.row, self.uri)
 
 
-def read_source(source: str, *, max_caption_chars: int) -> list[InputRow]:
+def read_source(source: str, *, max_caption_chars: int, allow_roots: tuple[str, ...] = ()) -> list[InputRow]:
     """All input rows of one source (a folder or a table file)."""
     path = Path(source)
+    roots = tuple(Path(root).resolve() for root in allow_roots)
     if path.is_dir():
-        return read_folder(source, max_caption_chars=max_caption_chars)
+        return read_folder(source, max_caption_chars=max_caption_chars, allow_roots=roots)
     if path.is_file() and path.suffix in TABLE_SUFFIXES:
-        return read_table(source, max_caption_chars=max_caption_chars)
+        return read_table(source, max_caption_chars=max_caption_chars, allow_roots=roots)
     if path.is_file():
         raise UserError(f"{source}: unsupported source; use a folder or a {', '.join(TABLE_SUFFIXES)} table")
     raise UserError(f"{source}: no such file or folder")
 
 
-def read_folder(source: str, *, max_caption_chars: int) -> list[InputRow]:
+def read_folder(source: str, *, max_caption_chars: int, allow_roots: tuple[Path, ...] = ()) -> list[InputRow]:
     """The rows of a folder tree ``ROOT/<group>/<image>``."""
     root = Path(source)
-    real_root = root.resolve()
+    real_roots = (root.resolve(), *allow_roots)
     captions = _read_captions_jsonl(root / CAPTIONS_FILE)
     rows = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -90,7 +99,7 @@ def read_folder(source: str, *, max_caption_chars: int) -> list[InputRow]:
         for name in list(dirnames):
             if (here / name).is_symlink():  # os.walk does not follow it; an escaping link is still a row
                 dirnames.remove(name)
-                if not _inside(real_root, (here / name).resolve()):
+                if not _inside(real_roots, (here / name).resolve()):
                     rel = (here / name).relative_to(root).as_posix()
                     rows.append(_folder_row(source, rel, "", None, _escape(rel)))
         for name in sorted(filenames):
@@ -99,14 +108,22 @@ def read_folder(source: str, *, max_caption_chars: int) -> list[InputRow]:
             file = here / name
             rel = file.relative_to(root).as_posix()
             try:
-                caption = _folder_caption(file, captions.get(rel), max_caption_chars)
-                rows.append(_folder_row(source, rel, caption, _local(file, real_root, rel), None))
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                escaped = os.fsencode(rel).decode("utf-8", "backslashreplace")
+                problem = Rejection(Reason.BAD_NAME, f"the name {escaped} is not UTF-8; rename it")
+                rows.append(_folder_row(source, escaped, "", None, problem))
+                continue
+            try:
+                caption, cleaned = strip_controls(_folder_caption(file, captions.get(rel), max_caption_chars))
+                location = _local(file, real_roots, rel)
+                rows.append(_folder_row(source, rel, caption, location, None, ("caption",) if cleaned else ()))
             except Rejection as problem:
                 rows.append(_folder_row(source, rel, "", None, problem))
     return rows
 
 
-def read_table(source: str, *, max_caption_chars: int) -> list[InputRow]:
+def read_table(source: str, *, max_caption_chars: int, allow_roots: tuple[Path, ...] = ()) -> list[InputRow]:
     """The rows of a parquet / jsonl / csv table with ``image``, ``caption`` and ``group`` columns."""
     import pandas as pd
 
@@ -127,16 +144,18 @@ def read_table(source: str, *, max_caption_chars: int) -> list[InputRow]:
             f"(found: {', '.join(map(str, frame.columns)) or 'none'})"
         )
     extra = sorted(str(c) for c in frame.columns if c not in REQUIRED_COLUMNS)
-    real_base = path.parent.resolve()
+    real_roots = (path.parent.resolve(), *allow_roots)
     rows = []
     for index, record in enumerate(frame.to_dict("records")):
         image = record["image"]
         uri = image if isinstance(image, str) else ""
         metadata = json.dumps({c: _plain(record[c]) for c in extra}, sort_keys=True, ensure_ascii=False)
+        cleaned: tuple[str, ...] = ()
         try:
-            group = clean_group(record["group"])
-            caption = clean_caption(record["caption"], max_caption_chars)
-            location = resolve_uri(uri, path.parent, real_base)
+            group, group_cleaned = strip_controls(clean_group(record["group"]), Reason.BAD_GROUP)
+            caption, caption_cleaned = strip_controls(clean_caption(record["caption"], max_caption_chars))
+            cleaned = tuple(name for name, hit in (("caption", caption_cleaned), ("group", group_cleaned)) if hit)
+            location = resolve_uri(uri, path.parent, real_roots)
             problem = None
         except Rejection as exc:
             group, caption, location, problem = _text(record["group"]), _text(record["caption"]), None, exc
@@ -150,13 +169,15 @@ def read_table(source: str, *, max_caption_chars: int) -> list[InputRow]:
                 metadata=metadata,
                 location=location,
                 problem=problem,
+                cleaned=cleaned,
             )
         )
     return rows
 
 
-def resolve_uri(uri: str, base: Path, real_base: Path) -> Location:
-    """The location of a table's ``image`` value; relative paths resolve against (and must stay in) ``base``."""
+def resolve_uri(uri: str, base: Path, real_roots: tuple[Path, ...]) -> Location:
+    """The location of a table's ``image`` value; relative paths resolve against ``base``, and every local path
+    must stay inside one of ``real_roots`` (the table's folder and the allowed roots)."""
     if not uri.strip():
         raise Rejection(Reason.MISSING_FILE, "the image value is empty")
     parsed = urlparse(uri)
@@ -166,15 +187,13 @@ def resolve_uri(uri: str, base: Path, real_base: Path) -> Location:
     if scheme in ("http", "https"):
         return Location(scheme="http", target=uri, fingerprint=uri)
     if scheme == "file":
-        return _local(Path(unquote(parsed.path)), None, uri)
+        return _local(Path(unquote(parsed.path)), real_roots, uri)
     if scheme and len(scheme) > 1:  # one letter is a Windows drive
         raise Rejection(
             Reason.FETCH_FAILED, f"unsupported URI scheme {scheme!r}; use a path, file://, s3:// or http(s)://"
         )
     path = Path(uri)
-    if path.is_absolute():
-        return _local(path, None, uri)
-    return _local(base / path, real_base, uri)
+    return _local(path if path.is_absolute() else base / path, real_roots, uri)
 
 
 def clean_caption(value: Any, max_chars: int) -> str:
@@ -192,7 +211,13 @@ def clean_caption(value: Any, max_chars: int) -> str:
 
 
 def clean_group(value: Any) -> str:
-    """The group key as text (numbers become their decimal form); a missing or empty group is rejected."""
+    """The group key as text (numbers become their decimal form); a missing, empty or non-scalar group is rejected."""
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        value = value.tolist()
+    if isinstance(value, bool) or not isinstance(value, str | int | float | None):
+        raise Rejection(
+            Reason.BAD_GROUP, f"the group is a {type(value).__name__} ({str(value)[:80]}), not a text or number"
+        )
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -203,8 +228,35 @@ def clean_group(value: Any) -> str:
     return group
 
 
-def _folder_row(source: str, rel: str, caption: str, location: Location | None, problem: Rejection | None) -> InputRow:
+def strip_controls(text: str, reason: Reason = Reason.BAD_CAPTION) -> tuple[str, bool]:
+    """``text`` without ANSI escape sequences, control and bidirectional-override characters, whitespace collapsed;
+    and whether anything was removed. Text of nothing but such characters is rejected with ``reason``."""
+    stripped = _CONTROLS.sub("", _ANSI.sub("", text))
+    collapsed = " ".join(stripped.split())
+    if not collapsed:
+        raise Rejection(reason, f"nothing but control characters: {text[:40].encode('unicode_escape').decode()}")
+    return collapsed, stripped != text
+
+
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def _folder_row(
+    source: str,
+    rel: str,
+    caption: str,
+    location: Location | None,
+    problem: Rejection | None,
+    cleaned: tuple[str, ...] = (),
+) -> InputRow:
     group = PurePosixPath(rel).parent.as_posix()
+    if problem is None and group != ".":
+        try:
+            group, group_cleaned = strip_controls(group, Reason.BAD_GROUP)
+            cleaned = (*cleaned, "group") if group_cleaned else cleaned
+        except Rejection as exc:
+            problem = exc
     if group == "." and problem is None:
         problem = Rejection(Reason.BAD_GROUP, "the file is directly in the source folder, not in a group folder")
     return InputRow(
@@ -216,6 +268,7 @@ def _folder_row(source: str, rel: str, caption: str, location: Location | None, 
         metadata="{}",
         location=None if problem else location,
         problem=problem,
+        cleaned=cleaned,
     )
 
 
@@ -250,24 +303,31 @@ def _read_captions_jsonl(path: Path) -> dict[str, Any]:
     return captions
 
 
-def _local(path: Path, real_base: Path | None, uri: str) -> Location:
-    """A local file's location; with ``real_base``, the resolved path (symlinks, ``..``) must stay inside it."""
-    if real_base is not None and not _inside(real_base, path.resolve()):
+def _local(path: Path, real_roots: tuple[Path, ...], uri: str) -> Location:
+    """A local regular file's location; the resolved path (symlinks, ``..``) must stay inside one of ``real_roots``.
+
+    Only ``stat`` is called: a FIFO, device or socket is rejected without being opened.
+    """
+    if not _inside(real_roots, path.resolve()):
         raise _escape(uri)
     try:
-        stat = path.stat()
+        info = path.stat()
     except OSError:
         raise Rejection(Reason.MISSING_FILE, f"no such file: {uri}") from None
-    return Location(scheme="file", target=str(path), fingerprint=f"{stat.st_size}:{stat.st_mtime_ns}")
+    if not stat.S_ISREG(info.st_mode):
+        raise Rejection(Reason.UNREADABLE, f"{uri} is not a regular file (a folder, FIFO, device or socket)")
+    return Location(scheme="file", target=str(path), fingerprint=f"{info.st_size}:{info.st_mtime_ns}")
 
 
-def _inside(real_base: Path, real_path: Path) -> bool:
-    return real_path == real_base or real_base in real_path.parents
+def _inside(real_roots: tuple[Path, ...], real_path: Path) -> bool:
+    return any(real_path == root or root in real_path.parents for root in real_roots)
 
 
 def _escape(uri: str) -> Rejection:
     return Rejection(
-        Reason.PATH_ESCAPE, f"{uri} leads out of the source folder (a symlink or ../ path); copy the file in"
+        Reason.PATH_ESCAPE,
+        f"{uri} leads out of the source's folder (an absolute, file://, ../ path or a symlink); copy the file in or "
+        f"pass --allow-root with a folder that holds it",
     )
 
 
