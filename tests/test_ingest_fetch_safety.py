@@ -24,7 +24,7 @@ from data_fixtures import noise_image, save
 
 from easyref.cli import main
 from easyref.data.fetch import FetchConfig
-from easyref.data.fetch_http import checked_address
+from easyref.data.fetch_http import checked_addresses
 from easyref.data.ingest import IngestConfig, ingest
 from easyref.data.reasons import Rejection
 
@@ -132,14 +132,14 @@ def test_a_slow_drip_stops_at_the_per_object_deadline(tmp_path: Path, server: in
 )
 def test_private_link_local_and_metadata_addresses_are_refused_before_any_connection(url: str) -> None:
     with pytest.raises(Rejection) as caught:
-        checked_address(url, FetchConfig())
+        checked_addresses(url, FetchConfig())
     assert caught.value.reason == "blocked_address"
 
 
 def test_public_addresses_pass_and_allowed_names_skip_the_check() -> None:
-    assert checked_address("http://93.184.215.14/x.png", FetchConfig()) == "93.184.215.14"
-    assert checked_address("http://localhost:1/x", FetchConfig(allow_hosts=("LOCALHOST",))) is None
-    assert checked_address("http://127.0.0.1:1/x", FetchConfig(allow_private_networks=True)) == "127.0.0.1"
+    assert checked_addresses("http://93.184.215.14/x.png", FetchConfig()) == ("93.184.215.14",)
+    assert checked_addresses("http://localhost:1/x", FetchConfig(allow_hosts=("LOCALHOST",))) == ()
+    assert checked_addresses("http://127.0.0.1:1/x", FetchConfig(allow_private_networks=True)) == ("127.0.0.1",)
 
 
 def test_table_paths_outside_the_table_folder_need_an_allowed_root(tmp_path: Path, capsys) -> None:

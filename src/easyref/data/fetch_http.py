@@ -29,8 +29,9 @@ REDIRECTS = (301, 302, 303, 307, 308)
 METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 
 
-def checked_address(url: str, config: FetchConfig) -> str | None:
-    """The address to connect to for ``url`` (``None``: resolve as usual, the host is allowed by name).
+def checked_addresses(url: str, config: FetchConfig) -> tuple[str, ...]:
+    """The addresses to connect to for ``url``, in resolver order (``()``: the host is allowed by name, resolve it
+    as usual).
 
     Raises :class:`Rejection` (``blocked_address``) for a URL ingest may not fetch.
     """
@@ -39,7 +40,7 @@ def checked_address(url: str, config: FetchConfig) -> str | None:
         raise Rejection(Reason.BLOCKED_ADDRESS, f"{url}: only http(s) URLs with a host are fetched")
     host = parts.hostname.lower()
     if host in {h.lower() for h in config.allow_hosts}:
-        return None
+        return ()
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -55,7 +56,7 @@ def checked_address(url: str, config: FetchConfig) -> str | None:
                     f"{url}: {host} resolves to {address}, a private, loopback, link-local or metadata address; "
                     f"list the host in ingest.fetch.allow_hosts or set ingest.fetch.allow_private_networks",
                 )
-    return str(addresses[0])
+    return tuple(dict.fromkeys(str(address) for address in addresses))
 
 
 def http_get(url: str, config: FetchConfig) -> bytes:
@@ -65,9 +66,9 @@ def http_get(url: str, config: FetchConfig) -> bytes:
     deadline = time.monotonic() + config.deadline
     attempts = hops = 0
     while True:
-        address = checked_address(url, config)
+        addresses = checked_addresses(url, config)
         try:
-            status, detail, data = _request(url, address, config, deadline)
+            status, detail, data = _request_any(url, addresses, config, deadline)
         except HTTPError as exc:
             status, detail, data = None, f"HTTP request failed: {exc}", b""
         if status in REDIRECTS and detail:
@@ -85,6 +86,20 @@ def http_get(url: str, config: FetchConfig) -> bytes:
             raise Rejection(Reason.FETCH_FAILED, f"{message} (after {attempts} retries)")
         attempts += 1
         time.sleep(wait)
+
+
+def _request_any(url: str, addresses: tuple[str, ...], config: FetchConfig, deadline: float) -> tuple[int, str, bytes]:
+    """:func:`_request` to each checked address in turn until one accepts the connection."""
+    from urllib3.exceptions import NewConnectionError
+
+    candidates: tuple[str | None, ...] = addresses or (None,)
+    for i, address in enumerate(candidates):
+        try:
+            return _request(url, address, config, deadline)
+        except NewConnectionError:
+            if i == len(candidates) - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _request(url: str, address: str | None, config: FetchConfig, deadline: float) -> tuple[int, str, bytes]:
