@@ -91,9 +91,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from easyref.data.split_pins import load_pins
+    from easyref.locking import FolderLocked, output_lock
 
     config = config_from_args(args)
+    try:
+        with output_lock(args.out, "split"):
+            summary = _run_locked(args, config)
+    except FolderLocked as exc:
+        raise UserError(str(exc)) from None
+    groups, samples = summary["groups"], summary["test_samples"]
+    print(
+        f"split: {groups['train']} train, {groups['held_in']} held-in, {groups['held_out']} held-out groups; "
+        f"{samples['held_in']} held-in and {samples['held_out']} held-out test samples -> {args.out}"
+    )
+    return 0
+
+
+def _run_locked(args: argparse.Namespace, config: SplitConfig) -> dict[str, Any]:
+    """Pin to the earlier split (``--previous``, else the one in ``--out`` unless ``--fresh``) and split."""
+    from easyref.data.split_pins import load_pins
+
     previous = args.previous
     if previous is None and not args.fresh and (args.out / "split.json").is_file():
         previous = args.out / "split.json"
@@ -106,13 +123,7 @@ def run(args: argparse.Namespace) -> int:
             if flag is not None and flag != getattr(config, name):
                 fix = "drop one of them" if args.previous is not None else "or pass --fresh for a new split"
                 raise UserError(f"--{name.replace('_', '-')} {flag} contradicts {previous}; {fix}")
-    summary = split_manifest(args.manifest, args.out, config, pins=pins)
-    groups, samples = summary["groups"], summary["test_samples"]
-    print(
-        f"split: {groups['train']} train, {groups['held_in']} held-in, {groups['held_out']} held-out groups; "
-        f"{samples['held_in']} held-in and {samples['held_out']} held-out test samples -> {args.out}"
-    )
-    return 0
+    return split_manifest(args.manifest, args.out, config, pins=pins)
 
 
 def config_from_args(args: argparse.Namespace) -> SplitConfig:

@@ -80,7 +80,12 @@ def load_pins(path: Path, config: SplitConfig) -> tuple[SplitConfig, Pins]:
         ) from exc
     if not train_file.is_file():
         raise UserError(f"{path}: no train.parquet beside it, so what trained is unknown; copy the whole split folder")
-    commit.check(train_file)
+    try:
+        commit.check(train_file)
+    except UserError as exc:
+        raise UserError(
+            f"{exc}; its pins cannot be trusted: pass --previous with an intact split, or --fresh"
+        ) from None
     trained = pq.read_table(train_file, columns=["group", "image_id"])
     held_in = pa.array(sorted(targets["held_in"]), type=pa.string())
     train_groups = pc.unique(trained["group"].combine_chunks().cast(pa.string()))
