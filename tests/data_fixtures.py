@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -34,3 +38,30 @@ def png_bomb(path: Path, width: int, height: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
     return path
+
+
+@contextmanager
+def moto_s3(monkeypatch: Any, bucket: str, objects: dict[str, Image.Image]) -> Iterator[str]:
+    """A real moto S3 server on loopback holding ``objects`` (PNG) in ``bucket``; yields its endpoint URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    for name, value in [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ]:
+        monkeypatch.setenv(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        endpoint = "http://{}:{}".format(*server.get_host_and_port())
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket=bucket)
+        for key, image in objects.items():
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            s3.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+        yield endpoint
+    finally:
+        server.stop()

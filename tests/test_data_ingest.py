@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from data_fixtures import noise_image, png_bomb, save
+from data_fixtures import moto_s3, noise_image, png_bomb, save
 from PIL import Image
 
 from easyref.cli import main
@@ -184,33 +184,12 @@ def test_table_without_required_columns_is_a_user_error(tmp_path: Path) -> None:
 
 
 def test_s3_source_against_a_moto_server(tmp_path: Path, monkeypatch) -> None:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    for name, value in [
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ]:
-        monkeypatch.setenv(name, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="images")
-        for i in range(2):
-            buffer = io.BytesIO()
-            noise_image(i).save(buffer, format="PNG")
-            s3.put_object(Bucket="images", Key=f"g/{i}.png", Body=buffer.getvalue())
+    with moto_s3(monkeypatch, "images", {f"g/{i}.png": noise_image(i) for i in range(2)}) as endpoint:
         table = tmp_path / "s3.jsonl"
         uris = ["s3://images/g/0.png", "s3://images/g/1.png", "s3://images/g/missing.png", "s3://nobucket/x.png"]
         pd.DataFrame({"image": uris, "caption": "c", "group": "g"}).to_json(table, orient="records", lines=True)
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # the flag-less way: boto3 reads it
         code = main(["ingest", str(table), "--out", str(tmp_path / "out"), "--workers", "1", "--retries", "0"])
-    finally:
-        server.stop()
     assert code == 0
     manifest, rejected = read(tmp_path / "out")
     assert sorted(manifest["uri"]) == uris[:2]

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-from data_fixtures import noise_image, save
+from data_fixtures import moto_s3, noise_image, save
 from PIL import Image
 
 from easyref.cli import main
@@ -123,33 +123,14 @@ def test_control_characters_in_captions_are_stripped_and_recorded(tmp_path: Path
 
 
 def test_s3_keys_with_hash_and_question_mark_fetch_the_named_object(tmp_path: Path, monkeypatch) -> None:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    for name, value in [
-        ("AWS_ACCESS_KEY_ID", "t"),
-        ("AWS_SECRET_ACCESS_KEY", "t"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ]:
-        monkeypatch.setenv(name, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        endpoint = "http://{}:{}".format(*server.get_host_and_port())
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="images")
-        # the prefixes before '#' and '?' are other objects, of other sizes: fetching them would be the old bug
-        sizes = {"g/a#1.png": (96, 96), "g/a": (200, 100), "g/b?v=2.png": (120, 80), "g/b": (150, 100)}
-        for i, (key, size) in enumerate(sizes.items()):
-            buffer = io.BytesIO()
-            noise_image(i, size).save(buffer, format="PNG")
-            s3.put_object(Bucket="images", Key=key, Body=buffer.getvalue())
+    # the prefixes before '#' and '?' are other objects, of other sizes: fetching them would be the old bug
+    sizes = {"g/a#1.png": (96, 96), "g/a": (200, 100), "g/b?v=2.png": (120, 80), "g/b": (150, 100)}
+    objects = {key: noise_image(i, size) for i, (key, size) in enumerate(sizes.items())}
+    with moto_s3(monkeypatch, "images", objects) as endpoint:
         uris = ["s3://images/g/a#1.png", "s3://images/g/b?v=2.png"]
         table = tmp_path / "s3.csv"
         pd.DataFrame({"image": uris, "caption": "c", "group": "g"}).to_csv(table, index=False)
         assert run_ingest(str(table), "--out", str(tmp_path / "out"), "--s3-endpoint", endpoint) == 0
-    finally:
-        server.stop()
     manifest = read(tmp_path / "out")[0].set_index("uri")
     assert tuple(manifest.loc[uris[0], ["width", "height"]]) == (96, 96)
     assert tuple(manifest.loc[uris[1], ["width", "height"]]) == (120, 80)
