@@ -95,11 +95,12 @@ def test_a_removed_target_is_not_replaced_by_a_trained_reference(tmp_path: Path,
 
 
 def test_the_same_image_twice_in_one_group_is_refused(tmp_path: Path, capsys) -> None:
-    manifest = write_manifest(tmp_path / "m.parquet", 100)
-    group = manifest.groupby("group").size().idxmax()
+    manifest = first_split(tmp_path, 100)
+    held_in = read_split(tmp_path / "old")[1]
+    group = held_in["group"].iloc[0]  # a test group: the old code made the copy both target and reference
     twice = manifest[manifest["group"] == group].iloc[[0]]
     write_parquet(pa.Table.from_pandas(pd.concat([manifest, twice]), preserve_index=False), tmp_path / "d.parquet")
-    code = main(["split", "--manifest", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "s"), "--seed", "3"])
+    code = main(["split", "--manifest", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "s"), *FLAGS])
     err = capsys.readouterr().err
     assert code == 2 and f"image_id {twice['image_id'].iloc[0]} has more than one row" in err
     assert f"group {group!r}" in err and not (tmp_path / "s/train.parquet").exists()

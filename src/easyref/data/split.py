@@ -154,7 +154,7 @@ def split_manifest(
 
     from easyref.data import commit
     from easyref.data.parquet import sha256_file, write_json, write_parquet
-    from easyref.data.split_pins import read_manifest
+    from easyref.data.split_pins import check_test_images_unique, read_manifest
 
     table = read_manifest(manifest)
     groups = table["group"].combine_chunks().dictionary_encode()
@@ -171,6 +171,7 @@ def split_manifest(
         group_split = pins.apply(groups.dictionary, group_split, np.bincount(codes[trained], minlength=len(sizes)))
         pinned_targets = pins.targets
     row_split = group_split[codes]
+    check_test_images_unique(table, np.flatnonzero(row_split != TRAIN), manifest)
 
     held_in_rows = np.flatnonzero(row_split == HELD_IN)
     held_out_rows = np.flatnonzero(row_split == HELD_OUT)

@@ -104,7 +104,7 @@ def load_pins(path: Path, config: SplitConfig) -> tuple[SplitConfig, Pins]:
 
 
 def read_manifest(path: str | Path) -> pa.Table:
-    """A manifest to split: a parquet file with text ``image_id`` and ``group`` columns, no nulls, no repeated image."""
+    """A manifest to split: a parquet file with text ``image_id`` and ``group`` columns without nulls."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -140,14 +140,25 @@ def read_manifest(path: str | Path) -> pa.Table:
     table = table.cast(
         pa.schema([f.with_type(pa.string()) if f.name in ("image_id", "group") else f for f in table.schema])
     )
-    counts = pc.value_counts(table["image_id"])
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(repeated):
-        image_id = repeated[0]["values"].as_py()
-        rows = pc.indices_nonzero(pc.equal(table["image_id"], image_id)).to_pylist()
-        where = ", ".join(f"row {r} (group {table['group'][r].as_py()!r})" for r in rows[:4])
-        raise UserError(
-            f"{path}: image_id {image_id} has more than one row ({len(rows)}: {where}); one image must not be both a target and a "
-            f"reference or sit in two splits. De-duplicate the manifest (easyref ingest does)"
-        )
     return table
+
+
+def check_test_images_unique(table: pa.Table, test_rows: np.ndarray, path: str | Path) -> None:
+    """Refuse a manifest where an image of a held-in / held-out group has a second row, in its own group (it would
+    be both target and reference) or in another (it could train). Only the test rows are hashed: fast on millions
+    of rows, and a repeated image among training rows cannot leak."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    test_ids = pc.unique(table["image_id"].take(pa.array(test_rows)))
+    hits = pc.is_in(table["image_id"], value_set=test_ids)
+    if pc.sum(hits).as_py() in (None, len(test_ids)):
+        return
+    counts = pc.value_counts(table["image_id"].filter(hits))
+    image_id = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+    rows = pc.indices_nonzero(pc.equal(table["image_id"], image_id)).to_pylist()
+    where = ", ".join(f"row {r} (group {table['group'][r].as_py()!r})" for r in rows[:4])
+    raise UserError(
+        f"{path}: image_id {image_id} has more than one row ({len(rows)}: {where}); one image must not be both a "
+        f"target and a reference or sit in two splits. De-duplicate the manifest (easyref ingest does)"
+    )
