@@ -7,15 +7,18 @@
 
 held_in.parquet and held_out.parquet have a ``role`` column: each ``target`` row is one test sample whose
 references are the ``reference`` rows of the same group. train.parquet holds the training groups and the held-in
-references. split.json records the counts, the seed, the thresholds and the manifest's SHA-256.
+references. split.json records the counts, the seed, the thresholds, the manifest's SHA-256 and the targets of
+every test group; commit.json (:mod:`easyref.data.commit`) the tables' SHA-256, written last. One run per --out
+(:func:`easyref.locking.output_lock`).
 
 Assignment. A group's 64-bit key is BLAKE2b(group, key=seed). Among groups with at least --min-group-size images,
 the --held-out-groups with the smallest keys are held out and the next --held-in-groups are held in; the cut-offs
-are saved in split.json as two thresholds. With --previous OLD/split.json, the old seed and thresholds are reused
-instead of counts, so that assignment is a fixed function of (seed, group): groups added since never move existing
-groups, and the new groups fall into each split in the old proportions. Even without --previous, growing the data
-only moves existing groups towards training (held-out -> held-in -> train), never out of it, so a model trained on
-an old split never sees a new test target.
+are saved in split.json as two thresholds.
+
+No trained image is ever tested. A split made after another one, named by --previous OLD/split.json or already in
+--out (unless --fresh), is pinned to it (:mod:`easyref.data.split_pins`): the old seed and thresholds place new
+groups, every old group keeps its split whatever its size, old targets stay targets, and an image of the old
+train.parquet is never a target or held out. Images repeated within the test groups are refused.
 """
 
 from __future__ import annotations
