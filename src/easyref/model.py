@@ -438,12 +438,10 @@ class EasyRef(nn.Module):
 
     def load_trained(self, checkpoint: str | Path) -> CheckpointConfig:
         """Load a checkpoint's tensors; every tensor of its parts must be present with the right shape."""
-        from safetensors.torch import load_file
-
         record = read_checkpoint_config(checkpoint)
         if "lora" in record.parts and record.model.lora_rank:
             self.add_lora(record.model.lora_rank)
-        tensors = load_file(Path(checkpoint) / CHECKPOINT_WEIGHTS)
+        tensors = load_weights(Path(checkpoint) / CHECKPOINT_WEIGHTS)
         expected = self.state_dict_of(record.parts)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -463,6 +461,35 @@ class EasyRef(nn.Module):
         return record
 
 
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    return UserError(
+        f"{path}: cannot be read as safetensors ({exc}); the file is truncated or damaged: copy it again or point "
+        "at another checkpoint"
+    )
+
+
+def check_weights(path: str | Path) -> None:
+    """Read a safetensors file's header only (cheap): a truncated or damaged file fails here, before models load."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(Path(path), exc) from exc
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a :class:`UserError` naming a truncated or damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(Path(path), exc) from exc
+
+
 def read_checkpoint_config(checkpoint: str | Path) -> CheckpointConfig:
     path = Path(checkpoint)
     cfg_file, weights = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
@@ -473,12 +500,15 @@ def read_checkpoint_config(checkpoint: str | Path) -> CheckpointConfig:
         )
     try:
         data = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{cfg_file}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{cfg_file}: expected a JSON object, got {type(data).__name__}")
     record = from_dict(CheckpointConfig, data, where=str(cfg_file))
     unknown = set(record.parts) - set(PARTS)
     if unknown:
         raise UserError(f"{cfg_file}: unknown part(s) {sorted(unknown)}")
+    check_weights(weights)
     return record
 
 

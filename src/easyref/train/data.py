@@ -188,7 +188,11 @@ def build_dataset(
 
 
 def dataset_fingerprint(path: str | Path) -> str:
-    """A short content hash of the data manifest (or the captions file of a folder), for the MLflow tag."""
+    """A short content hash of the training data, for the MLflow tag and the resume check.
+
+    A split table: its bytes (it records each image's hash). A folder of groups: ``captions.jsonl`` plus the name
+    and size of every image file, so adding, removing or replacing an image changes it.
+    """
     import hashlib
 
     path = Path(path)
@@ -199,4 +203,7 @@ def dataset_fingerprint(path: str | Path) -> str:
     with open(file, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
+    if path.is_dir():
+        for image in sorted(p for p in path.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            digest.update(f"\0{image.relative_to(path).as_posix()}\0{image.stat().st_size}".encode())
     return digest.hexdigest()[:16]
