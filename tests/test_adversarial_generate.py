@@ -30,13 +30,31 @@ def refs(tmp_path_factory) -> list[str]:
 
 
 def generate_args(tiny_models: Path, refs: list[str], out: Path, *extra: str) -> list[str]:
-    return ["generate", "--base", str(tiny_models), *refs, "--prompt", "a ball", "--steps", "2", "--out", str(out),
-            *extra]
+    return [
+        "generate",
+        "--base",
+        str(tiny_models),
+        *refs,
+        "--prompt",
+        "a ball",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_generate_without_checkpoint_gives_the_same_image_for_the_same_seed_and_warns(tiny_models, refs, tmp_path):
-    procs = [easyref_process(generate_args(tiny_models, refs, tmp_path / f"{name}.png", "--seed", "3"), tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("first", "second")]
+    procs = [
+        easyref_process(
+            generate_args(tiny_models, refs, tmp_path / f"{name}.png", "--seed", "3"),
+            tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name in ("first", "second")
+    ]
     for proc in procs:  # two real runs of the same command, side by side
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]

@@ -53,8 +53,12 @@ def step(out: Path, n: int) -> Path:
 
 def test_second_train_into_the_same_out_is_refused_naming_the_first(work):
     out = work / "shared_out"
-    first = easyref_process(train_args(work, out, "--max-steps", "100000", "--save-every", "0"), work,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = easyref_process(
+        train_args(work, out, "--max-steps", "100000", "--save-every", "0"),
+        work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / HOLDER_NAME).exists():
@@ -77,8 +81,17 @@ def test_second_train_into_the_same_out_is_refused_naming_the_first(work):
 
 def test_torchrun_job_into_a_locked_out_stops_on_every_rank(work, tmp_path):
     out = tmp_path / "locked"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "easyref.cli", *train_args(work, out, "--max-steps", "1", "--batch-size", "1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "easyref.cli",
+        *train_args(work, out, "--max-steps", "1", "--batch-size", "1"),
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     with output_lock(out, "ingest"):  # this test process is the first writer
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -139,8 +152,13 @@ def test_checkpoint_records_settings_hash_and_data_fingerprint(base_run):
     assert len(state["data_fingerprint"]) == 16 and state["data_fingerprint"] == state["settings"]["data"]
     sums = (step(base_run, 2) / "checksums.sha256").read_text().splitlines()
     names = {line.split("  ", 1)[1] for line in sums}
-    assert names == {"trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.json",
-                     "rng_rank0.safetensors"}
+    assert names == {
+        "trainable.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "state.json",
+        "rng_rank0.safetensors",
+    }
 
 
 # -- damaged checkpoints ----------------------------------------------------------------------------------------
@@ -164,12 +182,17 @@ def _edit_optimizer(path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "damage"),
-    [("trainable.safetensors", _truncate), ("optimizer.safetensors", _truncate), ("state.json", _edit_state),
-     ("optimizer.json", _edit_optimizer)],
+    [
+        ("trainable.safetensors", _truncate),
+        ("optimizer.safetensors", _truncate),
+        ("state.json", _edit_state),
+        ("optimizer.json", _edit_optimizer),
+    ],
     ids=["truncated-weights", "truncated-optimizer", "tampered-state", "tampered-optimizer-json"],
 )
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_with_a_warning(work, base_run, tmp_path, capsys,
-                                                                             name, damage):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_with_a_warning(
+    work, base_run, tmp_path, capsys, name, damage
+):
     from easyref.train.config import load_train_config
     from easyref.train.loop import train
 

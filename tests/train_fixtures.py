@@ -32,8 +32,14 @@ def write_params(path: Path, tiny_models: Path, data: Path) -> Path:
     params = {
         "model": {"num_tokens": 8, **SMALL_PIXELS},
         "train": {
-            "base": str(tiny_models), "data": str(data), "resolution": RESOLUTION, "batch_size": 2,
-            "preview_every": -1, "lora_rank": 4, "save_every": 1, "keep_last": 2,
+            "base": str(tiny_models),
+            "data": str(data),
+            "resolution": RESOLUTION,
+            "batch_size": 2,
+            "preview_every": -1,
+            "lora_rank": 4,
+            "save_every": 1,
+            "keep_last": 2,
         },
     }
     path.write_text(yaml.safe_dump(params))

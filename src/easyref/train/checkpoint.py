@@ -127,8 +127,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_training_state(
-    out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv,
-    state: dict[str, Any], keep_last: int,
+    out: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: DistEnv,
+    state: dict[str, Any],
+    keep_last: int,
 ) -> Path:
     """Write the checkpoint of ``step`` (every rank calls this), then prune to the last ``keep_last``."""
     root = checkpoint_root(out)
@@ -160,15 +165,16 @@ def save_training_state(
             for old in list_checkpoints(out)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         else:
-            print(f"warning: the checkpoint just written, {final}, fails verification ({problem}); older "
-                  "checkpoints are kept", file=sys.stderr)
+            print(
+                f"warning: the checkpoint just written, {final}, fails verification ({problem}); older "
+                "checkpoints are kept",
+                file=sys.stderr,
+            )
     barrier(env)
     return final
 
 
-def load_training_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv
-) -> dict[str, Any]:
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
     """Restore weights, optimizer and this rank's RNG from ``path``; returns its ``state.json``."""
     record = json.loads((path / STATE_FILE).read_text())
     weights = load_weights(path / "trainable.safetensors")
@@ -206,7 +212,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def save_final(model: EasyRef, tensors: dict[str, torch.Tensor] | None, out: Path, parts: list[str], **extra: Any) -> Path:
+def save_final(
+    model: EasyRef, tensors: dict[str, torch.Tensor] | None, out: Path, parts: list[str], **extra: Any
+) -> Path:
     """The stage's output, the format ``--init`` and ``easyref generate --checkpoint`` read.
 
     Unsharded models write through :meth:`EasyRef.save_checkpoint`; for FSDP pass the gathered ``tensors`` (rank 0).

@@ -26,8 +26,12 @@ HELP = "train one EasyRef stage (pretrain, single_ref, multi_ref), distributed a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=STAGES, required=True, help="the training stage")
-    parser.add_argument("--params", type=Path, default=None,
-                        help="parameters file with a train: section (default: params.yaml if present)")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="parameters file with a train: section (default: params.yaml if present)",
+    )
     parser.add_argument("--init", type=Path, default=None, help="checkpoint of the previous stage (its OUT/final)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/ and final/")
     parser.add_argument(

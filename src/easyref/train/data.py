@@ -30,8 +30,16 @@ class GlobalOrderSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(
-        self, num_samples: int, *, seed: int, batch_size: int, grad_accum: int, rank: int, world_size: int,
-        start_step: int, max_steps: int,
+        self,
+        num_samples: int,
+        *,
+        seed: int,
+        batch_size: int,
+        grad_accum: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        max_steps: int,
     ):
         if num_samples < 1:
             raise UserError("the training dataset is empty")
@@ -73,8 +81,13 @@ class GlobalOrderSampler(Sampler[tuple[int, int]]):
 
     def state(self, step: int) -> dict[str, Any]:
         """Data-order state after ``step`` optimizer steps (what a checkpoint records)."""
-        return {"seed": self.seed, "num_samples": self.n, "global_batch": self.global_batch,
-                "samples_seen": step * self.global_batch, "epoch": step * self.global_batch // self.n}
+        return {
+            "seed": self.seed,
+            "num_samples": self.n,
+            "global_batch": self.global_batch,
+            "samples_seen": step * self.global_batch,
+            "epoch": step * self.global_batch // self.n,
+        }
 
 
 class EpochIndexed(Dataset):
@@ -136,7 +149,9 @@ class FolderGroups(Dataset):
                 row = json.loads(line)
                 captions[row["image"]] = row["caption"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise UserError(f"{captions_file}:{line_no}: expected {{\"image\": ..., \"caption\": ...}} ({exc})") from exc
+                raise UserError(
+                    f'{captions_file}:{line_no}: expected {{"image": ..., "caption": ...}} ({exc})'
+                ) from exc
         self.groups: dict[str, list[str]] = {}
         for group in sorted(p for p in self.root.iterdir() if p.is_dir()):
             images = sorted(f"{group.name}/{f.name}" for f in group.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)

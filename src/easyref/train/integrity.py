@@ -105,12 +105,17 @@ def pick_checkpoint(candidates: list[Path]) -> Path | None:
         if reason is None:
             for bad, why in reasons:
                 moved = set_aside(bad)
-                print(f"warning: checkpoint {bad} is damaged ({why}); moved it to {moved.name} and resuming from "
-                      f"{folder.name} instead", file=sys.stderr)
+                print(
+                    f"warning: checkpoint {bad} is damaged ({why}); moved it to {moved.name} and resuming from "
+                    f"{folder.name} instead",
+                    file=sys.stderr,
+                )
             return folder
         reasons.append((folder, reason))
     if reasons:
         listed = "; ".join(f"{p.name}: {why}" for p, why in reasons)
-        raise UserError(f"{candidates[-1].parent}: no intact checkpoint to resume from ({listed}); restore one "
-                        "from a backup, or move the folder away to start the stage over")
+        raise UserError(
+            f"{candidates[-1].parent}: no intact checkpoint to resume from ({listed}); restore one "
+            "from a backup, or move the folder away to start the stage over"
+        )
     return None

@@ -34,8 +34,19 @@ from easyref.train.data import dataset_fingerprint
 
 RESTART_WAIT_S = 120.0
 # TrainConfig fields that change what a run trains; run length, logging, previews and speed knobs may change freely.
-RUN_SETTINGS = ("stage", "seed", "lr", "weight_decay", "betas", "max_grad_norm", "resolution", "drop_text",
-                "drop_image", "drop_both", "parts")
+RUN_SETTINGS = (
+    "stage",
+    "seed",
+    "lr",
+    "weight_decay",
+    "betas",
+    "max_grad_norm",
+    "resolution",
+    "drop_text",
+    "drop_image",
+    "drop_both",
+    "parts",
+)
 
 
 @contextlib.contextmanager
@@ -105,8 +116,11 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every setting that differs (nested keys dotted)."""
     before, after = flatten(old), flatten(new)
     unset = "(unset)"
-    return [f"{key}: {before.get(key, unset)} -> {after.get(key, unset)}"
-            for key in sorted(set(before) | set(after)) if before.get(key, unset) != after.get(key, unset)]
+    return [
+        f"{key}: {before.get(key, unset)} -> {after.get(key, unset)}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key, unset) != after.get(key, unset)
+    ]
 
 
 def check_resume(checkpoint: Path, record: dict[str, Any], settings: dict[str, Any], allow: bool) -> list[str]:
