@@ -62,6 +62,8 @@ def output_guard(out: Path, env: D.DistEnv) -> Iterator[None]:
             stack.enter_context(output_lock(out, "train", timeout=RESTART_WAIT_S if restarted else 0.0))
         except FolderLocked as exc:
             raise UserError(str(exc)) from None
+        except OSError as exc:  # on rank 0 only: a plain exception would leave the other ranks waiting
+            raise UserError(f"--out {out}: cannot create or lock it ({exc})") from exc
 
     D.on_main(take, env)
     try:
