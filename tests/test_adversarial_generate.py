@@ -4,6 +4,7 @@ and one-line errors (exit 2) for damaged checkpoints, decompression bombs and im
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -80,6 +81,16 @@ def test_truncated_checkpoint_exits_2_naming_the_file(tiny_models, refs, tmp_pat
     line = _one_error_line(capsys.readouterr().err)
     assert f"{weights}: cannot be read as safetensors" in line and "truncated or damaged" in line
     assert not (tmp_path / "o.png").exists()
+
+
+def test_truncated_base_model_exits_2_naming_it(tiny_models, refs, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models, base)
+    weights = base / "mllm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(generate_args(base, refs, tmp_path / "o.png")) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"base MLLM {base / 'mllm'}: cannot be loaded" in line
 
 
 def test_decompression_bomb_reference_exits_2_before_decoding(tiny_models, tmp_path, capsys):

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -336,8 +337,10 @@ class EasyRef(nn.Module):
         from diffusers import UNet2DConditionModel
         from transformers import Qwen2VLForConditionalGeneration
 
-        unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet", torch_dtype=torch_dtype)
-        base_mllm = Qwen2VLForConditionalGeneration.from_pretrained(mllm, torch_dtype=torch_dtype)
+        with _base_model_errors("base UNet", Path(sdxl) / "unet"):
+            unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet", torch_dtype=torch_dtype)
+        with _base_model_errors("base MLLM", mllm):
+            base_mllm = Qwen2VLForConditionalGeneration.from_pretrained(mllm, torch_dtype=torch_dtype)
         model = cls(ReferenceEncoder(base_mllm, config), unet, config)
         if torch_dtype is not None:
             model.to(torch_dtype)
@@ -459,6 +462,18 @@ class EasyRef(nn.Module):
             raise UserError("\n".join(lines))
         self.load_state_dict(tensors, strict=False)
         return record
+
+
+@contextmanager
+def _base_model_errors(what: str, path: str | Path) -> Iterator[None]:
+    """A missing, truncated or damaged base-model weights file as one :class:`UserError` line naming the model."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{what} {path}: cannot be loaded ({first}); copy the base models again") from exc
 
 
 def _unreadable(path: Path, exc: Exception) -> UserError:
