@@ -138,7 +138,12 @@ def train(
 
 def _resume_point(out: Path, settings: dict, allow: bool, env: D.DistEnv) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from (rank 0 verifies and picks it) and the settings that changed since."""
-    picked = D.on_main(lambda: str(path) if (path := pick_checkpoint(ckpt.step_folders(out))) else None, env)
+
+    def pick() -> str | None:  # verifies checksums and sets damaged checkpoints aside: one process does it
+        path = pick_checkpoint(ckpt.step_folders(out))
+        return str(path) if path else None
+
+    picked = D.on_main(pick, env)
     if picked is None:
         return None, []
     latest = Path(picked)
