@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -336,8 +337,10 @@ class EasyRef(nn.Module):
         from diffusers import UNet2DConditionModel
         from transformers import Qwen2VLForConditionalGeneration
 
-        unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet", torch_dtype=torch_dtype)
-        base_mllm = Qwen2VLForConditionalGeneration.from_pretrained(mllm, torch_dtype=torch_dtype)
+        with _base_model_errors("base UNet", Path(sdxl) / "unet"):
+            unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet", torch_dtype=torch_dtype)
+        with _base_model_errors("base MLLM", mllm):
+            base_mllm = Qwen2VLForConditionalGeneration.from_pretrained(mllm, torch_dtype=torch_dtype)
         model = cls(ReferenceEncoder(base_mllm, config), unet, config)
         if torch_dtype is not None:
             model.to(torch_dtype)
@@ -438,12 +441,10 @@ class EasyRef(nn.Module):
 
     def load_trained(self, checkpoint: str | Path) -> CheckpointConfig:
         """Load a checkpoint's tensors; every tensor of its parts must be present with the right shape."""
-        from safetensors.torch import load_file
-
         record = read_checkpoint_config(checkpoint)
         if "lora" in record.parts and record.model.lora_rank:
             self.add_lora(record.model.lora_rank)
-        tensors = load_file(Path(checkpoint) / CHECKPOINT_WEIGHTS)
+        tensors = load_weights(Path(checkpoint) / CHECKPOINT_WEIGHTS)
         expected = self.state_dict_of(record.parts)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -463,6 +464,47 @@ class EasyRef(nn.Module):
         return record
 
 
+@contextmanager
+def _base_model_errors(what: str, path: str | Path) -> Iterator[None]:
+    """A missing, truncated or damaged base-model weights file as one :class:`UserError` line naming the model."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{what} {path}: cannot be loaded ({first}); copy the base models again") from exc
+
+
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    return UserError(
+        f"{path}: cannot be read as safetensors ({exc}); the file is truncated or damaged: copy it again or point "
+        "at another checkpoint"
+    )
+
+
+def check_weights(path: str | Path) -> None:
+    """Read a safetensors file's header only (cheap): a truncated or damaged file fails here, before models load."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(Path(path), exc) from exc
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a :class:`UserError` naming a truncated or damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(Path(path), exc) from exc
+
+
 def read_checkpoint_config(checkpoint: str | Path) -> CheckpointConfig:
     path = Path(checkpoint)
     cfg_file, weights = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
@@ -473,12 +515,15 @@ def read_checkpoint_config(checkpoint: str | Path) -> CheckpointConfig:
         )
     try:
         data = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{cfg_file}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{cfg_file}: expected a JSON object, got {type(data).__name__}")
     record = from_dict(CheckpointConfig, data, where=str(cfg_file))
     unknown = set(record.parts) - set(PARTS)
     if unknown:
         raise UserError(f"{cfg_file}: unknown part(s) {sorted(unknown)}")
+    check_weights(weights)
     return record
 
 

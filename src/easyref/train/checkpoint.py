@@ -6,11 +6,15 @@ A checkpoint is a folder ``OUT/checkpoints/step_NNNNNNNN/``::
     optimizer.safetensors     AdamW moments and step counts, keyed ``<param>/<name>``
     optimizer.json            the optimizer's param groups (hyper-parameters, parameter names)
     rng_rank<R>.safetensors   each rank's torch (and CUDA) RNG state; Python and NumPy states in its metadata
-    state.json                step, data-order state, world size, MLflow run id (written last)
+    state.json                step, data-order state, world size, MLflow run id, the run's settings and their
+                              hash, the data fingerprint (see :mod:`easyref.train.resume`)
+    checksums.sha256          SHA-256 of every file above (see :mod:`easyref.train.integrity`; written last)
 
-It is assembled in ``.step_NNNNNNNN.tmp`` and renamed into place, so a folder named ``step_*`` is always
-complete; a crash leaves at most a temp folder, which the next save removes. Model and optimizer states go through
-``torch.distributed.checkpoint.state_dict``, so the same files serve DDP, FSDP2 and a single process.
+It is assembled in ``.step_NNNNNNNN.tmp``, flushed to disk, checksummed and renamed into place, so a folder named
+``step_*`` is always complete; a crash leaves at most a temp folder, which the next save removes. Older checkpoints
+are pruned only after the new one has been verified against its checksums, so with ``keep_last: 1`` the previous
+one survives a failed save. Model and optimizer states go through ``torch.distributed.checkpoint.state_dict``, so
+the same files serve DDP, FSDP2 and a single process.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import json
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -36,24 +41,29 @@ from torch.distributed.checkpoint.state_dict import (
 
 from easyref.config import to_dict
 from easyref.errors import UserError
-from easyref.model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointConfig, EasyRef
+from easyref.model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointConfig, EasyRef, load_weights
 from easyref.train.distributed import DistEnv, barrier
+from easyref.train.integrity import STATE_FILE, damage, fsync_path, write_checksums
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-STATE_FILE = "state.json"
 
 
 def checkpoint_root(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints under ``out``, oldest first."""
+def step_folders(out: Path) -> list[Path]:
+    """Every ``step_*`` folder under ``out``, oldest first (complete or damaged; temp folders excluded)."""
     root = checkpoint_root(out)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints under ``out`` (those with a ``state.json``), oldest first."""
+    return [p for p in step_folders(out) if (p / STATE_FILE).is_file()]
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -117,8 +127,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_training_state(
-    out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv,
-    state: dict[str, Any], keep_last: int,
+    out: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: DistEnv,
+    state: dict[str, Any],
+    keep_last: int,
 ) -> Path:
     """Write the checkpoint of ``step`` (every rank calls this), then prune to the last ``keep_last``."""
     root = checkpoint_root(out)
@@ -140,21 +155,29 @@ def save_training_state(
         (tmp / "optimizer.json").write_text(json.dumps(optim_meta, indent=1, default=_json_default) + "\n")
         record = {"step": step, "world_size": env.world_size, **state}
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_checksums(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_checkpoints(out)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_path(root)
+        problem = damage(final)
+        if problem is None:
+            for old in list_checkpoints(out)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            print(
+                f"warning: the checkpoint just written, {final}, fails verification ({problem}); older "
+                "checkpoints are kept",
+                file=sys.stderr,
+            )
     barrier(env)
     return final
 
 
-def load_training_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv
-) -> dict[str, Any]:
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
     """Restore weights, optimizer and this rank's RNG from ``path``; returns its ``state.json``."""
     record = json.loads((path / STATE_FILE).read_text())
-    weights = load_file(path / "trainable.safetensors")
+    weights = load_weights(path / "trainable.safetensors")
     expected = set(trainable_state_keys(model))
     if set(weights) != expected:
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
@@ -164,7 +187,7 @@ def load_training_state(
         )
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     optim_meta = json.loads((path / "optimizer.json").read_text())
-    osd = _unflatten_optimizer(load_file(path / "optimizer.safetensors"), optim_meta)
+    osd = _unflatten_optimizer(load_weights(path / "optimizer.safetensors"), optim_meta)
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
     rng_file = path / f"rng_rank{env.rank}.safetensors"
     if rng_file.is_file():
@@ -172,7 +195,7 @@ def load_training_state(
 
         with safe_open(rng_file, framework="pt") as fh:
             meta = fh.metadata()
-        _set_rng_state(load_file(rng_file), meta)
+        _set_rng_state(load_weights(rng_file), meta)
     return record
 
 
@@ -189,7 +212,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def save_final(model: EasyRef, tensors: dict[str, torch.Tensor] | None, out: Path, parts: list[str], **extra: Any) -> Path:
+def save_final(
+    model: EasyRef, tensors: dict[str, torch.Tensor] | None, out: Path, parts: list[str], **extra: Any
+) -> Path:
     """The stage's output, the format ``--init`` and ``easyref generate --checkpoint`` read.
 
     Unsharded models write through :meth:`EasyRef.save_checkpoint`; for FSDP pass the gathered ``tensors`` (rank 0).

@@ -1,9 +1,11 @@
-"""Train one EasyRef stage: pretrain -> single_ref -> multi_ref (DESIGN.md section 1).
+"""Train one EasyRef stage: pretrain -> single_ref -> multi_ref (the paper's three progressive stages).
 
 The same command runs as a plain process, under torchrun / torchx, and in a cluster job (it reads RANK,
 WORLD_SIZE and LOCAL_RANK). Settings come from params.yaml's train: section (shared keys, then the stage's
-sub-mapping), then these flags. A run resumes from the latest checkpoint in --out automatically; the stage's
-result is written to OUT/final, the folder the next stage's --init and `easyref generate --checkpoint` take.
+sub-mapping), then these flags. A run resumes from the newest intact checkpoint in --out automatically, if its
+settings are this run's (else it refuses, unless --allow-config-change); the stage's result is written to
+OUT/final, the folder the next stage's --init and `easyref generate --checkpoint` take. One run per --out at a time:
+a second is refused, naming the first.
 
   easyref train --stage pretrain --params params.yaml --out runs/pretrain
   easyref train --stage single_ref --init runs/pretrain/final --out runs/single_ref
@@ -24,10 +26,20 @@ HELP = "train one EasyRef stage (pretrain, single_ref, multi_ref), distributed a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=STAGES, required=True, help="the training stage")
-    parser.add_argument("--params", type=Path, default=None,
-                        help="parameters file with a train: section (default: params.yaml if present)")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="parameters file with a train: section (default: params.yaml if present)",
+    )
     parser.add_argument("--init", type=Path, default=None, help="checkpoint of the previous stage (its OUT/final)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/ and final/")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a checkpoint although settings (seed, lr, batch, data, ...) changed: prints each change and "
+        "applies the new values (default: refuse)",
+    )
     group = parser.add_argument_group("overrides of params.yaml")
     group.add_argument("--base", help="folder with the base models sdxl/ and mllm/")
     group.add_argument("--data", help="training data: split manifest (.parquet) or folder of groups")
@@ -65,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
     if params is None and Path("params.yaml").is_file():
         params = Path("params.yaml")
     config = load_train_config(params, args.stage, vars(args))
-    train(config, out=args.out, init=args.init)
+    train(config, out=args.out, init=args.init, allow_config_change=args.allow_config_change)
     return 0

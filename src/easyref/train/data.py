@@ -30,8 +30,16 @@ class GlobalOrderSampler(Sampler[tuple[int, int]]):
     """
 
     def __init__(
-        self, num_samples: int, *, seed: int, batch_size: int, grad_accum: int, rank: int, world_size: int,
-        start_step: int, max_steps: int,
+        self,
+        num_samples: int,
+        *,
+        seed: int,
+        batch_size: int,
+        grad_accum: int,
+        rank: int,
+        world_size: int,
+        start_step: int,
+        max_steps: int,
     ):
         if num_samples < 1:
             raise UserError("the training dataset is empty")
@@ -73,8 +81,13 @@ class GlobalOrderSampler(Sampler[tuple[int, int]]):
 
     def state(self, step: int) -> dict[str, Any]:
         """Data-order state after ``step`` optimizer steps (what a checkpoint records)."""
-        return {"seed": self.seed, "num_samples": self.n, "global_batch": self.global_batch,
-                "samples_seen": step * self.global_batch, "epoch": step * self.global_batch // self.n}
+        return {
+            "seed": self.seed,
+            "num_samples": self.n,
+            "global_batch": self.global_batch,
+            "samples_seen": step * self.global_batch,
+            "epoch": step * self.global_batch // self.n,
+        }
 
 
 class EpochIndexed(Dataset):
@@ -136,7 +149,9 @@ class FolderGroups(Dataset):
                 row = json.loads(line)
                 captions[row["image"]] = row["caption"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise UserError(f"{captions_file}:{line_no}: expected {{\"image\": ..., \"caption\": ...}} ({exc})") from exc
+                raise UserError(
+                    f'{captions_file}:{line_no}: expected {{"image": ..., "caption": ...}} ({exc})'
+                ) from exc
         self.groups: dict[str, list[str]] = {}
         for group in sorted(p for p in self.root.iterdir() if p.is_dir()):
             images = sorted(f"{group.name}/{f.name}" for f in group.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -188,7 +203,11 @@ def build_dataset(
 
 
 def dataset_fingerprint(path: str | Path) -> str:
-    """A short content hash of the data manifest (or the captions file of a folder), for the MLflow tag."""
+    """A short content hash of the training data, for the MLflow tag and the resume check.
+
+    A split table: its bytes (it records each image's hash). A folder of groups: ``captions.jsonl`` plus the name
+    and size of every image file, so adding, removing or replacing an image changes it.
+    """
     import hashlib
 
     path = Path(path)
@@ -199,4 +218,7 @@ def dataset_fingerprint(path: str | Path) -> str:
     with open(file, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
+    if path.is_dir():
+        for image in sorted(p for p in path.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            digest.update(f"\0{image.relative_to(path).as_posix()}\0{image.stat().st_size}".encode())
     return digest.hexdigest()[:16]

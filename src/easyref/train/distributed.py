@@ -7,12 +7,18 @@ The same code runs as a plain process (no ``WORLD_SIZE``: one rank, no process g
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from easyref.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,14 @@ def setup(timeout_s: float = 1800) -> DistEnv:
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"easyref/attempt_{attempt}", store)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -82,6 +94,24 @@ def broadcast_object(obj: object, env: DistEnv) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], T], env: DistEnv) -> T:
+    """``fn()`` run on rank 0 only, its result on every rank; a :class:`UserError` there is raised on every rank.
+
+    For decisions one process must take (a lock, which checkpoint to resume) without leaving the other ranks
+    waiting forever in the next collective when it fails.
+    """
+    value, error = None, None
+    if env.is_main:
+        try:
+            value = fn()
+        except UserError as exc:
+            error = str(exc)
+    value, error = broadcast_object((value, error), env)  # type: ignore[misc]
+    if error is not None:
+        raise UserError(error)
+    return value  # type: ignore[return-value]
 
 
 def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,10 @@ from easyref.model import EasyRef, load_model
 from easyref.sampler import EasyRefSampler, base_paths
 from easyref.train import checkpoint as ckpt
 from easyref.train import distributed as D
+from easyref.train import resume
 from easyref.train.config import TrainConfig
-from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset, collate, dataset_fingerprint
+from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset, collate
+from easyref.train.integrity import STATE_FILE, pick_checkpoint
 from easyref.train.recipe import Conditioner, DiffusionObjective, step_generator
 from easyref.train.tracking import MlflowTracker, NullTracker, git_commit, preview_grid
 
@@ -96,8 +100,15 @@ class Previewer:
         if not self.refs:
             return
         with _autocast(self.sampler.device, dtype):
-            images = self.sampler(self.captions, self.refs, num_inference_steps=self.config.preview_steps,
-                                  generator=self.config.seed, height=self.size, width=self.size, progress=False)
+            images = self.sampler(
+                self.captions,
+                self.refs,
+                num_inference_steps=self.config.preview_steps,
+                generator=self.config.seed,
+                height=self.size,
+                width=self.size,
+                progress=False,
+            )
         grid = preview_grid(list(zip(self.refs, images, strict=True)))
         tracker.log_image(grid, f"previews/step_{step:08d}.png")
 
@@ -108,36 +119,71 @@ def train(
     init: str | Path | None = None,
     dataset: Dataset | None = None,
     preview_dataset: Dataset | None = None,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Run (or resume) one stage; returns when ``config.max_steps`` optimizer steps are done.
 
-    ``dataset`` overrides ``config.data`` (tests, notebooks). Resumes automatically from the latest checkpoint
-    in ``out/checkpoints``. The process group is set up from the torchrun environment and torn down at the end.
+    ``dataset`` overrides ``config.data`` (tests, notebooks). Holds ``out``'s lock for the whole run. Resumes
+    automatically from the newest intact checkpoint in ``out/checkpoints`` when its settings are this run's (or
+    ``allow_config_change``). The process group is set up from the torchrun environment and torn down at the end.
     """
     env = D.setup()
     try:
-        return _train(config, Path(out), Path(init) if init else None, dataset, preview_dataset, env)
+        out = Path(out)
+        with resume.output_guard(out, env):
+            return _train(config, out, Path(init) if init else None, dataset, preview_dataset, env, allow_config_change)
     finally:
         D.teardown()
 
 
-def _train(config: TrainConfig, out: Path, init: Path | None, dataset: Dataset | None,
-           preview_dataset: Dataset | None, env: D.DistEnv) -> TrainResult:
+def _resume_point(out: Path, settings: dict, allow: bool, env: D.DistEnv) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (rank 0 verifies and picks it) and the settings that changed since."""
+
+    def pick() -> str | None:  # verifies checksums and sets damaged checkpoints aside: one process does it
+        path = pick_checkpoint(ckpt.step_folders(out))
+        return str(path) if path else None
+
+    picked = D.on_main(pick, env)
+    if picked is None:
+        return None, []
+    latest = Path(picked)
+    record = json.loads((latest / STATE_FILE).read_text())
+    return latest, resume.check_resume(latest, record, settings, allow)
+
+
+def _train(
+    config: TrainConfig,
+    out: Path,
+    init: Path | None,
+    dataset: Dataset | None,
+    preview_dataset: Dataset | None,
+    env: D.DistEnv,
+    allow_config_change: bool,
+) -> TrainResult:
     sdxl, mllm = base_paths(config.base)
+    settings = resume.run_settings(config, init, env.world_size)
+    latest, changes = _resume_point(out, settings, allow_config_change, env)
     if init is None and config.stage != "pretrain" and env.is_main:
         print(f"warning: stage {config.stage} without --init starts from untrained EasyRef parts")
     model = build_model(config, init, sdxl, mllm)
     sampler = EasyRefSampler.from_model(model, sdxl, mllm, device=env.device)
     resolution = config.resolution or model.unet.config.sample_size * sampler.pipe.vae_scale_factor
-    data_kw = dict(stage=config.stage, resolution=resolution, max_references=model.config.max_references,
-                   image_root=config.image_root, seed=config.seed)
+    data_kw = dict(
+        stage=config.stage,
+        resolution=resolution,
+        max_references=model.config.max_references,
+        image_root=config.image_root,
+        seed=config.seed,
+    )
     if dataset is None:
         dataset = build_dataset(config.data, **data_kw)
     if preview_dataset is None and config.preview_data:
         preview_dataset = build_dataset(config.preview_data, **data_kw)
     if config.stage == "multi_ref" and config.batch_size > 1 and len(getattr(dataset, "buckets", [None])) > 1:
-        raise UserError("multi_ref trains on aspect-ratio buckets: use batch_size 1 per device and grad_accum for "
-                        "a larger global batch (bucket-aware global order is not implemented yet)")
+        raise UserError(
+            "multi_ref trains on aspect-ratio buckets: use batch_size 1 per device and grad_accum for "
+            "a larger global batch (bucket-aware global order is not implemented yet)"
+        )
 
     conditioner = Conditioner.from_pipeline(
         sampler.pipe, sampler.processor, sdxl, env.device, (config.drop_text, config.drop_image, config.drop_both)
@@ -156,37 +202,69 @@ def _train(config: TrainConfig, out: Path, init: Path | None, dataset: Dataset |
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
     start, run_id = 0, None
-    latest = ckpt.latest_checkpoint(out)
     if latest is not None:
         record = ckpt.load_training_state(latest, model, optimizer, env)
+        resume.apply_hyperparameters(optimizer, config)  # the checkpoint's optimizer state brings its own lr
         start, run_id = int(record["step"]), record.get("mlflow_run_id")
         if env.is_main:
             print(f"resuming from {latest} (step {start})")
+            if changes:
+                print(
+                    f"warning: --allow-config-change: resuming with changed settings, applied from step "
+                    f"{start + 1}: {'; '.join(changes)}",
+                    file=sys.stderr,
+                )
 
     global_batch = config.global_batch(env.world_size)
     tracker: NullTracker = NullTracker()
     if env.is_main:
-        params_log = flatten(to_dict(config)) | {"world_size": env.world_size, "global_batch": global_batch,
-                                                 "init": str(init) if init else "", "resolution": resolution}
-        tags = {"git_commit": git_commit(), "stage": config.stage, "world_size": str(env.world_size),
-                "data_manifest_hash": dataset_fingerprint(config.data) if config.data else "none",
-                "global_batch": str(global_batch)}
+        params_log = flatten(to_dict(config)) | {
+            "world_size": env.world_size,
+            "global_batch": global_batch,
+            "init": str(init) if init else "",
+            "resolution": resolution,
+        }
+        tags = {
+            "git_commit": git_commit(),
+            "stage": config.stage,
+            "world_size": str(env.world_size),
+            "data_manifest_hash": settings["data"],
+            "global_batch": str(global_batch),
+            "settings_hash": resume.settings_hash(settings),
+        }
+        if changes:
+            tags[f"config_change_at_step_{start}"] = "; ".join(changes)[:5000]
         tracker = MlflowTracker(config.experiment, f"{config.stage}-{out.name}", params_log, tags, run_id=run_id)
     run_id = D.broadcast_object(tracker.run_id, env)
     previewer = Previewer(sampler, preview_dataset or dataset, config) if config.preview_every >= 0 else None
     preview_here = previewer is not None and (env.is_main or (config.fsdp and env.distributed))
 
-    order = GlobalOrderSampler(len(dataset), seed=config.seed, batch_size=config.batch_size,
-                               grad_accum=config.grad_accum, rank=env.rank, world_size=env.world_size,
-                               start_step=start, max_steps=config.max_steps)
-    loader = DataLoader(EpochIndexed(dataset), batch_size=config.batch_size, sampler=order, collate_fn=collate,
-                        num_workers=config.num_workers, drop_last=False)
+    order = GlobalOrderSampler(
+        len(dataset),
+        seed=config.seed,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        rank=env.rank,
+        world_size=env.world_size,
+        start_step=start,
+        max_steps=config.max_steps,
+    )
+    loader = DataLoader(
+        EpochIndexed(dataset),
+        batch_size=config.batch_size,
+        sampler=order,
+        collate_fn=collate,
+        num_workers=config.num_workers,
+        drop_last=False,
+    )
     batches = _infinite(loader)
     result = TrainResult(final=out / "final", step=start, start_step=start, run_id=run_id)
     is_ddp = isinstance(objective, torch.nn.parallel.DistributedDataParallel)
     if env.is_main:
-        print(f"stage {config.stage}: steps {start}->{config.max_steps}, world size {env.world_size}, "
-              f"global batch {global_batch}, lr {config.lr}, trainable {sum(p.numel() for p in params):,} params")
+        print(
+            f"stage {config.stage}: steps {start}->{config.max_steps}, world size {env.world_size}, "
+            f"global batch {global_batch}, lr {config.lr}, trainable {sum(p.numel() for p in params):,} params"
+        )
     bar = tqdm(total=config.max_steps, initial=start, desc=config.stage, disable=not env.is_main, dynamic_ncols=True)
     status = "FAILED"
     try:
@@ -224,14 +302,26 @@ def _train(config: TrainConfig, out: Path, init: Path | None, dataset: Dataset |
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if done % config.log_every == 0 or done == config.max_steps:
-                metrics = {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "step_time_s": dt,
-                           "samples_per_s": global_batch / dt, "epoch": done * global_batch / len(dataset)}
+                metrics = {
+                    "loss": step_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "step_time_s": dt,
+                    "samples_per_s": global_batch / dt,
+                    "epoch": done * global_batch / len(dataset),
+                }
                 if env.device.type == "cuda":
                     metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
                 tracker.log_metrics(metrics, step=done)
             if config.save_every and (done % config.save_every == 0 or done == config.max_steps):
-                state = {"data": order.state(done), "mlflow_run_id": run_id, "loss": step_loss,
-                         "stage": config.stage}
+                state = {
+                    "data": order.state(done),
+                    "mlflow_run_id": run_id,
+                    "loss": step_loss,
+                    "stage": config.stage,
+                    "settings": settings,
+                    "settings_hash": resume.settings_hash(settings),
+                    "data_fingerprint": settings["data"],
+                }
                 ckpt.save_training_state(out, done, model, optimizer, env, state, config.keep_last)
             preview_now = config.preview_every > 0 and done % config.preview_every == 0
             if preview_here and (preview_now or (done == config.max_steps and config.preview_every == 0)):
@@ -239,9 +329,14 @@ def _train(config: TrainConfig, out: Path, init: Path | None, dataset: Dataset |
         bar.close()
         tensors = ckpt.trainable_state(model) if config.fsdp and env.distributed else None
         if env.is_main:
-            extra = {"stage": config.stage, "step": result.step, "base": {"sdxl": str(sdxl), "mllm": str(mllm)},
-                     "data_hash": dataset_fingerprint(config.data) if config.data else "none",
-                     "git_commit": git_commit(), "mlflow_run_id": run_id or ""}
+            extra = {
+                "stage": config.stage,
+                "step": result.step,
+                "base": {"sdxl": str(sdxl), "mllm": str(mllm)},
+                "data_hash": settings["data"],
+                "git_commit": git_commit(),
+                "mlflow_run_id": run_id or "",
+            }
             ckpt.save_final(model, tensors, result.final, list(config.parts), **extra)
             print(f"wrote {result.final}")
         D.barrier(env)
@@ -250,4 +345,3 @@ def _train(config: TrainConfig, out: Path, init: Path | None, dataset: Dataset |
     finally:
         bar.close()
         tracker.finish(status)
-

@@ -1,0 +1,148 @@
+"""One run per output folder, and a resume only of the same run.
+
+* :func:`output_guard` holds ``OUT``'s exclusive lock (:func:`easyref.locking.output_lock`) for the whole run. Rank 0
+  takes it (the ranks of a job share ``OUT``; on several nodes it sits on a shared volume) and tells every rank
+  whether it got it, so a refused job stops on all ranks with the holder's name. After an elastic restart
+  (``TORCHELASTIC_RESTART_COUNT`` > 0) rank 0 waits up to :data:`RESTART_WAIT_S` for the killed attempt's lock,
+  which the kernel drops when that process (and any data-loader child of it) has exited.
+* :func:`run_settings` is what makes two runs "the same run": the settings that change what is trained, the
+  effective model wiring, the global batch, the data fingerprint and the ``--init`` checkpoint's identity. A
+  checkpoint records them with their hash; :func:`check_resume` refuses a resume whose settings differ, unless
+  ``--allow-config-change``, which prints each change and lets the new values (lr included) apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from easyref.config import flatten, to_dict
+from easyref.errors import UserError
+from easyref.locking import LOCK_NAME, FolderLocked, output_lock
+from easyref.model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, read_checkpoint_config
+from easyref.train import distributed as D
+from easyref.train.config import TrainConfig
+from easyref.train.data import dataset_fingerprint
+
+RESTART_WAIT_S = 120.0
+# TrainConfig fields that change what a run trains; run length, logging, previews and speed knobs may change freely.
+RUN_SETTINGS = (
+    "stage",
+    "seed",
+    "lr",
+    "weight_decay",
+    "betas",
+    "max_grad_norm",
+    "resolution",
+    "drop_text",
+    "drop_image",
+    "drop_both",
+    "parts",
+)
+
+
+@contextlib.contextmanager
+def output_guard(out: Path, env: D.DistEnv) -> Iterator[None]:
+    """Hold ``out``'s lock (rank 0) for the ``with`` block; a folder this call created is removed if the run fails
+    before writing anything into it."""
+    created = not out.exists()
+    stack = contextlib.ExitStack()
+
+    def take() -> None:
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+        try:
+            stack.enter_context(output_lock(out, "train", timeout=RESTART_WAIT_S if restarted else 0.0))
+        except FolderLocked as exc:
+            raise UserError(str(exc)) from None
+        except OSError as exc:  # on rank 0 only: a plain exception would leave the other ranks waiting
+            raise UserError(f"--out {out}: cannot create or lock it ({exc})") from exc
+
+    D.on_main(take, env)
+    try:
+        yield
+    except BaseException:
+        stack.close()
+        if env.is_main and created:
+            _remove_if_empty(out)
+        raise
+    stack.close()
+
+
+def _remove_if_empty(out: Path) -> None:
+    with contextlib.suppress(OSError):
+        if [p.name for p in out.iterdir()] == [LOCK_NAME]:
+            (out / LOCK_NAME).unlink()
+            out.rmdir()
+
+
+def _digest(text: str | bytes, length: int = 16) -> str:
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:length]
+
+
+def init_fingerprint(init: Path | None) -> str:
+    """Identity of a ``--init`` checkpoint: its config record (stage, step, MLflow run, ...) and weights' size."""
+    if init is None:
+        return "none"
+    record = (init / CHECKPOINT_CONFIG).read_bytes()
+    return _digest(record + str((init / CHECKPOINT_WEIGHTS).stat().st_size).encode())
+
+
+def run_settings(config: TrainConfig, init: Path | None, world_size: int) -> dict[str, Any]:
+    """The settings a checkpoint records and a resume must match (plain JSON values)."""
+    plain = to_dict(config)
+    settings = {k: plain[k] for k in RUN_SETTINGS}
+    settings["parts"] = sorted(settings["parts"])
+    model = copy.deepcopy(read_checkpoint_config(init).model if init is not None else config.model)
+    if "lora" in config.parts and not model.lora_rank:
+        model.lora_rank = config.lora_rank  # what build_model attaches
+    settings["model"] = to_dict(model)
+    settings["global_batch"] = config.global_batch(world_size)
+    settings["data"] = dataset_fingerprint(config.data) if config.data else "none"
+    settings["init"] = init_fingerprint(init)
+    return settings
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return _digest(json.dumps(settings, sort_keys=True, separators=(",", ":")), length=64)
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs (nested keys dotted)."""
+    before, after = flatten(old), flatten(new)
+    unset = "(unset)"
+    return [
+        f"{key}: {before.get(key, unset)} -> {after.get(key, unset)}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key, unset) != after.get(key, unset)
+    ]
+
+
+def check_resume(checkpoint: Path, record: dict[str, Any], settings: dict[str, Any], allow: bool) -> list[str]:
+    """The changes between ``checkpoint``'s settings and this run's; refused (UserError) unless ``allow``."""
+    old = record.get("settings")
+    if not isinstance(old, dict):
+        changes = ["settings: not recorded in the checkpoint (written by an older easyref)"]
+    elif record.get("settings_hash") == settings_hash(settings):
+        return []
+    else:
+        changes = changed_settings(old, settings)
+    if changes and not allow:
+        raise UserError(
+            f"{checkpoint}: this run's settings differ from the checkpoint's ({'; '.join(changes)}); resume with the "
+            "same settings, use a fresh --out, or pass --allow-config-change to continue with the new ones"
+        )
+    return changes
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
+    """This run's lr, betas and weight decay on every param group (a loaded optimizer state brings its own)."""
+    for group in optimizer.param_groups:
+        group["lr"], group["betas"], group["weight_decay"] = config.lr, tuple(config.betas), config.weight_decay

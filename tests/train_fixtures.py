@@ -1,0 +1,63 @@
+"""Helpers for the adversarial training and generation tests: a small run folder and real `easyref` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import SMALL_PIXELS, make_group
+
+RESOLUTION = 32
+
+
+def write_groups(root: Path, groups: int = 2, per_group: int = 3) -> Path:
+    """A folder of groups in the `easyref demo-data` layout."""
+    lines = []
+    for g in range(groups):
+        (root / f"group{g}").mkdir(parents=True)
+        for i, image in enumerate(make_group(g, per_group)):
+            image.save(root / f"group{g}" / f"{i:03d}.png")
+            lines.append(json.dumps({"image": f"group{g}/{i:03d}.png", "caption": f"shape of group {g}"}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_params(path: Path, tiny_models: Path, data: Path) -> Path:
+    params = {
+        "model": {"num_tokens": 8, **SMALL_PIXELS},
+        "train": {
+            "base": str(tiny_models),
+            "data": str(data),
+            "resolution": RESOLUTION,
+            "batch_size": 2,
+            "preview_every": -1,
+            "lora_rank": 4,
+            "save_every": 1,
+            "keep_last": 2,
+        },
+    }
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def easyref_process(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
+    """A real `python -m easyref.cli ...` process (single-threaded, no progress bars)."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "easyref.cli", *args], cwd=cwd, env=env, text=True, **popen)
+
+
+def easyref_run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = easyref_process(args, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
