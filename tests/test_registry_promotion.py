@@ -161,3 +161,15 @@ def test_registry_section_with_unpinned_base_models_is_refused(tmp_path):
     params.write_text(json.dumps({"register": {"base_models": {"sdxl": "org/sdxl", "mllm": "s3://b/mllm"}}}))
     with pytest.raises(UserError, match=r"base_models.sdxl = 'org/sdxl'"):
         load_section(RegisterConfig, params, "register")
+
+
+def test_model_that_fails_its_serving_check_is_not_registered(checkpoints, tiny_models, tmp_path, monkeypatch):
+    """The logged model is loaded and run as the endpoint would; if that fails, no version and no alias exist."""
+    from mlflow import MlflowClient
+
+    uri = sqlite_uri(tmp_path)
+    metrics = write_metrics(tmp_path / "a/metrics.json", checkpoints[0])
+    monkeypatch.setenv("EASYREF_BASE", str(tmp_path / "no-base-models-here"))  # read by the model when it loads
+    with pytest.raises(UserError, match=r"failed to load or predict on its input example.*no-base-models-here"):
+        register(checkpoints[0], metrics, RegisterConfig(model_name="broken"), base=tiny_models, tracking_uri=uri)
+    assert MlflowClient(uri).search_model_versions("name = 'broken'") == []
