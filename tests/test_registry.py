@@ -403,6 +403,9 @@ def test_mlflow_models_serve_answers_on_loopback(registry, tmp_path):
         assert reply.status_code == 200, reply.text
         (prediction,) = reply.json()["predictions"]
         assert decode_png(prediction["image"]).size[0] > 0
+        body["params"]["num_inference_steps"] = -1
+        reply = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
+        assert reply.status_code == 400 and "num_inference_steps = -1" in reply.json()["message"], reply.text[:500]
     finally:
         server.terminate()
         server.wait(timeout=30)
