@@ -8,6 +8,7 @@ import json
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,17 +95,23 @@ def _validate_serving(model_uri: str) -> None:
         validate_serving_input(model_uri, serving_input)
 
 
-def _log_and_register(
-    client: MlflowClient,
-    checkpoint: Path,
-    sha: str,
-    metrics: dict[str, float],
-    tags: dict[str, str],
-    base: tuple[dict[str, str], dict[str, str], dict[str, str]],
-    config: RegisterConfig,
-) -> ModelVersion:
+@dataclass(frozen=True)
+class Submission:
+    """Everything a new version is made of, checked before the registry is touched."""
+
+    checkpoint: Path
+    sha: str
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    bases: tuple[dict[str, str], dict[str, str], dict[str, str]]
+    """``(model_config, artifacts, tags)`` of the base models (see :func:`base_models`)."""
+    config: RegisterConfig
+
+
+def _log_and_register(client: MlflowClient, sub: Submission) -> ModelVersion:
     """Log the pyfunc model in a run, check it serves, create the version with its tags, mark it ready."""
-    refs, base_artifacts, base_tags = base
+    checkpoint, sha, metrics, tags, config = sub.checkpoint, sub.sha, sub.metrics, sub.tags, sub.config
+    refs, base_artifacts, base_tags = sub.bases
     name = config.model_name
     mlflow.set_experiment(config.experiment)
     run_name = f"register {name} {checkpoint.name} {sha[:8]}"
@@ -179,31 +186,22 @@ def _model_exists(client: MlflowClient, name: str) -> bool:
         raise
 
 
-def _create_version(
-    client: MlflowClient,
-    checkpoint: Path,
-    sha: str,
-    metrics: dict[str, float],
-    tags: dict[str, str],
-    bases: tuple[dict[str, str], dict[str, str], dict[str, str]],
-    config: RegisterConfig,
-    rerun: str,
-) -> ModelVersion:
+def _create_version(client: MlflowClient, sub: Submission, rerun: str) -> ModelVersion:
     """:func:`_log_and_register`, deleting a half-made version on failure (best effort)."""
-    name = config.model_name
+    name, sha = sub.config.model_name, sub.sha
     before = _versions_with_sha(client, name, sha)
     try:
         if not _model_exists(client, name):
             with contextlib.suppress(Exception):  # a concurrent creator may win; its model is as good
                 client.create_registered_model(name, description=MODEL_DESCRIPTION)
-        return _log_and_register(client, checkpoint, sha, metrics, tags, bases, config)
+        return _log_and_register(client, sub)
     except Exception as exc:  # noqa: BLE001 - S3, HTTP and database errors all mean the same here
         leftovers = [v for v in _versions_with_sha(client, name, sha, quiet=True) if v not in before]
         for version in leftovers:
             with contextlib.suppress(Exception):
                 client.delete_model_version(name, version)
         raise UserError(
-            f"registering {checkpoint} failed ({type(exc).__name__}: {exc}); no alias was changed; {rerun}"
+            f"registering {sub.checkpoint} failed ({type(exc).__name__}: {exc}); no alias was changed; {rerun}"
         ) from exc
 
 
@@ -244,7 +242,7 @@ def register(
         except Exception as exc:  # noqa: BLE001 - any transport error: nothing was changed
             raise UserError(f"cannot reach the MLflow registry at {uri} ({exc}); nothing was changed; {rerun}") from exc
         created = existing is None
-        version = existing or _create_version(client, checkpoint, sha, metrics, tags, bases, config, rerun)
+        version = existing or _create_version(client, Submission(checkpoint, sha, metrics, tags, bases, config), rerun)
         try:
             client.set_registered_model_alias(name, CHALLENGER, version.version)
             result = promote(client, name, version, config) if promote_ else Registration(str(version.version), created)
