@@ -148,7 +148,7 @@ def test_model_names_mlflow_refuses_exit_2_with_one_line(checkpoints, tiny_model
     )
     assert done.returncode == 2, done.stderr
     (line,) = _error_lines(done.stderr)
-    assert "--model-name: model_name 'team/easyref' is not a name MLflow accepts" in line
+    assert "--model-name: model_name 'team/easyref' is not a registered-model name MLflow can" in line
 
 
 def test_registry_section_with_unpinned_base_models_is_refused(tmp_path):
