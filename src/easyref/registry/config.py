@@ -21,8 +21,8 @@ def check_model_name(name: str) -> str:
         raise ValueError("model_name must not be empty; use e.g. 'easyref'")
     if stripped != name or _BAD_NAME_CHARS.search(name) or name in (".", "..") or len(name) > 256:
         raise ValueError(
-            f"model_name {name!r} is not a registered-model name MLflow can store and search: no '/', ':', quotes, backslashes, '%', control "
-            "characters or surrounding spaces, at most 256 characters; use e.g. 'easyref-tiny'"
+            f"model_name {name!r} is not a registered-model name MLflow can store and search: no '/', ':', quotes, "
+            "backslashes, '%', control characters or surrounding spaces, at most 256 characters; use e.g. 'easyref-tiny'"
         )
     return name
 
