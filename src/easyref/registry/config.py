@@ -22,7 +22,8 @@ def check_model_name(name: str) -> str:
     if stripped != name or _BAD_NAME_CHARS.search(name) or name in (".", "..") or len(name) > 256:
         raise ValueError(
             f"model_name {name!r} is not a registered-model name MLflow can store and search: no '/', ':', quotes, "
-            "backslashes, '%', control characters or surrounding spaces, at most 256 characters; use e.g. 'easyref-tiny'"
+            "backslashes, '%', control characters or surrounding spaces, at most 256 characters; "
+            "use e.g. 'easyref-tiny'"
         )
     return name
 
