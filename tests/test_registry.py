@@ -27,38 +27,14 @@ from easyref.registry import (
     evaluate_gate,
     register,
 )
-from tests.conftest import SMALL_PIXELS, make_group
-
-GOOD = {"easyref.clip_i": 0.80, "easyref.clip_t": 0.70, "easyref.dino_i": 0.60, "num_samples": 3}
+from easyref.registry.pyfunc import BadRequest
+from tests.conftest import make_group
+from tests.registry_helpers import GOOD, aliases, make_checkpoints, sqlite_uri, write_metrics
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_models, tmp_path_factory) -> list[Path]:
-    """Three checkpoints of the same tiny model that differ in their recorded step (so in their hash)."""
-    import torch
-
-    from easyref.model import ModelConfig, load_model
-
-    torch.manual_seed(0)
-    model = load_model(tiny_models / "sdxl", tiny_models / "mllm", config=ModelConfig(num_tokens=8, **SMALL_PIXELS))
-    root = tmp_path_factory.mktemp("ckpts")
-    return [model.save_checkpoint(root / f"ckpt{i}", ["reference", "adapter"], step=i) for i in range(3)]
-
-
-def write_metrics(path: Path, **changes: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**GOOD, **changes}))
-    return path
-
-
-def sqlite_uri(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-def aliases(uri: str, name: str) -> dict[str, str]:
-    from mlflow import MlflowClient
-
-    return {k: str(v) for k, v in MlflowClient(uri).get_registered_model(name).aliases.items()}
+    return make_checkpoints(tiny_models, tmp_path_factory.mktemp("ckpts"))
 
 
 def test_gate_rules_with_margins_and_directions():
@@ -78,7 +54,7 @@ def test_gate_rules_with_margins_and_directions():
 def test_png_round_trip_and_bad_input():
     image = make_group(1, 1)[0]
     assert decode_png(encode_png(image)).tobytes() == image.tobytes()
-    with pytest.raises(ValueError, match="row 0: not a base64"):
+    with pytest.raises(BadRequest, match="row 0: not a base64"):
         decode_png("not base64!", "row 0")
 
 
@@ -87,7 +63,7 @@ def registry(checkpoints, tiny_models, tmp_path_factory):
     """An sqlite registry where ckpt0 was registered twice (then promoted) - shared by the read-only tests."""
     root = tmp_path_factory.mktemp("registry")
     uri = sqlite_uri(root)
-    metrics = write_metrics(root / "m0/metrics.json")
+    metrics = write_metrics(root / "m0/metrics.json", checkpoints[0])
     config = RegisterConfig(model_name="demo")
     first = register(checkpoints[0], metrics, config, base=tiny_models, tracking_uri=uri)
     second = register(checkpoints[0], metrics, config, base=tiny_models, tracking_uri=uri)
@@ -133,7 +109,7 @@ def test_promotion_gate_moves_champion_only_when_it_passes(checkpoints, tiny_mod
     )
     first = register(
         checkpoints[0],
-        write_metrics(tmp_path / "a/metrics.json"),
+        write_metrics(tmp_path / "a/metrics.json", checkpoints[0]),
         config,
         base=tiny_models,
         promote_=True,
@@ -142,7 +118,7 @@ def test_promotion_gate_moves_champion_only_when_it_passes(checkpoints, tiny_mod
     assert first.promoted and first.decision == "promoted: no champion yet"
     worse = register(
         checkpoints[1],
-        write_metrics(tmp_path / "b/metrics.json", **{"easyref.clip_i": 0.805}),
+        write_metrics(tmp_path / "b/metrics.json", checkpoints[1], **{"easyref.clip_i": 0.805}),
         config,
         base=tiny_models,
         promote_=True,
@@ -155,7 +131,7 @@ def test_promotion_gate_moves_champion_only_when_it_passes(checkpoints, tiny_mod
     assert "0.8050 vs champion 0.8000" in tags["gate.easyref.clip_i"] and tags["gate.easyref.clip_i"].endswith("FAIL")
     better = register(
         checkpoints[2],
-        write_metrics(tmp_path / "c/metrics.json", **{"easyref.clip_i": 0.85, "easyref.dino_i": 0.58}),
+        write_metrics(tmp_path / "c/metrics.json", checkpoints[2], **{"easyref.clip_i": 0.85, "easyref.dino_i": 0.58}),
         config,
         base=tiny_models,
         promote_=True,
@@ -169,8 +145,9 @@ def test_gate_fails_when_champion_was_evaluated_on_another_split(checkpoints, ti
     uri = sqlite_uri(tmp_path)
     config = RegisterConfig(model_name="splits")
     for i, split in enumerate(("a" * 64, "b" * 64)):
-        metrics = write_metrics(tmp_path / f"{i}/metrics.json", **{"easyref.clip_i": 0.8 + i})
-        (metrics.parent / "evaluation.json").write_text(json.dumps({"split_sha256": split}))
+        metrics = write_metrics(
+            tmp_path / f"{i}/metrics.json", checkpoints[i], {"split_sha256": split}, **{"easyref.clip_i": 0.8 + i}
+        )
         result = register(checkpoints[i], metrics, config, base=tiny_models, promote_=True, tracking_uri=uri)
     assert result.promoted is False and any(line.metric == "same_split" and not line.passed for line in result.lines)
 
@@ -226,8 +203,8 @@ def test_concurrent_registrations_keep_aliases_consistent(checkpoints, tiny_mode
     uri = sqlite_uri(tmp_path)
     MlflowClient(uri).search_experiments()  # create the schema once, before the racers
     metrics = [
-        write_metrics(tmp_path / "a/metrics.json"),
-        write_metrics(tmp_path / "b/metrics.json", **{"easyref.clip_i": 0.9}),
+        write_metrics(tmp_path / "a/metrics.json", checkpoints[0]),
+        write_metrics(tmp_path / "b/metrics.json", checkpoints[1], **{"easyref.clip_i": 0.9}),
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     procs = [_register_cli(checkpoints[i], metrics[i], "race", uri, tiny_models, env) for i in (0, 0, 1)]
@@ -334,7 +311,7 @@ def test_register_against_mlflow_server_with_s3_artifacts(s3_server, checkpoints
     config = RegisterConfig(model_name="remote")
     first = register(
         checkpoints[0],
-        write_metrics(tmp_path / "a/metrics.json"),
+        write_metrics(tmp_path / "a/metrics.json", checkpoints[0]),
         config,
         base=tiny_models,
         promote_=True,
@@ -356,7 +333,7 @@ def test_register_against_mlflow_server_with_s3_artifacts(s3_server, checkpoints
     with pytest.raises(UserError, match=r"no alias was changed; re-run `easyref register --checkpoint"):
         register(
             checkpoints[1],
-            write_metrics(tmp_path / "b/metrics.json", **{"easyref.clip_i": 0.9}),
+            write_metrics(tmp_path / "b/metrics.json", checkpoints[1], **{"easyref.clip_i": 0.9}),
             config,
             base=tiny_models,
             promote_=True,
@@ -376,7 +353,7 @@ def test_unreachable_tracking_server_changes_nothing_and_says_what_to_rerun(
     with pytest.raises(UserError, match="nothing was changed; re-run `easyref register"):
         register(
             checkpoints[0],
-            write_metrics(tmp_path / "metrics.json"),
+            write_metrics(tmp_path / "metrics.json", checkpoints[0]),
             RegisterConfig(),
             base=tiny_models,
             tracking_uri=f"http://127.0.0.1:{_free_port()}",
@@ -426,6 +403,9 @@ def test_mlflow_models_serve_answers_on_loopback(registry, tmp_path):
         assert reply.status_code == 200, reply.text
         (prediction,) = reply.json()["predictions"]
         assert decode_png(prediction["image"]).size[0] > 0
+        body["params"]["num_inference_steps"] = -1
+        reply = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
+        assert reply.status_code == 400 and "num_inference_steps = -1" in reply.json()["message"], reply.text[:500]
     finally:
         server.terminate()
         server.wait(timeout=30)

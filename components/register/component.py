@@ -24,7 +24,8 @@ def register(
     Args:
         checkpoint: The evaluated checkpoint.
         evaluation: The evaluate component's folder (its ``metrics.json`` feeds the promotion gate).
-        base_models: Base-model folder recorded (by reference) in the registered model.
+        base_models: Base-model folder (sdxl/, mllm/), bundled with the model unless ``register.base_models`` names
+            them by hub id and revision or URI.
         model_name: Registered model name.
         promote: Compare with ``@champion`` on the ``register.gate`` rules and move the alias if all pass.
         config: The ``register:`` section of params.yaml (gate rules, experiment, ...).

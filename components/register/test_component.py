@@ -14,6 +14,9 @@ def test_register_promotes_first_version(kfp_local: Path, pretrained: Path, work
     evaluation.mkdir()
     (evaluation / "metrics.json").write_text(json.dumps(
         {"easyref.clip_i": 0.5, "easyref.clip_t": 0.2, "easyref.dino_i": 0.4}))
+    from easyref.registry import checkpoint_sha256
+
+    (evaluation / "evaluation.json").write_text(json.dumps({"checkpoint_sha256": checkpoint_sha256(pretrained)}))
 
     @dsl.pipeline(name="register-test")
     def register_test(checkpoint_uri: str, evaluation_uri: str, base_models: str) -> str:
