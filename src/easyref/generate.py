@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from easyref.sampler import EasyRefSampler, base_paths
+    from easyref.threads import configure_cpu_threads
+
+    configure_cpu_threads(device=args.device)
 
     if args.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
