@@ -207,6 +207,58 @@ def test_dockerfile_has_cuda_base_and_cpu_build_arg() -> None:
     assert "FROM base-${DEVICE}" in text and "FROM ${CPU_BASE} AS base-cpu" in text
 
 
+def test_dockerfile_lints_clean_with_hadolint() -> None:
+    """Zero findings; every rule the file ignores says why on the line above (`# hadolint ignore=...`)."""
+    import os
+    import sys
+
+    hadolint = shutil.which("hadolint") or os.path.join(os.path.dirname(sys.executable), "hadolint")
+    done = subprocess.run([hadolint, "--no-color", str(ROOT / "infra" / "Dockerfile")], capture_output=True, text=True)
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+    lines = dockerfile().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("# hadolint ignore="):
+            rule = line.split("=", 1)[1]
+            justification = " ".join(lines[max(0, i - 4) : i])
+            assert rule in justification or "pinned" in justification.lower(), (rule, justification)
+
+
+def test_image_installs_under_constraints_from_the_tested_environment() -> None:
+    text = dockerfile()
+    assert "ENV PIP_CONSTRAINT=/opt/easyref/infra/constraints.txt" in text
+    assert text.index("PIP_CONSTRAINT=") < text.index('pip install ".[pipeline]"')
+    pins = {}
+    for line in (ROOT / "infra" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and "+" not in version and "/" not in line and "@" not in line, line
+            pins[name.lower().replace("_", "-")] = version
+    assert "easyref" not in pins and "torchvision" not in pins
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = pyproject["project"]["dependencies"] + pyproject["project"]["optional-dependencies"]["pipeline"]
+    for dep in declared:
+        name = re.split(r"[<>=!~\[; ]", dep)[0].lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in infra/constraints.txt (make constraints)"
+    torch_spec = re.search(r"ARG TORCH_SPEC=torch==(\S+)", text).group(1)
+    assert pins["torch"] == torch_spec
+
+
+def test_image_user_is_the_clusters_and_not_ubuntus_1000() -> None:
+    from easyref.train.launch import RUN_AS
+
+    uid = int(re.search(r"useradd [^\n]*--uid (\d+)", dockerfile()).group(1))
+    assert uid != 1000  # `ubuntu` in Ubuntu 24.04 images (the CUDA base)
+    assert f"USER {uid}" in dockerfile() and RUN_AS == uid
+    assert yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]["run_as_user"] == uid
+
+
+def test_cuda_base_does_not_duplicate_the_cuda_libraries_of_the_torch_wheel() -> None:
+    base = re.search(r"ARG CUDA_BASE=(\S+)", dockerfile()).group(1)
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-base-ubuntu[\d.]+(@sha256:[0-9a-f]{64})?", base), base
+    cuda = re.search(r"nvidia/cuda:(\d+)\.(\d+)", base).groups()
+    assert f"whl/cu{''.join(cuda)}" in dockerfile()  # the torch build matches the base's CUDA
+
+
 def test_dockerignore_keeps_data_and_secrets_out_of_the_build_context() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "data", "models", "outputs", "mlflow.db"} <= ignored

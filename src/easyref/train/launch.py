@@ -40,7 +40,7 @@ API_FORMS = {
 }
 POD_LABELS = {"app.kubernetes.io/part-of": "easyref", "app.kubernetes.io/component": "trainjob-node"}
 """Labels of every TrainJob pod (infra/k8s/networkpolicy.yaml selects them, with JobSet's jobset-name label)."""
-RUN_AS = 1000  # the image's user (infra/Dockerfile)
+RUN_AS = 10001  # the image's user (infra/Dockerfile; params.yaml cluster.run_as_user)
 POD_SECURITY = {
     "runAsNonRoot": True,
     "runAsUser": RUN_AS,
