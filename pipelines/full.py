@@ -229,12 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipelines/full.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="parameters file (default: params.yaml)")
+    # --params is accepted before or after the command (`full.py compile --params FILE` works too)
+    params_after = argparse.ArgumentParser(add_help=False)
+    params_after.add_argument("--params", default=argparse.SUPPRESS, help="parameters file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("compile", help="write the pipeline package (IR YAML)")
+    p = sub.add_parser("compile", help="write the pipeline package (IR YAML)", parents=[params_after])
     p.add_argument("--out", default="full.yaml", help="package file (default full.yaml)")
     p.add_argument("--image", help="component image (default: $EASYREF_IMAGE or easyref:0.1.0)")
     p.add_argument("--launcher", choices=LAUNCHERS, help="training launcher (default: cluster.launcher)")
-    p = sub.add_parser("submit", help="compile and submit a run through kfp.Client")
+    p = sub.add_parser("submit", help="compile and submit a run through kfp.Client", parents=[params_after])
     p.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080")
     p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
     p.add_argument("--experiment", default="easyref", help="experiment name (default easyref)")
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launcher", choices=LAUNCHERS, help="training launcher (default: cluster.launcher)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="pipeline parameter (YAML value), repeatable, e.g. --param nodes=2")
-    p = sub.add_parser("local", help="run the whole pipeline in kfp.local on this machine (tiny profile)")
+    p = sub.add_parser("local", help="run the whole pipeline in kfp.local on this machine (tiny profile)",
+                       parents=[params_after])
     p.add_argument("--workdir", default="outputs/kfp-local", help="where task outputs go (default outputs/kfp-local)")
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes per training step (default 2)")
     args = parser.parse_args(argv)

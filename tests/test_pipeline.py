@@ -169,6 +169,18 @@ def test_trainjob_launcher_settings_reach_the_training_tasks(package: tuple[dict
         assert any(s.startswith("MLFLOW_TRACKING_PASSWORD=") for s in secret_env)
 
 
+def test_params_flag_works_before_and_after_the_command(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["register"]["model_name"] = "easyref-other"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    for order in (["--params", str(tmp_path / "p.yaml"), "compile"], ["compile", "--params", str(tmp_path / "p.yaml")]):
+        out = tmp_path / "full.yaml"
+        assert load_full().main([*order, "--out", str(out)]) == 0
+        spec = next(yaml.safe_load_all(out.read_text()))
+        assert spec["root"]["inputDefinitions"]["parameters"]["model_name"]["defaultValue"] == "easyref-other"
+        out.unlink()
+
+
 def test_submit_parameters_parse_as_yaml() -> None:
     full = load_full()
     assert full.parse_param(["nodes=2", "sources=[s3://b/t.parquet]", "launcher=trainjob"]) == {

@@ -1,4 +1,4 @@
-"""Train one EasyRef stage: pretrain -> single_ref -> multi_ref (DESIGN.md section 1).
+"""Train one EasyRef stage: pretrain -> single_ref -> multi_ref (the paper's three progressive stages).
 
 The same command runs as a plain process, under torchrun / torchx, and in a cluster job (it reads RANK,
 WORLD_SIZE and LOCAL_RANK). Settings come from params.yaml's train: section (shared keys, then the stage's
