@@ -181,6 +181,25 @@ def test_params_flag_works_before_and_after_the_command(tmp_path: Path) -> None:
         out.unlink()
 
 
+# components/register belongs to another change in flight; it joins the layout when that change lands
+LAYOUT_PENDING = {"register"}
+
+
+def test_components_follow_the_pipelines_components_layout() -> None:
+    """Each component folder: component.py, README.md, metadata.yaml, OWNERS and a tests/ folder."""
+    folders = [p for p in sorted((ROOT / "components").iterdir()) if (p / "component.py").is_file()]
+    assert {p.name for p in folders} >= {"ingest", "split_groups", "pretrain", "finetune", "evaluate"}
+    for folder in folders:
+        if folder.name in LAYOUT_PENDING:
+            continue
+        meta = yaml.safe_load((folder / "metadata.yaml").read_text())
+        assert meta["name"] == folder.name and meta["stability"] in ("alpha", "beta", "stable"), folder.name
+        assert any(d["name"] == "Pipelines" for d in meta["dependencies"]["kubeflow"]), folder.name
+        assert yaml.safe_load((folder / "OWNERS").read_text())["approvers"], folder.name
+        assert (folder / "README.md").is_file() and list((folder / "tests").glob("test_*.py")), folder.name
+        assert not (folder / "test_component.py").exists(), folder.name
+
+
 def test_submit_parameters_parse_as_yaml() -> None:
     full = load_full()
     assert full.parse_param(["nodes=2", "sources=[s3://b/t.parquet]", "launcher=trainjob"]) == {
