@@ -41,8 +41,9 @@ RETRY = {"num_retries": 3, "backoff_duration": "60s", "backoff_factor": 2.0, "ba
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     data = yaml.safe_load(Path(path).read_text()) or {}
-    missing = [k for k in ("profile", "data", "ingest", "split", "train", "evaluate", "register", "cluster")
-               if k not in data]
+    missing = [
+        k for k in ("profile", "data", "ingest", "split", "train", "evaluate", "register", "cluster") if k not in data
+    ]
     if missing:
         raise SystemExit(f"{path}: missing section(s) {', '.join(missing)}")
     return data
@@ -81,9 +82,12 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
     mount_path = cluster["mount_path"]
     mlflow_secret, s3_secret = cluster["mlflow_secret"], cluster["s3_secret"]
     trainjob_secret_env = [
-        f"MLFLOW_TRACKING_USERNAME={mlflow_secret}:username", f"MLFLOW_TRACKING_PASSWORD={mlflow_secret}:password",
-        f"AWS_ACCESS_KEY_ID={s3_secret}:access_key_id", f"AWS_SECRET_ACCESS_KEY={s3_secret}:secret_access_key",
-        f"MLFLOW_S3_ENDPOINT_URL={s3_secret}:endpoint_url", f"AWS_ENDPOINT_URL={s3_secret}:endpoint_url",
+        f"MLFLOW_TRACKING_USERNAME={mlflow_secret}:username",
+        f"MLFLOW_TRACKING_PASSWORD={mlflow_secret}:password",
+        f"AWS_ACCESS_KEY_ID={s3_secret}:access_key_id",
+        f"AWS_SECRET_ACCESS_KEY={s3_secret}:secret_access_key",
+        f"MLFLOW_S3_ENDPOINT_URL={s3_secret}:endpoint_url",
+        f"AWS_ENDPOINT_URL={s3_secret}:endpoint_url",
     ]
 
     resources = cluster["task_resources"]
@@ -99,13 +103,23 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
         # without them (infra/k8s/namespace.yaml)
         user = int(cluster["run_as_user"])
         kubernetes.set_security_context(task, run_as_user=user, run_as_group=user, run_as_non_root=True)
-        kubernetes.use_secret_as_env(task, secret_name=mlflow_secret, secret_key_to_env={
-            "username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"})
-        kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={
-            "access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY",
-            "endpoint_url": "AWS_ENDPOINT_URL"})
-        kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={
-            "endpoint_url": "MLFLOW_S3_ENDPOINT_URL"})
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=mlflow_secret,
+            secret_key_to_env={"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
+        )
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=s3_secret,
+            secret_key_to_env={
+                "access_key_id": "AWS_ACCESS_KEY_ID",
+                "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+                "endpoint_url": "AWS_ENDPOINT_URL",
+            },
+        )
+        kubernetes.use_secret_as_env(
+            task, secret_name=s3_secret, secret_key_to_env={"endpoint_url": "MLFLOW_S3_ENDPOINT_URL"}
+        )
         kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=mount_path)
         return task
 
@@ -113,8 +127,9 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
         """Shared volume and secrets, plus a GPU request, GPU nodes and a memory-backed /dev/shm."""
         on_cluster(task, pvc, size)
         task.set_accelerator_type(cluster["accelerator_type"]).set_accelerator_limit(gpus)
-        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                                   size_limit=SHM_SIZE)
+        kubernetes.empty_dir_mount(
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE
+        )
         kubernetes.add_node_selector(task, label_key="nvidia.com/gpu.present", label_value="true")
         kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
         return task
@@ -146,11 +161,24 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
         tracking = {"mlflow_tracking_uri": mlflow_tracking_uri}
         data = on_cluster(ingest(sources=sources, config=ingest_config), shared_pvc, "ingest").set_retry(**RETRY)
         split = on_cluster(split_groups(ingested=data.outputs["ingested"], config=split_config), shared_pvc, "split")
-        common = dict(split=split.outputs["split"], ingested=data.outputs["ingested"], base_models=base_models,
-                      config=train_config, launcher=launcher, nproc=pod_gpus, nodes=nodes,
-                      gpus_per_node=gpus_per_node, image=image, namespace=namespace, pvc=shared_pvc,
-                      mount_path=mount_path, secret_env=trainjob_secret_env, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                      **tracking)
+        common = dict(
+            split=split.outputs["split"],
+            ingested=data.outputs["ingested"],
+            base_models=base_models,
+            config=train_config,
+            launcher=launcher,
+            nproc=pod_gpus,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            image=image,
+            namespace=namespace,
+            pvc=shared_pvc,
+            mount_path=mount_path,
+            secret_env=trainjob_secret_env,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            **tracking,
+        )
+
         def training(task):
             """A TrainJob submitter is a small CPU pod; a torchrun task trains in its pod with GPUs and /dev/shm."""
             if launcher == "trainjob":
@@ -159,27 +187,42 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
 
         stage1 = training(pretrain(max_steps=pretrain_steps, **common))
         stage1.set_display_name("pretrain")
-        stage2 = training(finetune(stage="single_ref", init=stage1.outputs["checkpoint"], max_steps=single_ref_steps,
-                                   **common))
+        stage2 = training(
+            finetune(stage="single_ref", init=stage1.outputs["checkpoint"], max_steps=single_ref_steps, **common)
+        )
         stage2.set_display_name("finetune-single-ref")
-        stage3 = training(finetune(stage="multi_ref", init=stage2.outputs["checkpoint"], max_steps=multi_ref_steps,
-                                   **common))
+        stage3 = training(
+            finetune(stage="multi_ref", init=stage2.outputs["checkpoint"], max_steps=multi_ref_steps, **common)
+        )
         stage3.set_display_name("finetune-multi-ref")
-        scores = evaluate(checkpoint=stage3.outputs["checkpoint"], split=split.outputs["split"],
-                          ingested=data.outputs["ingested"], base_models=base_models, config=evaluate_config,
-                          split_name=evaluate_split, **tracking)
+        scores = evaluate(
+            checkpoint=stage3.outputs["checkpoint"],
+            split=split.outputs["split"],
+            ingested=data.outputs["ingested"],
+            base_models=base_models,
+            config=evaluate_config,
+            split_name=evaluate_split,
+            **tracking,
+        )
         on_gpus(scores, shared_pvc, evaluate_gpus, "evaluate").set_display_name("evaluate")
         scores.set_retry(**RETRY)
-        registration = register(checkpoint=stage3.outputs["checkpoint"], evaluation=scores.outputs["evaluation"],
-                                base_models=base_models, model_name=model_name, promote=promote,
-                                config=register_config, **tracking)
+        registration = register(
+            checkpoint=stage3.outputs["checkpoint"],
+            evaluation=scores.outputs["evaluation"],
+            base_models=base_models,
+            model_name=model_name,
+            promote=promote,
+            config=register_config,
+            **tracking,
+        )
         on_cluster(registration, shared_pvc, "register").set_caching_options(enable_caching=False)
 
     return easyref_full
 
 
-def compile_package(out: str | Path, params_file: str | Path = DEFAULT_PARAMS, image: str | None = None,
-                    launcher: str | None = None) -> Path:
+def compile_package(
+    out: str | Path, params_file: str | Path = DEFAULT_PARAMS, image: str | None = None, launcher: str | None = None
+) -> Path:
     from kfp import compiler
 
     compiler.Compiler().compile(build_pipeline(load_params(params_file), image, launcher), str(out))
@@ -214,20 +257,40 @@ def run_local(params_file: str | Path, workdir: Path, nproc: int = 2) -> dict[st
         subprocess.run([*easyref, "tiny-models", "--out", str(base), "--seed", seed], check=True)
         for source in sources:
             if not Path(source).exists():
-                subprocess.run([*easyref, "demo-data", "--out", source, "--seed", seed,
-                                "--min-images", str(params["data"].get("demo_groups_min_images", 4)),
-                                "--max-images", str(params["data"].get("demo_groups_max_images", 10))], check=True)
+                subprocess.run(
+                    [
+                        *easyref,
+                        "demo-data",
+                        "--out",
+                        source,
+                        "--seed",
+                        seed,
+                        "--min-images",
+                        str(params["data"].get("demo_groups_min_images", 4)),
+                        "--max-images",
+                        str(params["data"].get("demo_groups_max_images", 10)),
+                    ],
+                    check=True,
+                )
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp-outputs"))
     pipeline = build_pipeline(params, launcher="torchrun")
-    run = pipeline(sources=sources, base_models=str(base), pod_gpus=nproc, evaluate_gpus=0,
-                   mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO_ROOT / 'mlflow.db'}"))
+    run = pipeline(
+        sources=sources,
+        base_models=str(base),
+        pod_gpus=nproc,
+        evaluate_gpus=0,
+        mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO_ROOT / 'mlflow.db'}"),
+    )
     return {"outputs": str(workdir / "kfp-outputs"), "run": run}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pipelines/full.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pipelines/full.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="parameters file (default: params.yaml)")
     # --params is accepted before or after the command (`full.py compile --params FILE` works too)
     params_after = argparse.ArgumentParser(add_help=False)
@@ -244,18 +307,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-name", help="run name (default: easyref-full <timestamp>)")
     p.add_argument("--image", help="component image (default: $EASYREF_IMAGE or easyref:0.1.0)")
     p.add_argument("--launcher", choices=LAUNCHERS, help="training launcher (default: cluster.launcher)")
-    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="pipeline parameter (YAML value), repeatable, e.g. --param nodes=2")
-    p = sub.add_parser("local", help="run the whole pipeline in kfp.local on this machine (tiny profile)",
-                       parents=[params_after])
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="pipeline parameter (YAML value), repeatable, e.g. --param nodes=2",
+    )
+    p = sub.add_parser(
+        "local", help="run the whole pipeline in kfp.local on this machine (tiny profile)", parents=[params_after]
+    )
     p.add_argument("--workdir", default="outputs/kfp-local", help="where task outputs go (default outputs/kfp-local)")
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes per training step (default 2)")
     args = parser.parse_args(argv)
 
     if args.command == "compile":
         out = compile_package(args.out, args.params, args.image, args.launcher)
-        print(f"wrote {out}; submit with: kfp --endpoint URL run create --experiment-name easyref "
-              f"--package-file {out}")
+        print(f"wrote {out}; submit with: kfp --endpoint URL run create --experiment-name easyref --package-file {out}")
     elif args.command == "submit":
         import tempfile
 
@@ -265,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             package = compile_package(Path(tmp) / "full.yaml", args.params, args.image, args.launcher)
             client = kfp.Client(host=args.host, namespace=args.namespace)
             run = client.create_run_from_pipeline_package(
-                str(package), arguments=parse_param(args.param), run_name=args.run_name,
-                experiment_name=args.experiment, namespace=args.namespace)
+                str(package),
+                arguments=parse_param(args.param),
+                run_name=args.run_name,
+                experiment_name=args.experiment,
+                namespace=args.namespace,
+            )
         print(f"submitted run {run.run_id}: {args.host.rstrip('/')}/#/runs/details/{run.run_id}")
     else:
         result = run_local(args.params, Path(args.workdir), args.nproc)

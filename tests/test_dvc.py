@@ -15,8 +15,17 @@ sys.path.insert(0, str(ROOT))
 
 from components.testing import fast_params, fresh_copy, tool_env  # noqa: E402
 
-STAGES = ["tiny_models", "demo_data", "ingest", "split", "pretrain", "finetune_single", "finetune_multi",
-          "evaluate", "register"]
+STAGES = [
+    "tiny_models",
+    "demo_data",
+    "ingest",
+    "split",
+    "pretrain",
+    "finetune_single",
+    "finetune_multi",
+    "evaluate",
+    "register",
+]
 
 
 def dvc(*args: str, cwd: Path, env: dict[str, str]) -> str:
@@ -89,12 +98,16 @@ def s3_endpoint():
         server.stop()
 
 
-def test_manifests_push_to_and_pull_from_an_s3_remote(tmp_path: Path, s3_endpoint: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_manifests_push_to_and_pull_from_an_s3_remote(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import boto3
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="easyref-dvc")
     env = tool_env(tmp_path)
@@ -116,8 +129,11 @@ def test_manifests_push_to_and_pull_from_an_s3_remote(tmp_path: Path, s3_endpoin
     dvc("remote", "modify", "--local", "storage", "endpointurl", s3_endpoint, cwd=repo, env=env)
     dvc("push", "--with-deps", "split", cwd=repo, env=env)
     subprocess.run(["git", "add", "dvc.lock", "params.yaml", ".dvc/config"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qam", "lock"],
-                   cwd=repo, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qam", "lock"],
+        cwd=repo,
+        check=True,
+    )
     objects = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="easyref-dvc")
     assert objects["KeyCount"] > 0
 

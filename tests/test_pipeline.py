@@ -30,8 +30,20 @@ def load_full():
 def compiled(tmp_path_factory: pytest.TempPathFactory, *flags: str) -> tuple[dict, dict]:
     """(pipeline spec, kubernetes platform spec) of `python pipelines/full.py compile FLAGS`."""
     out = tmp_path_factory.mktemp("compile") / "full.yaml"
-    done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "full.py"), "compile", "--out", str(out),
-                           "--image", "registry.example/easyref:1.2.3", *flags], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "full.py"),
+            "compile",
+            "--out",
+            str(out),
+            "--image",
+            "registry.example/easyref:1.2.3",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     docs = list(yaml.safe_load_all(out.read_text()))
     return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -57,8 +69,10 @@ def test_package_chains_every_step(package: tuple[dict, dict]) -> None:
     assert "split-groups" in deps["pretrain"]
     assert "pretrain" in deps["finetune"] and "finetune" in deps["finetune-2"]
     assert "finetune-2" in deps["evaluate"] and {"evaluate", "finetune-2"} <= deps["register"]
-    stages = {name: tasks[name]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]
-              for name in ("finetune", "finetune-2")}
+    stages = {
+        name: tasks[name]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]
+        for name in ("finetune", "finetune-2")
+    }
     assert stages == {"finetune": "single_ref", "finetune-2": "multi_ref"}
 
 
@@ -81,8 +95,9 @@ def assert_gpu_pod(executors: dict, k8s: dict, name: str) -> None:
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
     assert "pipelinechannel--" in resources["accelerator"]["resourceCount"]  # a pipeline parameter
     platform = k8s[name]
-    assert platform["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi",
-                                           "volumeName": "dshm"}]
+    assert platform["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi", "volumeName": "dshm"}
+    ]
     assert platform["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert platform["tolerations"][0]["key"] == "nvidia.com/gpu"
 
@@ -101,12 +116,15 @@ def test_trainjob_submitters_are_small_cpu_pods_and_evaluate_gets_gpus(package: 
     assert_gpu_pod(executors, k8s, "exec-evaluate")
     cluster = yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]
     for name in TRAINING_EXECUTORS:
-        assert executors[name]["container"]["resources"]["resourceMemoryLimit"] == cluster["task_resources"][
-            "submit"]["memory"]
+        assert (
+            executors[name]["container"]["resources"]["resourceMemoryLimit"]
+            == cluster["task_resources"]["submit"]["memory"]
+        )
 
 
 def test_torchrun_training_tasks_request_gpus_and_get_shm_nodes_and_tolerations(
-        torchrun_package: tuple[dict, dict]) -> None:
+    torchrun_package: tuple[dict, dict],
+) -> None:
     spec, k8s = torchrun_package
     executors = spec["deploymentSpec"]["executors"]
     for name in (*TRAINING_EXECUTORS, "exec-evaluate"):
@@ -123,8 +141,10 @@ def test_every_task_has_limits_labels_a_non_root_user_and_transient_steps_retry(
         resources = executor["container"]["resources"]
         for key in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
             assert resources.get(key), (name, key)
-        assert k8s[name]["podMetadata"]["labels"] == {"app.kubernetes.io/part-of": "easyref",
-                                                      "app.kubernetes.io/component": "pipeline-task"}
+        assert k8s[name]["podMetadata"]["labels"] == {
+            "app.kubernetes.io/part-of": "easyref",
+            "app.kubernetes.io/component": "pipeline-task",
+        }
         context = k8s[name]["securityContext"]
         assert context["runAsNonRoot"] is True and int(context["runAsUser"]) != 0, name
     tasks = spec["root"]["dag"]["tasks"]
@@ -160,8 +180,13 @@ def test_trainjob_launcher_settings_reach_the_training_tasks(package: tuple[dict
     tasks = spec["root"]["dag"]["tasks"]
     for name in ("pretrain", "finetune", "finetune-2"):
         inputs = tasks[name]["inputs"]["parameters"]
-        for key, source in {"nodes": "nodes", "gpus_per_node": "gpus_per_node",
-                            "pvc": "shared_pvc", "image": "image", "namespace": "namespace"}.items():
+        for key, source in {
+            "nodes": "nodes",
+            "gpus_per_node": "gpus_per_node",
+            "pvc": "shared_pvc",
+            "image": "image",
+            "namespace": "namespace",
+        }.items():
             assert inputs[key]["componentInputParameter"] == source, (name, key)
         assert inputs["launcher"]["runtimeValue"]["constant"] == "trainjob"
         assert inputs["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
@@ -203,7 +228,10 @@ def test_components_follow_the_pipelines_components_layout() -> None:
 def test_submit_parameters_parse_as_yaml() -> None:
     full = load_full()
     assert full.parse_param(["nodes=2", "sources=[s3://b/t.parquet]", "launcher=trainjob"]) == {
-        "nodes": 2, "sources": ["s3://b/t.parquet"], "launcher": "trainjob"}
+        "nodes": 2,
+        "sources": ["s3://b/t.parquet"],
+        "launcher": "trainjob",
+    }
     with pytest.raises(SystemExit):
         full.parse_param(["nodes"])
 
@@ -218,9 +246,21 @@ def test_local_runs_the_whole_pipeline_in_kfp_local(tmp_path: Path) -> None:
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     fast_params(params_file)
     env = tool_env(tmp_path)
-    done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "full.py"), "--params", str(params_file),
-                           "local", "--workdir", str(tmp_path / "kfp")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "full.py"),
+            "--params",
+            str(params_file),
+            "local",
+            "--workdir",
+            str(tmp_path / "kfp"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "local run finished" in done.stdout
     root = tmp_path / "kfp" / "kfp-outputs"

@@ -24,8 +24,12 @@ HELP = "train one EasyRef stage (pretrain, single_ref, multi_ref), distributed a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=STAGES, required=True, help="the training stage")
-    parser.add_argument("--params", type=Path, default=None,
-                        help="parameters file with a train: section (default: params.yaml if present)")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="parameters file with a train: section (default: params.yaml if present)",
+    )
     parser.add_argument("--init", type=Path, default=None, help="checkpoint of the previous stage (its OUT/final)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/ and final/")
     group = parser.add_argument_group("overrides of params.yaml")
@@ -48,9 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int)
     group.add_argument("--num-workers", dest="num_workers", type=int)
     group.add_argument("--experiment", help="MLflow experiment name")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per process (default: cores / local processes; or $EASYREF_THREADS, "
-                             "$OMP_NUM_THREADS)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per process (default: cores / local processes; or $EASYREF_THREADS, $OMP_NUM_THREADS)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
