@@ -143,33 +143,6 @@ def test_mlflow_server_has_postgres_backend_s3_artifacts_and_auth() -> None:
     assert pvcs[params["shared_pvc"]]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
-def test_custom_resources_of_the_pipeline_have_the_trainer_structure() -> None:
-    """The TrainJob the training components create (through `easyref launch`) is a well-formed custom resource."""
-    from easyref.train.launch import LaunchConfig, render_trainjob
-
-    job = render_trainjob(
-        LaunchConfig(
-            name="easyref-pretrain-abc",
-            namespace="easyref",
-            image="easyref:0.1.0",
-            command=["torchrun", "-m", "easyref.cli", "train"],
-            nodes=2,
-            gpus_per_node=8,
-            pvc="easyref-shared",
-            mount_path="/mnt/easyref",
-        )
-    )
-    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
-    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
-    assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
-    trainer = job["spec"]["trainer"]
-    assert trainer["numNodes"] == 2 and trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
-    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
-    volumes = {v["name"]: v for v in pod["template"]["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
-    assert volumes["runs"]["persistentVolumeClaim"]["claimName"] == "easyref-shared"
-
-
 def dockerfile() -> str:
     return (ROOT / "infra" / "Dockerfile").read_text()
 

@@ -73,6 +73,19 @@ def render(api: str = "runtime-patches", **kw: Any) -> dict:
     return render_trainjob(LaunchConfig(**(cfg | kw)))
 
 
+def test_custom_resources_of_the_pipeline_have_the_trainer_structure() -> None:
+    """The TrainJob the training components create (through `easyref launch`) is a well-formed custom resource."""
+    job = render()
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    trainer = job["spec"]["trainer"]
+    assert trainer["numNodes"] == 2 and trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
+    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    volumes = {v["name"]: v for v in pod["template"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["runs"]["persistentVolumeClaim"]["claimName"] == "easyref-shared"
+
+
 @pytest.mark.parametrize(("api", "version"), [(a, v) for a, vs in FORMS.items() for v in vs])
 def test_every_launch_form_is_valid_for_the_trainer_version_it_claims(api: str, version: str) -> None:
     assert errors(version, render(api)) == []
