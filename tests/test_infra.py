@@ -321,3 +321,15 @@ def test_mlflow_server_answers_the_in_cluster_host_and_refuses_others(tmp_path: 
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_make_setup_says_what_it_installs(tmp_path: Path) -> None:
+    """`make setup` runs pip quietly, so it names each step (`make -n`: the recipe, nothing run)."""
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    done = subprocess.run(["make", "-n", "setup", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True)
+    said = [line for line in done.stdout.splitlines() if line.startswith('echo "setup: ')]
+    torch_spec = re.search(r"TORCH_SPEC \?= (\S+)", (ROOT / "Makefile").read_text()).group(1)
+    assert any(torch_spec in line for line in said) and any("dev and pipeline extras" in line for line in said), said
+    assert said[0].startswith(f'echo "setup: virtual environment {venv}')
