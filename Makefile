@@ -6,16 +6,27 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.easyref-installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup constraints demo test test-fast lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,pipeline]"
-	touch $@
+	@echo "setup: virtual environment $(VENV) ($$($(PYTHON) --version)), created if missing"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "setup: upgrading pip in $(VENV)"
+	@$(PY) -m pip install --quiet --upgrade pip
+	@echo "setup: installing $(TORCH_SPEC) first (the largest download), so nothing later pulls in another torch"
+	@$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	@echo "setup: installing easyref (editable) with the dev and pipeline extras: diffusers, transformers, mlflow, kfp, dvc, pytest, ..."
+	@$(PY) -m pip install --quiet -e ".[dev,pipeline]"
+	@echo "setup: done ($$($(PY) -m pip list --format=freeze 2>/dev/null | wc -l) packages in $(VENV)); it reruns only when pyproject.toml changes"
+	@touch $@
+
+## infra/constraints.txt: the exact versions of the tested environment (pip freeze, without easyref itself and with
+## torch's local build label dropped so the CUDA build matches), which the image installs under (infra/Dockerfile).
+constraints: setup
+	@echo "# pip freeze of the environment the tests pass in (make constraints); used by infra/Dockerfile" > infra/constraints.txt
+	$(PY) -m pip freeze --exclude-editable | grep -v -i '^easyref' | sed -E 's/^([A-Za-z0-9_.-]+==[^+]+)\+.*/\1/' >> infra/constraints.txt
 
 ## The main job on the tiny profile: the whole pipeline (dvc.yaml) from tiny models to a promoted model.
 demo: setup

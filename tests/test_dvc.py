@@ -15,8 +15,17 @@ sys.path.insert(0, str(ROOT))
 
 from components.testing import fast_params, fresh_copy, tool_env  # noqa: E402
 
-STAGES = ["tiny_models", "demo_data", "ingest", "split", "pretrain", "finetune_single", "finetune_multi",
-          "evaluate", "register"]
+STAGES = [
+    "tiny_models",
+    "demo_data",
+    "ingest",
+    "split",
+    "pretrain",
+    "finetune_single",
+    "finetune_multi",
+    "evaluate",
+    "register",
+]
 
 
 def dvc(*args: str, cwd: Path, env: dict[str, str]) -> str:
@@ -41,6 +50,21 @@ def test_stages_and_params_are_consistent() -> None:
     assert "data/ingested/manifest.parquet" in ingest_outs and not any(".cache" in o for o in ingest_outs)
     assert "data/ingested/.cache" in (ROOT / ".dvcignore").read_text()
     assert "data/split/train.parquet" in pipeline["split"]["outs"]
+
+
+def test_the_demo_trains_with_two_torchrun_processes_as_the_readme_says() -> None:
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("pretrain", "finetune_single", "finetune_multi"):
+        assert pipeline[name]["cmd"].startswith("torchrun --standalone --nproc_per_node 2 -m easyref.cli train "), name
+    assert "two `torchrun` processes each" in (ROOT / "README.md").read_text()
+
+
+def test_plots_have_an_offline_image_and_their_html_is_not_committed() -> None:
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("pretrain", "finetune_single", "finetune_multi"):
+        plots = [next(iter(p)) if isinstance(p, dict) else p for p in pipeline[name]["plots"]]
+        assert any(p.endswith("loss.png") for p in plots), name
+    assert "/dvc_plots/" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_each_section_validates_with_its_command(tmp_path: Path) -> None:
@@ -74,25 +98,42 @@ def s3_endpoint():
         server.stop()
 
 
-def test_manifests_push_to_and_pull_from_an_s3_remote(tmp_path: Path, s3_endpoint: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_manifests_push_to_and_pull_from_an_s3_remote(
+    tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import boto3
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="easyref-dvc")
     env = tool_env(tmp_path)
     repo = fresh_copy(tmp_path / "repo")
     fast_params(repo / "params.yaml")
     dvc("repro", "split", cwd=repo, env=env)
+    # `dvc metrics show` holds counts only: the records' provenance stays in their own files
+    import json
+
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=repo, env=env))
+    files = [f.get("data", {}) for data in shown.values() for f in data["data"].values()]  # evaluate: not run yet
+    values = {k: v for f in files for k, v in f.items()}
+    assert values["split.groups.train"] > 0 and values["ingest.accepted"] > 0
+    assert all(isinstance(v, int | float) for v in values.values()), values
+    assert len(values) <= 12 and not [k for k in values if "sha256" in k or "manifest" in k or "threshold" in k]
+    assert "manifest_sha256" in json.loads((repo / "data" / "split" / "split.json").read_text())
     # the README's remote set-up: URL in the repo config, endpoint and credentials in config.local / the environment
     dvc("remote", "add", "-d", "storage", "s3://easyref-dvc/cache", cwd=repo, env=env)
     dvc("remote", "modify", "--local", "storage", "endpointurl", s3_endpoint, cwd=repo, env=env)
     dvc("push", "--with-deps", "split", cwd=repo, env=env)
     subprocess.run(["git", "add", "dvc.lock", "params.yaml", ".dvc/config"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qam", "lock"],
-                   cwd=repo, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qam", "lock"],
+        cwd=repo,
+        check=True,
+    )
     objects = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="easyref-dvc")
     assert objects["KeyCount"] > 0
 
@@ -116,6 +157,7 @@ def test_dvc_repro_on_a_fresh_copy_then_status_is_clean(tmp_path: Path) -> None:
     assert "@champion -> v1" in (repo / "outputs" / "register.txt").read_text()
     loss = (repo / "outputs" / "runs" / "pretrain" / "loss.csv").read_text().splitlines()
     assert loss[0] == "step,loss" and len(loss) == 3
+    assert (repo / "outputs" / "runs" / "pretrain" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a parameter change re-runs only the stages that depend on it
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["evaluate"]["seed"] = 1

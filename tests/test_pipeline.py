@@ -27,15 +27,37 @@ def load_full():
     return module
 
 
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
-    """(pipeline spec, kubernetes platform spec) of `python pipelines/full.py compile`."""
+def compiled(tmp_path_factory: pytest.TempPathFactory, *flags: str) -> tuple[dict, dict]:
+    """(pipeline spec, kubernetes platform spec) of `python pipelines/full.py compile FLAGS`."""
     out = tmp_path_factory.mktemp("compile") / "full.yaml"
-    done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "full.py"), "compile", "--out", str(out),
-                           "--image", "registry.example/easyref:1.2.3"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "full.py"),
+            "compile",
+            "--out",
+            str(out),
+            "--image",
+            "registry.example/easyref:1.2.3",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     docs = list(yaml.safe_load_all(out.read_text()))
     return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """The default package: params.yaml's launcher, trainjob."""
+    return compiled(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def torchrun_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    return compiled(tmp_path_factory, "--launcher", "torchrun")
 
 
 def test_package_chains_every_step(package: tuple[dict, dict]) -> None:
@@ -47,8 +69,10 @@ def test_package_chains_every_step(package: tuple[dict, dict]) -> None:
     assert "split-groups" in deps["pretrain"]
     assert "pretrain" in deps["finetune"] and "finetune" in deps["finetune-2"]
     assert "finetune-2" in deps["evaluate"] and {"evaluate", "finetune-2"} <= deps["register"]
-    stages = {name: tasks[name]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]
-              for name in ("finetune", "finetune-2")}
+    stages = {
+        name: tasks[name]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"]
+        for name in ("finetune", "finetune-2")
+    }
     assert stages == {"finetune": "single_ref", "finetune-2": "multi_ref"}
 
 
@@ -62,24 +86,70 @@ def test_parameters_default_to_params_yaml(package: tuple[dict, dict]) -> None:
     assert inputs["nodes"]["defaultValue"] == params["cluster"]["nodes"]
     assert inputs["gpus_per_node"]["defaultValue"] == params["cluster"]["gpus_per_node"]
     assert inputs["model_name"]["defaultValue"] == params["register"]["model_name"]
-    for name in ("mlflow_tracking_uri", "launcher", "image", "shared_pvc", "base_models", "train_config"):
+    for name in ("mlflow_tracking_uri", "image", "shared_pvc", "base_models", "train_config"):
         assert name in inputs
 
 
-def test_training_tasks_request_gpus_and_get_shm_nodes_and_tolerations(package: tuple[dict, dict]) -> None:
+def assert_gpu_pod(executors: dict, k8s: dict, name: str) -> None:
+    resources = executors[name]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert "pipelinechannel--" in resources["accelerator"]["resourceCount"]  # a pipeline parameter
+    platform = k8s[name]
+    assert platform["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi", "volumeName": "dshm"}
+    ]
+    assert platform["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert platform["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def assert_cpu_pod(executors: dict, k8s: dict, name: str) -> None:
+    assert "accelerator" not in (executors[name]["container"].get("resources") or {}), name
+    assert not {"emptyDirMounts", "nodeSelector", "tolerations"} & set(k8s[name]), name
+
+
+def test_trainjob_submitters_are_small_cpu_pods_and_evaluate_gets_gpus(package: tuple[dict, dict]) -> None:
+    """With launcher=trainjob the training tasks only submit and wait: no GPU node, no 64Gi /dev/shm."""
     spec, k8s = package
     executors = spec["deploymentSpec"]["executors"]
+    for name in (*TRAINING_EXECUTORS, "exec-ingest", "exec-split-groups", "exec-register"):
+        assert_cpu_pod(executors, k8s, name)
+    assert_gpu_pod(executors, k8s, "exec-evaluate")
+    cluster = yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]
+    for name in TRAINING_EXECUTORS:
+        assert (
+            executors[name]["container"]["resources"]["resourceMemoryLimit"]
+            == cluster["task_resources"]["submit"]["memory"]
+        )
+
+
+def test_torchrun_training_tasks_request_gpus_and_get_shm_nodes_and_tolerations(
+    torchrun_package: tuple[dict, dict],
+) -> None:
+    spec, k8s = torchrun_package
+    executors = spec["deploymentSpec"]["executors"]
     for name in (*TRAINING_EXECUTORS, "exec-evaluate"):
-        resources = executors[name]["container"]["resources"]
-        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-        assert "pipelinechannel--" in resources["accelerator"]["resourceCount"]  # a pipeline parameter
-        platform = k8s[name]
-        assert platform["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi",
-                                               "volumeName": "dshm"}]
-        assert platform["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
-        assert platform["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert_gpu_pod(executors, k8s, name)
     for name in ("exec-ingest", "exec-split-groups", "exec-register"):
-        assert "accelerator" not in (executors[name]["container"].get("resources") or {})
+        assert_cpu_pod(executors, k8s, name)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["pretrain"]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"] == "torchrun"
+
+
+def test_every_task_has_limits_labels_a_non_root_user_and_transient_steps_retry(package: tuple[dict, dict]) -> None:
+    spec, k8s = package
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        resources = executor["container"]["resources"]
+        for key in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
+            assert resources.get(key), (name, key)
+        assert k8s[name]["podMetadata"]["labels"] == {
+            "app.kubernetes.io/part-of": "easyref",
+            "app.kubernetes.io/component": "pipeline-task",
+        }
+        context = k8s[name]["securityContext"]
+        assert context["runAsNonRoot"] is True and int(context["runAsUser"]) != 0, name
+    tasks = spec["root"]["dag"]["tasks"]
+    retried = {name for name, task in tasks.items() if task.get("retryPolicy", {}).get("maxRetryCount")}
+    assert retried == {"ingest", "evaluate"}
 
 
 def test_every_task_gets_secrets_as_env_and_the_shared_volume(package: tuple[dict, dict]) -> None:
@@ -110,18 +180,58 @@ def test_trainjob_launcher_settings_reach_the_training_tasks(package: tuple[dict
     tasks = spec["root"]["dag"]["tasks"]
     for name in ("pretrain", "finetune", "finetune-2"):
         inputs = tasks[name]["inputs"]["parameters"]
-        for key, source in {"launcher": "launcher", "nodes": "nodes", "gpus_per_node": "gpus_per_node",
-                            "pvc": "shared_pvc", "image": "image", "namespace": "namespace"}.items():
+        for key, source in {
+            "nodes": "nodes",
+            "gpus_per_node": "gpus_per_node",
+            "pvc": "shared_pvc",
+            "image": "image",
+            "namespace": "namespace",
+        }.items():
             assert inputs[key]["componentInputParameter"] == source, (name, key)
+        assert inputs["launcher"]["runtimeValue"]["constant"] == "trainjob"
         assert inputs["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
         secret_env = inputs["secret_env"]["runtimeValue"]["constant"]
         assert any(s.startswith("MLFLOW_TRACKING_PASSWORD=") for s in secret_env)
 
 
+def test_params_flag_works_before_and_after_the_command(tmp_path: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["register"]["model_name"] = "easyref-other"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    for order in (["--params", str(tmp_path / "p.yaml"), "compile"], ["compile", "--params", str(tmp_path / "p.yaml")]):
+        out = tmp_path / "full.yaml"
+        assert load_full().main([*order, "--out", str(out)]) == 0
+        spec = next(yaml.safe_load_all(out.read_text()))
+        assert spec["root"]["inputDefinitions"]["parameters"]["model_name"]["defaultValue"] == "easyref-other"
+        out.unlink()
+
+
+# components/register belongs to another change in flight; it joins the layout when that change lands
+LAYOUT_PENDING = {"register"}
+
+
+def test_components_follow_the_pipelines_components_layout() -> None:
+    """Each component folder: component.py, README.md, metadata.yaml, OWNERS and a tests/ folder."""
+    folders = [p for p in sorted((ROOT / "components").iterdir()) if (p / "component.py").is_file()]
+    assert {p.name for p in folders} >= {"ingest", "split_groups", "pretrain", "finetune", "evaluate"}
+    for folder in folders:
+        if folder.name in LAYOUT_PENDING:
+            continue
+        meta = yaml.safe_load((folder / "metadata.yaml").read_text())
+        assert meta["name"] == folder.name and meta["stability"] in ("alpha", "beta", "stable"), folder.name
+        assert any(d["name"] == "Pipelines" for d in meta["dependencies"]["kubeflow"]), folder.name
+        assert yaml.safe_load((folder / "OWNERS").read_text())["approvers"], folder.name
+        assert (folder / "README.md").is_file() and list((folder / "tests").glob("test_*.py")), folder.name
+        assert not (folder / "test_component.py").exists(), folder.name
+
+
 def test_submit_parameters_parse_as_yaml() -> None:
     full = load_full()
     assert full.parse_param(["nodes=2", "sources=[s3://b/t.parquet]", "launcher=trainjob"]) == {
-        "nodes": 2, "sources": ["s3://b/t.parquet"], "launcher": "trainjob"}
+        "nodes": 2,
+        "sources": ["s3://b/t.parquet"],
+        "launcher": "trainjob",
+    }
     with pytest.raises(SystemExit):
         full.parse_param(["nodes"])
 
@@ -136,9 +246,21 @@ def test_local_runs_the_whole_pipeline_in_kfp_local(tmp_path: Path) -> None:
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     fast_params(params_file)
     env = tool_env(tmp_path)
-    done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "full.py"), "--params", str(params_file),
-                           "local", "--workdir", str(tmp_path / "kfp")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "full.py"),
+            "--params",
+            str(params_file),
+            "local",
+            "--workdir",
+            str(tmp_path / "kfp"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "local run finished" in done.stdout
     root = tmp_path / "kfp" / "kfp-outputs"

@@ -917,6 +917,9 @@ def run(args: argparse.Namespace) -> int:
     from easyref.data.parquet import sha256_file
     from easyref.model import read_checkpoint_config
     from easyref.registry import checkpoint_sha256, git_commit
+    from easyref.threads import configure_cpu_threads
+
+    configure_cpu_threads()
 
     config = config_from_args(args)
     read_checkpoint_config(args.checkpoint)  # a clear error before anything is loaded

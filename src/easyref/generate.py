@@ -163,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from easyref.sampler import EasyRefSampler, base_paths
+    from easyref.threads import configure_cpu_threads
+
+    configure_cpu_threads(device=args.device)
 
     sdxl, mllm = base_paths(args.base)
     check_arguments(args, scheduler_steps(sdxl))

@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int)
     group.add_argument("--num-workers", dest="num_workers", type=int)
     group.add_argument("--experiment", help="MLflow experiment name")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per process (default: cores / local processes; or $EASYREF_THREADS, $OMP_NUM_THREADS)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
     import io
     import signal
 
+    from easyref.threads import configure_cpu_threads
     from easyref.train.config import load_train_config
 
+    configure_cpu_threads(threads=args.threads)
     with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):  # stderr without a file
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a hung rank waits
     from easyref.train.loop import train

@@ -11,8 +11,12 @@ every rank for resume), and /dev/shm is a memory-backed emptyDir for the data-lo
       --env MLFLOW_TRACKING_URI=http://mlflow.mlflow:5000 --out /mnt/runs/pretrain --dry-run
   ... --submit            # create it through the Kubernetes API (kubeconfig, or in-cluster service account)
 
-Volumes and mounts go through `runtimePatches` (Trainer >= 2.2); `--api pod-template-overrides` renders the
-`podTemplateOverrides` form of Trainer 2.0 / 2.1 instead. Arguments after `--` are passed to `easyref train`.
+Volumes, mounts, pod labels and the restricted securityContext go through `runtimePatches` (Trainer >= 2.2).
+Older Trainers take another form (`--api`): `pod-template-overrides` renders `podTemplateOverrides[].spec` and
+`.metadata` (Trainer 2.1), `pod-spec-overrides` renders `podSpecOverrides[]` (Trainer 2.0). Neither of those accepts
+a securityContext (their CRD schemas have none): there the namespace's Pod Security Admission (`restricted`) and the
+runtime's own template must provide it, and 2.0 cannot label the pods either. Every form is validated against the
+TrainJob CRD schema of its Trainer version (tests/data/trainer-crds). Arguments after `--` go to `easyref train`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,26 @@ HELP = "render or submit a Kubeflow Trainer TrainJob running `easyref train`"
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 NODE = "node"  # replicated job and container name of the torch-distributed runtime
 PATCH_MANAGER = "easyref.launch"
+API_FORMS = {
+    "runtime-patches": "Trainer >= 2.2",
+    "pod-template-overrides": "Trainer 2.1",
+    "pod-spec-overrides": "Trainer 2.0",
+}
+POD_LABELS = {"app.kubernetes.io/part-of": "easyref", "app.kubernetes.io/component": "trainjob-node"}
+"""Labels of every TrainJob pod (infra/k8s/networkpolicy.yaml selects them, with JobSet's jobset-name label)."""
+RUN_AS = 10001  # the image's user (infra/Dockerfile; params.yaml cluster.run_as_user)
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS,
+    "runAsGroup": RUN_AS,
+    "fsGroup": RUN_AS,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -65,7 +89,8 @@ class LaunchConfig:
     runtime: str = "torch-distributed"
     """ClusterTrainingRuntime to run on."""
     api: str = "runtime-patches"
-    """How volumes are attached: ``runtime-patches`` (Trainer >= 2.2) or ``pod-template-overrides`` (2.0/2.1)."""
+    """How the pod is patched: ``runtime-patches`` (Trainer >= 2.2), ``pod-template-overrides`` (2.1) or
+    ``pod-spec-overrides`` (2.0)."""
     labels: dict[str, str] = field(default_factory=dict)
     """Extra metadata labels (e.g. ``kueue.x-k8s.io/queue-name``)."""
 
@@ -74,8 +99,8 @@ class LaunchConfig:
             raise UserError(f"--name {self.name!r}: a TrainJob name must be a lowercase RFC 1035 label (<= 63 chars)")
         if self.nodes < 1 or self.gpus_per_node < 0:
             raise UserError(f"need --nodes >= 1 and --gpus-per-node >= 0, got {self.nodes}, {self.gpus_per_node}")
-        if self.api not in ("runtime-patches", "pod-template-overrides"):
-            raise UserError(f"--api must be runtime-patches or pod-template-overrides, got {self.api!r}")
+        if self.api not in API_FORMS:
+            raise UserError(f"--api must be one of {', '.join(API_FORMS)}, got {self.api!r}")
 
 
 def render_trainjob(cfg: LaunchConfig) -> dict[str, Any]:
@@ -86,34 +111,63 @@ def render_trainjob(cfg: LaunchConfig) -> dict[str, Any]:
         limits["nvidia.com/gpu"] = cfg.gpus_per_node
     if limits:
         resources = {"limits": dict(limits), "requests": dict(limits)}
-    env = [{"name": k, "value": v} for k, v in sorted(cfg.env.items())]
-    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": s, "key": key}}}
-            for k, (s, key) in sorted(cfg.secret_env.items())]
-    trainer: dict[str, Any] = {"image": cfg.image, "command": list(cfg.command), "numNodes": cfg.nodes}
+    # the root filesystem is read-only: HOME and every cache live in the /tmp volume
+    plain = {"HOME": "/tmp", **cfg.env}
+    env = [{"name": k, "value": v} for k, v in sorted(plain.items())]
+    env += [
+        {"name": k, "valueFrom": {"secretKeyRef": {"name": s, "key": key}}}
+        for k, (s, key) in sorted(cfg.secret_env.items())
+    ]
+    trainer: dict[str, Any] = {"image": cfg.image, "command": list(cfg.command), "numNodes": cfg.nodes, "env": env}
     if cfg.gpus_per_node:
         trainer["numProcPerNode"] = cfg.gpus_per_node
     if resources:
         trainer["resourcesPerNode"] = resources
-    if env:
-        trainer["env"] = env
 
-    volumes: list[dict[str, Any]] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}}]
-    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cfg.shm_size}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
     if cfg.pvc:
         volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": cfg.pvc}})
         mounts.append({"name": "runs", "mountPath": cfg.mount_path})
-    spec: dict[str, Any] = {"runtimeRef": {"name": cfg.runtime, "apiGroup": GROUP, "kind": "ClusterTrainingRuntime"},
-                            "trainer": trainer}
-    pod_spec = {"volumes": volumes, "containers": [{"name": NODE, "volumeMounts": mounts}]}
+    spec: dict[str, Any] = {
+        "runtimeRef": {"name": cfg.runtime, "apiGroup": GROUP, "kind": "ClusterTrainingRuntime"},
+        "trainer": trainer,
+    }
+    container: dict[str, Any] = {"name": NODE, "volumeMounts": mounts}
+    target = [{"name": NODE}]
     if cfg.api == "runtime-patches":
-        job = {"name": NODE, "template": {"spec": {"template": {"spec": pod_spec}}}}
-        spec["runtimePatches"] = [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {
-            "template": {"spec": {"replicatedJobs": [job]}}}}]
+        pod_spec = {
+            "securityContext": POD_SECURITY,
+            "volumes": volumes,
+            "containers": [{**container, "securityContext": CONTAINER_SECURITY}],
+        }
+        job = {
+            "name": NODE,
+            "template": {"spec": {"template": {"metadata": {"labels": dict(POD_LABELS)}, "spec": pod_spec}}},
+        }
+        spec["runtimePatches"] = [
+            {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [job]}}}}
+        ]
+    elif cfg.api == "pod-template-overrides":
+        spec["podTemplateOverrides"] = [
+            {
+                "targetJobs": target,
+                "metadata": {"labels": dict(POD_LABELS)},
+                "spec": {"volumes": volumes, "containers": [container]},
+            }
+        ]
     else:
-        spec["podTemplateOverrides"] = [{"targetJobs": [{"name": NODE}], **pod_spec}]
+        spec["podSpecOverrides"] = [{"targetJobs": target, "volumes": volumes, "containers": [container]}]
     labels = {"app.kubernetes.io/name": "easyref", "app.kubernetes.io/component": "train", **cfg.labels}
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-            "metadata": {"name": cfg.name, "namespace": cfg.namespace, "labels": labels}, "spec": spec}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": cfg.name, "namespace": cfg.namespace, "labels": labels},
+        "spec": spec,
+    }
 
 
 def submit(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -131,12 +185,11 @@ def submit(manifest: dict[str, Any]) -> dict[str, Any]:
             raise UserError("no Kubernetes credentials: set KUBECONFIG or run inside the cluster") from exc
     api = client.CustomObjectsApi()
     try:
-        return api.create_namespaced_custom_object(
-            GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL, manifest
-        )
+        return api.create_namespaced_custom_object(GROUP, VERSION, manifest["metadata"]["namespace"], PLURAL, manifest)
     except ApiException as exc:
-        raise UserError(f"creating TrainJob {manifest['metadata']['name']} failed: {exc.status} {exc.reason}: "
-                        f"{exc.body}") from exc
+        raise UserError(
+            f"creating TrainJob {manifest['metadata']['name']} failed: {exc.status} {exc.reason}: {exc.body}"
+        ) from exc
 
 
 def train_command(args: argparse.Namespace) -> list[str]:
@@ -178,12 +231,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pvc", default="", help="PersistentVolumeClaim holding data, models and runs")
     parser.add_argument("--mount-path", default="/mnt", help="where the PVC is mounted (default /mnt)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable")
-    parser.add_argument("--secret-env", action="append", default=[], metavar="NAME=SECRET:KEY",
-                        help="environment variable from a Secret's key")
+    parser.add_argument(
+        "--secret-env",
+        action="append",
+        default=[],
+        metavar="NAME=SECRET:KEY",
+        help="environment variable from a Secret's key",
+    )
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="extra metadata label")
-    parser.add_argument("--runtime", default="torch-distributed", help="ClusterTrainingRuntime (default torch-distributed)")
-    parser.add_argument("--api", default="runtime-patches", choices=["runtime-patches", "pod-template-overrides"],
-                        help="volume patch API: runtime-patches (Trainer >= 2.2) or pod-template-overrides (2.0/2.1)")
+    parser.add_argument(
+        "--runtime", default="torch-distributed", help="ClusterTrainingRuntime (default torch-distributed)"
+    )
+    parser.add_argument(
+        "--api",
+        default="runtime-patches",
+        choices=list(API_FORMS),
+        help="how the pod is patched: " + ", ".join(f"{k} ({v})" for k, v in API_FORMS.items()),
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the manifest (the default)")
     mode.add_argument("--submit", action="store_true", help="create the TrainJob in the cluster")
@@ -198,10 +262,21 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
             raise UserError(f"--secret-env {name}={ref}: expected NAME=SECRET:KEY")
         secrets[name] = (secret, key)
     return LaunchConfig(
-        name=args.name or f"easyref-{args.stage.replace('_', '-')}", namespace=args.namespace, image=args.image,
-        command=train_command(args), nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu=args.cpu,
-        memory=args.memory, shm_size=args.shm_size, pvc=args.pvc, mount_path=args.mount_path,
-        env=_pairs(args.env, "--env"), secret_env=secrets, runtime=args.runtime, api=args.api,
+        name=args.name or f"easyref-{args.stage.replace('_', '-')}",
+        namespace=args.namespace,
+        image=args.image,
+        command=train_command(args),
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpu=args.cpu,
+        memory=args.memory,
+        shm_size=args.shm_size,
+        pvc=args.pvc,
+        mount_path=args.mount_path,
+        env=_pairs(args.env, "--env"),
+        secret_env=secrets,
+        runtime=args.runtime,
+        api=args.api,
         labels=_pairs(args.label, "--label"),
     )
 
