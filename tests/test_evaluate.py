@@ -164,7 +164,10 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval")
     split = write_split(root / "data")
     params = root / "params.yaml"
-    params.write_text("evaluate:\n  batch_size: 2\n  report_samples: 2\n  reference_gain:\n    timesteps: 2\n")
+    params.write_text(
+        "evaluate:\n  batch_size: 2\n  report_samples: 2\n  reference_gain:\n    timesteps: 2\n"
+        "  report_note: tiny models, toy data\n  caption_subsets:\n    no_zero: ['0']\n"
+    )
     code = main(
         [
             "evaluate",
@@ -195,8 +198,8 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
 def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
     metrics = json.loads((evaluation / "out/metrics.json").read_text())
     assert metrics["num_samples"] == 3
-    for method in ("easyref", "text", "ip_adapter"):
-        for name in ("clip_i", "clip_t", "dino_i"):
+    for method in ("easyref", "easyref_swapped", "text", "ip_adapter"):
+        for name in ("clip_i", "clip_t", "dino_i", "colour"):
             value = metrics[f"{method}.{name}"]
             assert -1 <= value <= 1
             assert metrics[f"{method}.{name}.ci_low"] <= value <= metrics[f"{method}.{name}.ci_high"]
@@ -205,12 +208,15 @@ def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
         metrics["easyref.loss_other"] - metrics["easyref.loss_own"], abs=1e-5
     )
     assert "text.reference_gain" not in metrics
+    # the section over captions without the word "0": groups 1 and 2 only
+    sub = pd.read_csv(evaluation / "out/samples.csv").query("method == 'easyref' and group != 'group-0'")
+    assert metrics["no_zero/easyref.colour"] == pytest.approx(sub["colour"].mean(), abs=1e-5)
 
 
 def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
     out = evaluation / "out"
     table = pd.read_csv(out / "samples.csv")
-    assert len(table) == 9 and set(table["method"]) == {"easyref", "text", "ip_adapter"}
+    assert len(table) == 12 and set(table["method"]) == {"easyref", "easyref_swapped", "text", "ip_adapter"}
     assert table.loc[table["method"] == "easyref", "reference_gain"].notna().all()
     assert all((out / p).is_file() for p in table["image"])
     assert len(list((out / "grids").glob("*.png"))) == 2  # report_samples
@@ -222,6 +228,8 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
         "CLIP-I",
         "DINO-I",
         "Reference gain",
+        "another group&#x27;s references",
+        "tiny models, toy data",
         "data:image/png;base64,",
     ):
         assert text in report
@@ -264,3 +272,29 @@ def test_evaluate_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     split = write_split(tmp_path / "data", groups=1, refs=1)
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--split", str(split), "--out", str(tmp_path / "o")]) == 2
     assert "not an EasyRef checkpoint" in capsys.readouterr().err
+
+
+def test_caption_subsets_match_whole_words_only():
+    from easyref.evaluate import caption_mentions
+
+    assert caption_mentions("a small Red star", ["red"])
+    assert not caption_mentions("a small striped star on a pale background", ["red"])  # "striped" holds "red"
+    assert caption_mentions("a polka-dot star", ["polka-dot"])
+
+
+def test_colour_similarity_sees_the_subject_colour_not_the_background():
+    from PIL import Image, ImageDraw
+
+    from easyref.metrics import colour_similarity
+
+    def disc(colour, background, box):
+        im = Image.new("RGB", (64, 64), background)
+        ImageDraw.Draw(im).ellipse(box, fill=colour)
+        return im
+
+    red = disc((215, 30, 35), (250, 250, 250), (10, 10, 40, 40))
+    red_elsewhere = disc((215, 30, 35), (205, 225, 250), (30, 20, 60, 50))  # other place, pale blue background
+    blue = disc((30, 70, 210), (250, 250, 250), (10, 10, 40, 40))
+    assert colour_similarity(red, red_elsewhere) > 0.9
+    assert colour_similarity(red, blue) < 0.1
+    assert colour_similarity(Image.new("RGB", (64, 64), (250, 250, 250)), red) == 0.0  # nothing saturated

@@ -57,8 +57,10 @@ HELP = "evaluate a checkpoint: CLIP-I / CLIP-T / DINO-I, reference gain, baselin
 
 METHODS = ("easyref", "text", "ip_adapter")
 BASELINES = ("text", "ip_adapter")
-METRICS = ("clip_i", "clip_t", "dino_i")
-METRIC_LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I"}
+METRICS = ("clip_i", "clip_t", "dino_i", "colour")
+METRIC_LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I", "colour": "Colour"}
+SWAPPED = "easyref_swapped"
+"""The checkpoint generating with another group's references (same caption and seed): the visual reference check."""
 SPLIT_COLUMNS = ("image_id", "path", "group", "caption", "role")
 
 
@@ -138,6 +140,14 @@ class EvaluateConfig:
     """The reference-gain check."""
     dreambench: DreamBenchConfig = field(default_factory=DreamBenchConfig)
     """DreamBench prompt filling."""
+    swapped_references: bool = True
+    """Also generate every sample with another group's references (method ``easyref_swapped``): if the model uses
+    its references, these images follow the other group and score lower against the target."""
+    caption_subsets: dict[str, list[str]] = field(default_factory=dict)
+    """Named word lists; each adds a section of metrics over the samples whose caption contains none of its words,
+    e.g. ``no_colour: [red, blue, ...]``: the samples where only the references show the colour."""
+    report_note: str = ""
+    """One line at the top of the report saying what this evaluation can and cannot show."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -359,8 +369,10 @@ def generate_easyref(
     config: EvaluateConfig,
     *,
     text_only: bool = False,
+    references: Sequence[Sequence[Path]] | None = None,
 ) -> list[Image.Image]:
-    """One image per sample with the EasyRef sampler; ``text_only`` = reference scale 0 and any LoRA disabled."""
+    """One image per sample with the EasyRef sampler; ``text_only`` = reference scale 0 and any LoRA disabled;
+    ``references`` replaces each sample's own reference group (the swapped-reference check)."""
     from tqdm.auto import tqdm
 
     unet = sampler.model.unet
@@ -368,12 +380,15 @@ def generate_easyref(
     if text_only and lora:
         unet.disable_adapters()
     images: list[Image.Image] = []
+    groups = list(references) if references is not None else [s.references for s in samples]
     try:
-        desc = "text-only SDXL" if text_only else "easyref"
-        for batch in tqdm(_batches(samples, config.batch_size), desc=f"generating ({desc})", unit="batch"):
+        desc = "text-only SDXL" if text_only else "easyref" if references is None else "easyref, swapped references"
+        bar = tqdm(total=len(samples), desc=f"generating ({desc})", unit="image")
+        for start, batch in zip(range(0, len(samples), config.batch_size), _batches(samples, config.batch_size),
+                                strict=True):
             images += sampler(
                 [s.caption for s in batch],
-                [store.group(s.references) for s in batch],
+                [store.group(g) for g in groups[start : start + len(batch)]],
                 negative_prompt=config.negative_prompt,
                 num_inference_steps=config.steps,
                 guidance_scale=config.guidance,
@@ -383,6 +398,8 @@ def generate_easyref(
                 scale=0.0 if text_only else None,
                 progress=False,
             )
+            bar.update(len(batch))
+        bar.close()
     finally:
         if text_only and lora:
             unet.enable_adapters()
@@ -439,7 +456,8 @@ class IPAdapterBaseline:
         from tqdm.auto import tqdm
 
         images: list[Image.Image] = []
-        for batch in tqdm(_batches(samples, config.batch_size), desc="generating (ip_adapter)", unit="batch"):
+        bar = tqdm(total=len(samples), desc="generating (ip_adapter)", unit="image")
+        for batch in _batches(samples, config.batch_size):
             positive = torch.stack([self.group_embedding(store.group(s.references)) for s in batch])  # (B, 1, D)
             embeds = torch.cat([torch.zeros_like(positive), positive]) if config.guidance > 1 else positive
             images += self.pipe(
@@ -452,6 +470,8 @@ class IPAdapterBaseline:
                 width=config.width,
                 generator=_generators(batch),
             ).images
+            bar.update(len(batch))
+        bar.close()
         return images
 
 
@@ -548,11 +568,12 @@ def score(
     cache_file: Path | None,
     device: str,
 ) -> pd.DataFrame:
-    """One row per (method, sample) with CLIP-I, CLIP-T and DINO-I (image metrics averaged over the targets)."""
+    """One row per (method, sample) with CLIP-I, CLIP-T, DINO-I and colour (image metrics averaged over the
+    targets)."""
     import pandas as pd
     import torch
 
-    from easyref.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, cosine
+    from easyref.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, colour_similarity, cosine
 
     m = config.metrics
     clip = ClipEmbedder.from_pretrained(m.clip, batch_size=m.batch_size, device=device)
@@ -580,17 +601,33 @@ def score(
                 g = gen[name][i : i + 1].expand(len(t_idx), -1)
                 row[key] = float(cosine(g, target_emb[name][torch.tensor(t_idx)]).mean())
             row["clip_t"] = float(clip_t[i])
+            row["colour"] = sum(colour_similarity(images[i], store(t)) for t in sample.targets) / len(sample.targets)
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def summarize(table: pd.DataFrame, confidence: float) -> dict[str, dict[str, Summary]]:
-    """``{method: {metric: Summary}}`` over the samples of each method."""
+def summarize(
+    table: pd.DataFrame, confidence: float, subsets: dict[str, list[str]] | None = None
+) -> dict[str, dict[str, Summary]]:
+    """``{method: {metric: Summary}}`` over the samples of each method, then ``{"SUBSET/method": ...}`` over the
+    samples whose caption contains none of the words of each of ``subsets``."""
     columns = [c for c in (*METRICS, "loss_own", "loss_other", "reference_gain") if c in table.columns]
     out: dict[str, dict[str, Summary]] = {}
-    for method, rows in table.groupby("method", sort=False):
-        out[str(method)] = {c: mean_ci(rows[c].tolist(), confidence) for c in columns if rows[c].notna().any()}
+    sections = [("", table)]
+    for name, words in (subsets or {}).items():
+        sections.append((f"{name}/", table[[not caption_mentions(c, words) for c in table["caption"]]]))
+    for prefix, frame in sections:
+        for method, rows in frame.groupby("method", sort=False):
+            out[f"{prefix}{method}"] = {
+                c: mean_ci(rows[c].tolist(), confidence) for c in columns if rows[c].notna().any()
+            }
     return out
+
+
+def caption_mentions(caption: str, words: Sequence[str]) -> bool:
+    """Whether ``caption`` contains any of ``words`` as a whole word (case-insensitive)."""
+    tokens = set(re.findall(r"[\w-]+", caption.lower()))
+    return any(w.lower() in tokens for w in words)
 
 
 def flat_metrics(summary: dict[str, dict[str, Summary]], num_samples: int) -> dict[str, float]:
@@ -617,6 +654,9 @@ def _thumb(image: Image.Image, cell: int) -> Image.Image:
     return canvas
 
 
+GRID_LABELS = {SWAPPED: "swapped refs", "text": "text only", "ip_adapter": "ip-adapter"}
+
+
 def make_grid(
     references: Sequence[Image.Image],
     target: Image.Image,
@@ -628,7 +668,7 @@ def make_grid(
     from PIL import Image, ImageDraw
 
     columns = [(f"ref {i + 1}", im) for i, im in enumerate(references[:max_refs])]
-    columns += [("target", target)] + [(name, im) for name, im in generated.items()]
+    columns += [("target", target)] + [(GRID_LABELS.get(name, name), im) for name, im in generated.items()]
     label_h, gap = 16, 8
     groups_before = {len(references[:max_refs]), len(references[:max_refs]) + 1}  # gaps after refs and target
     width = len(columns) * cell + gap * len(groups_before)
@@ -658,7 +698,12 @@ def _cell(s: Summary | None) -> str:
     return f"{s.mean:.3f} <small>[{s.low:.3f}, {s.high:.3f}]</small>"
 
 
-METHOD_LABELS = {"easyref": "EasyRef (checkpoint)", "text": "SDXL, text only", "ip_adapter": "IP-Adapter-SDXL (mean)"}
+METHOD_LABELS = {
+    "easyref": "EasyRef (checkpoint)",
+    SWAPPED: "EasyRef, another group's references",
+    "text": "SDXL, text only",
+    "ip_adapter": "IP-Adapter-SDXL (mean)",
+}
 
 
 def render_report(
@@ -670,12 +715,19 @@ def render_report(
     """A self-contained HTML page: the metrics table, provenance and the grids (embedded as PNG data URIs)."""
     pct = f"{confidence:.0%}"
     head = "".join(f"<th>{METRIC_LABELS[m]}</th>" for m in METRICS)
-    rows = "".join(
-        f"<tr><td>{html.escape(METHOD_LABELS.get(method, method))}</td>"
-        + "".join(f"<td>{_cell(metrics.get(m))}</td>" for m in METRICS)
-        + f"<td>{_cell(metrics.get('reference_gain'))}</td></tr>"
-        for method, metrics in summary.items()
-    )
+    rows, section = [], ""
+    for key, metrics in summary.items():
+        prefix, _, method = key.rpartition("/")
+        if prefix != section:
+            section = prefix
+            rows.append(f"<tr><th colspan='{len(METRICS) + 2}'>samples whose caption has no "
+                        f"{html.escape(prefix.removeprefix('no_'))} word</th></tr>")
+        rows.append(
+            f"<tr><td>{html.escape(METHOD_LABELS.get(method, method))}</td>"
+            + "".join(f"<td>{_cell(metrics.get(m))}</td>" for m in METRICS)
+            + f"<td>{_cell(metrics.get('reference_gain'))}</td></tr>"
+        )
+    note = f"<p class='note'>{html.escape(str(info.get('note', '')))}</p>" if info.get("note") else ""
     gain = summary.get("easyref", {})
     gain_text = ""
     if "reference_gain" in gain:
@@ -684,7 +736,9 @@ def render_report(
             f"{_cell(gain.get('loss_other'))} minus with the sample's own {_cell(gain.get('loss_own'))} = "
             f"<b>{_cell(gain['reference_gain'])}</b>. Positive means the model uses its references.</p>"
         )
-    provenance = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in info.items())
+    provenance = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in info.items() if k != "note"
+    )
     figures = "".join(
         f"<figure><img src='{_data_uri(img)}' alt='grid {html.escape(sid)}'><figcaption><code>{html.escape(sid)}"
         f"</code> &mdash; {html.escape(caption)}</figcaption></figure>"
@@ -696,16 +750,21 @@ def render_report(
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: left; }}
+p.note {{ background: #fff6d5; padding: 6px 10px; }}
 small {{ color: #666; }} figure {{ margin: 1em 0; }} figcaption {{ font-size: 90%; color: #444; }}
 </style></head><body>
 <h1>EasyRef evaluation</h1>
+{note}
 <h2>Metrics</h2>
 <p>Means over samples with {pct} t-intervals. CLIP-I / DINO-I: cosine similarity of generated and target image
-embeddings (CLIP image tower / DINOv2 CLS); CLIP-T: generated image vs caption (CLIP). Higher is better.</p>
-<table><tr><th>method</th>{head}<th>reference gain</th></tr>{rows}</table>
+embeddings (CLIP image tower / DINOv2 CLS); CLIP-T: generated image vs caption (CLIP); Colour: overlap of the hue
+histograms of the saturated pixels of generated and target image (1 = same colours). Higher is better. A model that
+uses its references scores higher with its own references than with another group's.</p>
+<table><tr><th>method</th>{head}<th>reference gain</th></tr>{"".join(rows)}</table>
 {gain_text}
 <h2>Run</h2><table>{provenance}</table>
-<h2>Samples</h2><p>Each row: references | target | generated by each method, same seed.</p>
+<h2>Samples</h2><p>Each row: references | target | generated by each method, same seed
+(<i>swapped</i>: the same caption with another group's references).</p>
 {figures}
 </body></html>
 """
@@ -881,6 +940,10 @@ def evaluate(
     started = time.perf_counter()
     sampler = EasyRefSampler.from_pretrained(sdxl, mllm, checkpoint=checkpoint, device=device, torch_dtype=dtype)
     generated = {"easyref": generate_easyref(sampler, samples, store, config)}
+    others = partners(samples)
+    if config.swapped_references and all(j is not None for j in others):
+        swapped = [samples[j].references for j in others if j is not None]
+        generated[SWAPPED] = generate_easyref(sampler, samples, store, config, references=swapped)
     gains = reference_gain(sampler, samples, store, sdxl, config) if config.reference_gain.enabled else None
     if "text" in config.baselines:
         generated["text"] = generate_easyref(sampler, samples, store, config, text_only=True)
@@ -896,8 +959,9 @@ def evaluate(
     if gains is not None:
         gain_frame = pd.DataFrame(gains).assign(method="easyref", sample_id=[s.sample_id for s in samples])
         table = table.merge(gain_frame, on=["method", "sample_id"], how="left")
-    summary = summarize(table, config.confidence)
+    summary = summarize(table, config.confidence, config.caption_subsets)
     info = {
+        **({"note": config.report_note} if config.report_note else {}),
         **info,
         "num_samples": len(samples),
         "methods": ", ".join(generated),

@@ -235,3 +235,32 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Summary:
     std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
     return Summary(mean=mean, low=mean - half, high=mean + half, std=std, count=n)
+
+
+HUE_BINS = 12
+"""Hue bins of :func:`hue_histogram` (30 degrees each)."""
+
+
+def hue_histogram(image: Image.Image, min_saturation: float = 0.35, min_value: float = 0.2, side: int = 64) -> Any:
+    """Normalised histogram of the hues of an image's saturated pixels (all zeros if it has none).
+
+    Pale backgrounds and dark shading have low saturation or value and drop out, so what remains is the colour of
+    the subject: the part of an image that a colour-free caption does not describe.
+    """
+    import numpy as np
+
+    hsv = np.asarray(image.convert("RGB").resize((side, side)).convert("HSV"), dtype=np.float32) / 255.0
+    keep = (hsv[..., 1] >= min_saturation) & (hsv[..., 2] >= min_value)
+    bins = np.minimum((hsv[..., 0][keep] * HUE_BINS).astype(np.int64), HUE_BINS - 1)
+    hist = np.bincount(bins, minlength=HUE_BINS).astype(np.float64)
+    return hist / hist.sum() if hist.sum() else hist
+
+
+def colour_similarity(generated: Image.Image, target: Image.Image) -> float:
+    """Histogram intersection of the two images' saturated-pixel hues, in [0, 1]: 1 = the same colours.
+
+    An interpretable companion to CLIP-I and DINO-I: it answers only "is the subject the target's colour?".
+    """
+    import numpy as np
+
+    return float(np.minimum(hue_histogram(generated), hue_histogram(target)).sum())

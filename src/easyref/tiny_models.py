@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("models/tiny"), help="output folder (default: models/tiny)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+    parser.add_argument(
+        "--untrained-base",
+        action="store_true",
+        help="keep the SDXL VAE/UNet/text encoders random instead of the packaged pretrained ones",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.force and is_complete(out):
         print(f"tiny models already present in {out} (use --force to rebuild)")
         return 0
-    write_tiny_models(out, seed=args.seed)
+    write_tiny_models(out, seed=args.seed, pretrained_base=not args.untrained_base)
     print(f"wrote tiny models to {out}: {', '.join(sorted(p.name for p in out.iterdir() if p.is_dir()))}")
     return 0
 
@@ -71,10 +76,12 @@ def is_complete(out: Path) -> bool:
     return (out / ".complete").is_file()
 
 
-def write_tiny_models(out: str | Path, seed: int = 0, width: int = 1) -> Path:
+def write_tiny_models(out: str | Path, seed: int = 0, width: int = 1, pretrained_base: bool = True) -> Path:
     """Build all tiny models under ``out`` (replacing what is there) and return ``out``.
 
     ``width`` multiplies the UNet's channels and the MLLM's hidden size (benchmarks use a wider "small" tree).
+    With ``pretrained_base`` (width 1 only) the SDXL VAE, UNet and text encoders are the packaged pretrained ones
+    (``easyref pretrain-base``): a base that can draw the demo's subjects, as a real EasyRef starts from.
     """
     import torch
 
@@ -84,11 +91,16 @@ def write_tiny_models(out: str | Path, seed: int = 0, width: int = 1) -> Path:
     tmp.mkdir(parents=True)
     torch.manual_seed(seed)
     _write_sdxl(tmp / "sdxl", seed, width)
+    if pretrained_base and width == 1:
+        from easyref.tiny_base import install_pretrained
+
+        install_pretrained(tmp / "sdxl")
     _write_qwen2vl(tmp / "mllm", seed, width)
     _write_clip(tmp / "clip", seed)
     _write_dino(tmp / "dino", seed)
     _write_ip_adapter(tmp / "ip_adapter", seed)
-    (tmp / ".complete").write_text(json.dumps({"seed": seed, "width": width}) + "\n")
+    stamp = {"seed": seed, "width": width, "pretrained_base": pretrained_base and width == 1}
+    (tmp / ".complete").write_text(json.dumps(stamp) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the folder appears whole or not at all
     return out
@@ -144,7 +156,7 @@ def _write_sdxl(path: Path, seed: int, width: int = 1) -> None:
     text_config = _clip_text_config(tokenizer)
     _seeded(seed, 1)
     unet = UNet2DConditionModel(
-        sample_size=32,
+        sample_size=16,  # 16x16 latents = 64x64 pixels through the 4x VAE below
         in_channels=4,
         out_channels=4,
         block_out_channels=(32 * width, 64 * width),
@@ -161,12 +173,14 @@ def _write_sdxl(path: Path, seed: int, width: int = 1) -> None:
         norm_num_groups=8,
     )
     _seeded(seed, 2)
+    # Three levels: a 4x downsampling VAE (SDXL's has four, 8x). `scaling_factor` is SDXL's until `easyref
+    # pretrain-base` calibrates it on the trained VAE's latents, as Stable Diffusion did.
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
         sample_size=64,
         norm_num_groups=8,
@@ -231,6 +245,9 @@ def _write_qwen2vl(path: Path, seed: int, width: int = 1) -> None:
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=True,
+            # hidden**-0.5 instead of the 2B model's 0.02: at width 32, 0.02 gives every projection a gain of ~0.1
+            # and the group information fades before the reference tokens can read it
+            initializer_range=(32 * width) ** -0.5,
         ),
         vision_config=dict(
             depth=2,
@@ -242,6 +259,7 @@ def _write_qwen2vl(path: Path, seed: int, width: int = 1) -> None:
             spatial_merge_size=2,
             temporal_patch_size=2,
             in_channels=3,
+            initializer_range=32**-0.5,
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -250,6 +268,7 @@ def _write_qwen2vl(path: Path, seed: int, width: int = 1) -> None:
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         tie_word_embeddings=True,
+        initializer_range=(32 * width) ** -0.5,  # what `_init_weights` reads (the sub-configs say the same)
     )
     _seeded(seed, 5)
     model = Qwen2VLForConditionalGeneration(config)

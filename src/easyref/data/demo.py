@@ -1,8 +1,11 @@
 """Write a small synthetic group dataset that a tiny model can learn from on a CPU.
 
 Every group is one distinctive subject (a shape in a colour with a surface pattern) drawn 4-10 times at random
-positions, sizes, rotations and on varied backgrounds, each image with its own caption. The layout is the input
-layout of real folder sources, so the result goes through ``easyref ingest`` like anything else:
+positions, sizes, rotations and on varied backgrounds, each image with its own caption. As in the paper's data, the
+caption does not always say what the group shares: a share of captions leave out the colour
+(:data:`OMIT_COLOUR`) or the pattern (:data:`OMIT_PATTERN`), which only the reference images then show. Every
+colour x shape combination is one group, so a held-out group is a combination that training never saw. The layout
+is the input layout of real folder sources, so the result goes through ``easyref ingest`` like anything else:
 
     OUT/<group>/<NNN>.png     e.g. OUT/red-star/000.png
     OUT/captions.jsonl        {"image": "red-star/000.png", "caption": "a red star ..."} per line
@@ -50,6 +53,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "beige": (235, 220, 195),
 }
 SUPERSAMPLE = 2  # draw at 2x and downsample, for anti-aliased edges
+OMIT_COLOUR = 0.4  # share of captions that do not name the subject's colour ("a small striped star ...")
+OMIT_PATTERN = 0.3  # share of captions that do not name its pattern (drawn independently)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,12 @@ class Subject:
 
     @property
     def noun(self) -> str:
-        return f"{PATTERN_WORDS[self.pattern]}{self.colour} {self.shape}"
+        return self.describe()
+
+    def describe(self, *, colour: bool = True, pattern: bool = True) -> str:
+        """``polka-dot red star``; without ``colour`` / ``pattern`` that word is left out (``polka-dot star``)."""
+        words = [PATTERN_WORDS[self.pattern].strip() if pattern else "", self.colour if colour else "", self.shape]
+        return " ".join(w for w in words if w)
 
 
 def catalogue() -> list[Subject]:
@@ -139,7 +149,8 @@ def draw_image(subject: Subject, rng: np.random.Generator, size: int) -> tuple[I
     texture = _texture(subject, big, rng)
     background.paste(texture, (0, 0), mask)
     image = background.resize((size, size), Image.Resampling.LANCZOS)
-    caption = f"a {_size_word(radius / big)} {subject.noun} {_position_words(cx / big, cy / big)} on {background_words}"
+    noun = subject.describe(colour=rng.random() >= OMIT_COLOUR, pattern=rng.random() >= OMIT_PATTERN)
+    caption = f"a {_size_word(radius / big)} {noun} {_position_words(cx / big, cy / big)} on {background_words}"
     return image, caption
 
 

@@ -1,0 +1,278 @@
+"""Pretrain the tiny profile's SDXL base offline: a VAE that reconstructs and a UNet that draws from text.
+
+A real EasyRef starts from an SDXL that can already draw. The tiny profile's random SDXL cannot, so no adapter on
+top of it can learn anything visible. ``easyref pretrain-base`` gives the tiny base what the real one has, with the
+same diffusers classes and on-disk layout:
+
+1. the VAE is trained as an autoencoder (reconstruction MSE plus a small KL term, sampling the posterior);
+2. its ``scaling_factor`` is calibrated as Stable Diffusion's was: 1 / std of the latents of the training images,
+   so scaled latents have unit variance and the diffusion schedule means what it says;
+3. the UNet and both CLIP text encoders are trained text-to-image (epsilon MSE, DDPM schedule, 10% empty
+   captions for classifier-free guidance) on those latents.
+
+The data is the demo dataset drawn with another seed (:attr:`BasePretrainConfig.data_seed`) than the one the demo
+trains and evaluates EasyRef on: the base knows every colour, shape and pattern, but has never seen an image of the
+demo's test sets. Everything is seeded and runs with a fixed number of threads, so the same command gives the
+same bytes on the same kind of machine. The result is packaged with the library (``easyref/assets/tiny_sdxl``) and
+``easyref tiny-models`` starts from it; ``pretrain.json`` there records the settings, the data and code it was made
+from, and the checksum of every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+HELP = "pretrain the tiny SDXL base (VAE, then UNet + text encoders) on demo data, offline"
+ASSET = Path(__file__).parent / "assets" / "tiny_sdxl"
+TRAINED = ("vae", "unet", "text_encoder", "text_encoder_2")
+MANIFEST = "pretrain.json"
+
+
+@dataclass(kw_only=True)
+class BasePretrainConfig:
+    """How the tiny base is pretrained (the defaults made the packaged one)."""
+
+    seed: int = 0
+    """Seed of the random tiny models the training starts from and of the training's own randomness."""
+    data_seed: int = 1
+    """Seed of the demo data drawn for base pretraining (the demo itself uses seed 0)."""
+    resolution: int = 64
+    """Training images are resized to this square side (the UNet's native size)."""
+    vae_steps: int = 500
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    """Weight of the KL term per latent element (Stable Diffusion's VAE used 1e-6)."""
+    unet_steps: int = 2000
+    unet_batch: int = 16
+    unet_lr: float = 5e-4
+    warmup_steps: int = 200
+    drop_caption: float = 0.1
+    """Share of empty captions, so the unconditional branch of guidance is learned too."""
+    threads: int = 1
+    """torch threads; fixed, so that the result is reproducible."""
+
+
+def code_fingerprint() -> str:
+    """sha256 of the code that shapes the pretrained base: this module, the tiny models and the demo data."""
+    from easyref import tiny_models
+    from easyref.data import demo
+
+    digest = hashlib.sha256()
+    for module in (tiny_models, demo):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+# -- data -------------------------------------------------------------------------------------------------------------
+
+
+def load_pairs(folder: Path, resolution: int) -> tuple[Any, list[str]]:
+    """``(images (N, 3, R, R) in [-1, 1], captions)`` of a folder in the demo-data layout."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines() if line.strip()]
+    arrays = []
+    for row in rows:
+        with Image.open(folder / row["image"]) as im:
+            small = im.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(small, dtype=np.float32))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return images.contiguous(), [row["caption"] for row in rows]
+
+
+# -- training ---------------------------------------------------------------------------------------------------------
+
+
+def train_vae(vae: Any, images: Any, config: BasePretrainConfig, generator: Any) -> list[float]:
+    """Autoencoder training with the reparameterised posterior sample; returns the loss per step."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    losses = []
+    bar = tqdm(range(config.vae_steps), desc="vae", dynamic_ncols=True)
+    for _ in bar:
+        batch = images[torch.randint(0, len(images), (config.vae_batch,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        recon = vae.decode(z).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = F.mse_loss(recon, batch) + config.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+def encode_latents(vae: Any, images: Any, batch: int = 64) -> tuple[Any, Any]:
+    """Posterior mean and std of ``images`` (unscaled)."""
+    import torch
+
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            posterior = vae.encode(images[i : i + batch]).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def calibrate_scaling_factor(means: Any) -> float:
+    """1 / std of the latents, as Stable Diffusion chose its factor (rounded to 5 significant digits)."""
+    return float(f"{1.0 / float(means.std()):.5g}")
+
+
+def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[str], config: BasePretrainConfig,
+                        generator: Any) -> list[float]:
+    """UNet + both text encoders, epsilon MSE on the scaled latents; returns the loss per step."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    modules = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
+    params = [p for m in modules for p in m.parameters()]
+    for m in modules:
+        m.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    factor = pipe.vae.config.scaling_factor
+    side = config.resolution
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).repeat(config.unet_batch, 1)
+    losses = []
+    bar = tqdm(range(config.unet_steps), desc="unet", dynamic_ncols=True)
+    for _ in bar:
+        idx = torch.randint(0, len(means), (config.unet_batch,), generator=generator)
+        eps_z = torch.randn(means[idx].shape, generator=generator)
+        latents = (means[idx] + stds[idx] * eps_z) * factor
+        keep = torch.rand(config.unet_batch, generator=generator) >= config.drop_caption
+        prompts = [captions[i] if k else "" for i, k in zip(idx.tolist(), keep.tolist(), strict=True)]
+        text, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=latents.device, num_images_per_prompt=1,
+                                                do_classifier_free_guidance=False)
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.unet_batch,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, t)
+        pred = pipe.unet(noisy, t, encoder_hidden_states=text,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        warmup.step()
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    for m in modules:
+        m.eval().requires_grad_(False)
+    return losses
+
+
+def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path | None = None) -> dict[str, Any]:
+    """Train the tiny SDXL base and write its trained parts to ``out``; returns the manifest."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from easyref.data.demo import write_demo_data
+    from easyref.tiny_models import write_tiny_models
+
+    torch.set_num_threads(config.threads)
+    out = Path(out)
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        models = write_tiny_models(Path(tmp) / "models", seed=config.seed, pretrained_base=False)
+        if data is None:
+            data = Path(tmp) / "data"
+            write_demo_data(data, seed=config.data_seed)
+        images, captions = load_pairs(Path(data), config.resolution)
+        pipe = StableDiffusionXLPipeline.from_pretrained(models / "sdxl")
+        generator = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed)
+        vae_losses = train_vae(pipe.vae, images, config, generator)
+        means, stds = encode_latents(pipe.vae, images)
+        pipe.vae.register_to_config(scaling_factor=calibrate_scaling_factor(means))
+        unet_losses = train_text_to_image(pipe, means, stds, captions, config, generator)
+        staged = out.with_name(out.name + ".tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        for part in TRAINED:
+            getattr(pipe, part).save_pretrained(staged / part)
+    manifest = {
+        "config": asdict(config),
+        "code_sha256": code_fingerprint(),
+        "data": f"demo-data --seed {config.data_seed}" if data is None else str(data),
+        "images": len(captions),
+        "scaling_factor": pipe.vae.config.scaling_factor,
+        "vae_loss_last100": sum(vae_losses[-100:]) / len(vae_losses[-100:]),
+        "unet_loss_last100": sum(unet_losses[-100:]) / len(unet_losses[-100:]),
+        "seconds": round(time.time() - started, 1),
+        "torch": torch.__version__,
+        "files": file_checksums(staged),
+    }
+    (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staged.rename(out)
+    return manifest
+
+
+def install_pretrained(sdxl: Path, asset: Path = ASSET) -> None:
+    """Replace the random VAE, UNet and text encoders of a tiny ``sdxl/`` folder by the pretrained ones."""
+    from easyref.errors import UserError
+
+    if not (asset / MANIFEST).is_file():
+        raise UserError(f"{asset}: no pretrained tiny base ({MANIFEST} missing); run `easyref pretrain-base`")
+    for part in TRAINED:
+        shutil.rmtree(sdxl / part, ignore_errors=True)
+        shutil.copytree(asset / part, sdxl / part)
+
+
+# -- command line -----------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=ASSET,
+                        help="where to write the trained vae/, unet/, text_encoder*/ (default: the packaged asset)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a folder in the demo-data layout (default: demo data drawn with --data-seed)")
+    defaults = BasePretrainConfig()
+    for name in ("seed", "data_seed", "vae_steps", "unet_steps", "threads"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
+                            help=f"(default {getattr(defaults, name)})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from easyref.errors import UserError
+
+    for name in ("vae_steps", "unet_steps", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    config = BasePretrainConfig(seed=args.seed, data_seed=args.data_seed, vae_steps=args.vae_steps,
+                                unet_steps=args.unet_steps, threads=args.threads)
+    manifest = pretrain_base(args.out, config, args.data)
+    print(f"pretrain-base: wrote {args.out} in {manifest['seconds']} s (scaling_factor "
+          f"{manifest['scaling_factor']}, final losses vae {manifest['vae_loss_last100']:.4f}, "
+          f"unet {manifest['unet_loss_last100']:.4f})")
+    return 0
