@@ -40,8 +40,8 @@ def prepare(work: Path, params: dict) -> None:
     """Tiny models, demo data, ingest and split, as `make demo` makes them."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
+    easyref("tiny-models", "--out", "models/tiny", cwd=work)  # does nothing when complete
     if not (work / "data/split/held_out.parquet").is_file():
-        easyref("tiny-models", "--out", "models/tiny", cwd=work)
         easyref("demo-data", "--out", "data/raw", cwd=work)
         easyref("ingest", "data/raw", "--out", "data/ingested", "--params", "params.yaml", "--no-progress", cwd=work)
         easyref("split", "--manifest", "data/ingested/manifest.parquet", "--out", "data/split",
@@ -69,16 +69,14 @@ def train_and_evaluate(work: Path, params: dict, name: str, steps: int, referenc
 
 
 def gate(metrics: dict, params: dict) -> tuple[bool, list[str]]:
-    """The absolute rules of ``register.gate`` (those with ``min``), as a first registration faces them."""
-    lines, passed = [], True
-    for rule in params.get("register", {}).get("gate", []):
-        if "min" not in rule:
-            continue
-        value = metrics.get(rule["metric"])
-        ok = value is not None and value > rule["min"]
-        passed &= ok
-        lines.append(f"{rule['metric']} = {value} {'>' if ok else '<='} {rule['min']}")
-    return passed, lines
+    """``register.gate`` of params.yaml as a first registration (no champion yet) faces it."""
+    from easyref.config import from_dict
+    from easyref.registry.config import RegisterConfig
+    from easyref.registry.gate import evaluate_gate
+
+    config = from_dict(RegisterConfig, params.get("register", {}), where="params.yaml: register")
+    lines = evaluate_gate(metrics, None, config.gate)
+    return all(line.passed for line in lines), [line.describe() for line in lines]
 
 
 def interval(metrics: dict, key: str) -> str:

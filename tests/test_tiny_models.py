@@ -42,3 +42,31 @@ def test_same_seed_same_bytes_and_rebuild_is_skipped(tmp_path, tiny_models, caps
     assert _digest(out) == _digest(tiny_models)
     assert main(["tiny-models", "--out", str(out)]) == 0
     assert "already present" in capsys.readouterr().out
+
+
+def test_tiny_mllm_tells_reference_groups_apart(tiny_models, tmp_path):
+    """The untrained tiny Qwen2-VL's group states (reference tokens after the real insertion path) differ between
+    demo groups by more than a tenth of their spread, and more than two halves of one group differ."""
+    import torch
+    from PIL import Image
+
+    from easyref.data.demo import write_demo_data
+    from easyref.model import ModelConfig, ReferenceProcessor, load_model
+
+    write_demo_data(tmp_path, seed=0, min_images=4, max_images=4)
+    # the demo's reference size (params.yaml train.model): 16-25 visual tokens per image
+    config = ModelConfig(num_tokens=16, min_pixels=16 * 28 * 28, max_pixels=25 * 28 * 28, dropped_image_size=56)
+    torch.manual_seed(0)
+    model = load_model(tiny_models / "sdxl", tiny_models / "mllm", config=config)
+    processor = ReferenceProcessor.from_pretrained(tiny_models / "mllm", config)
+    groups = sorted(p for p in tmp_path.iterdir() if p.is_dir())[:16]
+    halves = []
+    with torch.no_grad():
+        for group in groups:
+            images = [Image.open(p) for p in sorted(group.glob("*.png"))]
+            halves.append(model.reference_encoder(processor([images[:2], images[2:]], ["a shape", "a shape"])))
+    states = torch.stack(halves)  # (groups, 2 halves, tokens, hidden)
+    spread = states.std()
+    same = (states[:, 0] - states[:, 1]).abs().mean() / spread
+    other = (states[:, 0] - states.roll(1, dims=0)[:, 1]).abs().mean() / spread
+    assert other > 0.1 and other > same, (float(other), float(same))

@@ -44,7 +44,7 @@ PARTS = ("reference", "adapter", "mllm", "lora")
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """How EasyRef is wired onto its base models (DESIGN.md section 1)."""
+    """How EasyRef is wired onto its base models (the paper, arXiv 2412.09618, section 3)."""
 
     num_tokens: int = 64
     """Learnable reference tokens; the group representation has this many vectors (paper: 64; ablation 32/128)."""

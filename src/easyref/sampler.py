@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 @dataclass(kw_only=True)
 class SamplerConfig:
-    """Inference defaults (DESIGN.md: DDIM, 30 steps, guidance 7.5)."""
+    """Inference defaults (the paper's: DDIM, 30 steps, guidance 7.5)."""
 
     steps: int = 30
     """DDIM denoising steps."""

@@ -46,12 +46,14 @@ class BasePretrainConfig:
     """Seed of the demo data drawn for base pretraining (the demo itself uses seed 0)."""
     resolution: int = 64
     """Training images are resized to this square side (the UNet's native size)."""
-    vae_steps: int = 500
+    vae_steps: int = 800
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     """Weight of the KL term per latent element (Stable Diffusion's VAE used 1e-6)."""
-    unet_steps: int = 2000
+    initial_logvar: float = -10.0
+    """Initial log-variance of the VAE posterior (a nearly deterministic encoder from the first step)."""
+    unet_steps: int = 2500
     unet_batch: int = 16
     unet_lr: float = 5e-4
     warmup_steps: int = 200
@@ -84,8 +86,8 @@ def file_checksums(folder: Path) -> dict[str, str]:
 # -- data -------------------------------------------------------------------------------------------------------------
 
 
-def load_pairs(folder: Path, resolution: int) -> tuple[Any, list[str]]:
-    """``(images (N, 3, R, R) in [-1, 1], captions)`` of a folder in the demo-data layout."""
+def load_pairs(folder: Path, resolution: int) -> tuple[Any, list[str], list[str]]:
+    """``(images (N, 3, R, R) in [-1, 1], captions, image paths)`` of a folder in the demo-data layout."""
     import numpy as np
     import torch
     from PIL import Image
@@ -97,7 +99,7 @@ def load_pairs(folder: Path, resolution: int) -> tuple[Any, list[str]]:
             small = im.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
         arrays.append(np.asarray(small, dtype=np.float32))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return images.contiguous(), [row["caption"] for row in rows]
+    return images.contiguous(), [row["caption"] for row in rows], [row["image"] for row in rows]
 
 
 # -- training ---------------------------------------------------------------------------------------------------------
@@ -109,6 +111,12 @@ def train_vae(vae: Any, images: Any, config: BasePretrainConfig, generator: Any)
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    # Start the posterior nearly deterministic (log-variance -10): with the random init's log-variance of 0 the
+    # sampling noise hides the colour in the latents and the decoder learns grey-blue averages instead.
+    with torch.no_grad():
+        half = vae.quant_conv.out_channels // 2
+        vae.quant_conv.weight[half:].zero_()
+        vae.quant_conv.bias[half:].fill_(config.initial_logvar)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     losses = []
@@ -208,7 +216,7 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
         if data is None:
             data = Path(tmp) / "data"
             write_demo_data(data, seed=config.data_seed)
-        images, captions = load_pairs(Path(data), config.resolution)
+        images, captions, _ = load_pairs(Path(data), config.resolution)
         pipe = StableDiffusionXLPipeline.from_pretrained(models / "sdxl")
         generator = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)
@@ -236,6 +244,62 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
     shutil.rmtree(out, ignore_errors=True)
     staged.rename(out)
     return manifest
+
+
+PREVIEW_CAPTIONS = (
+    "a large red circle in the centre on a white background",
+    "a large blue square in the centre on a white background",
+    "a large green triangle in the centre on a cream background",
+    "a large yellow star in the centre on a light grey background",
+    "a large striped purple hexagon in the centre on a white background",
+    "a large orange cross in the centre on a pale blue background",
+    "a large checkered teal circle in the centre on a white background",
+    "a large polka-dot brown square in the centre on a white background",
+)
+
+
+def write_preview(sdxl: Path, data: Path, png: Path, resolution: int = 64, seed: int = 0) -> None:
+    """A picture of what the base can do: demo images, their VAE reconstructions, text-to-image samples.
+
+    Rows: 8 demo images (one per colour), their reconstructions, then two seeds of 30-step DDIM samples (guidance
+    7.5) for :data:`PREVIEW_CAPTIONS`, whose captions are written under the grid.
+    """
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from PIL import Image, ImageDraw
+
+    from easyref.data.demo import COLOURS
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images, _, names = load_pairs(data, resolution)
+    picks = [next(i for i, n in enumerate(names) if colour in n.split("/")[0].split("-")) for colour in COLOURS]
+    with torch.no_grad():
+        recon = pipe.vae.decode(pipe.vae.encode(images[picks]).latent_dist.mean).sample
+
+    def to_pil(batch: Any) -> list[Image.Image]:
+        arr = ((batch.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(a) for a in arr]
+
+    rows = [to_pil(images[picks]), to_pil(recon)]
+    for s in (seed, seed + 1):
+        rows.append(pipe(list(PREVIEW_CAPTIONS), num_inference_steps=30, guidance_scale=7.5, height=resolution,
+                         width=resolution, generator=torch.Generator().manual_seed(s)).images)
+    cell, label = resolution * 2, 14
+    labels = ["demo images", "VAE reconstructions", "text to image, seed 0", "text to image, seed 1"]
+    canvas = Image.new("RGB", (8 * cell, len(rows) * (cell + label) + 8 * 12 + 6), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (row, text) in enumerate(zip(rows, labels, strict=True)):
+        y = r * (cell + label)
+        draw.text((2, y + 1), text, fill="black")
+        for c, im in enumerate(row):
+            canvas.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + label))
+    y = len(rows) * (cell + label) + 4
+    for i, caption in enumerate(PREVIEW_CAPTIONS):
+        draw.text((2, y + 12 * i), f"column {i + 1}: {caption}", fill="black")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(png)
 
 
 def install_pretrained(sdxl: Path, asset: Path = ASSET) -> None:

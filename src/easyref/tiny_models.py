@@ -203,6 +203,10 @@ def _write_sdxl(path: Path, seed: int, width: int = 1) -> None:
         interpolation_type="linear",
         use_karras_sigmas=False,
     )
+    # Keys of SDXL base 1.0's scheduler_config.json that EulerDiscreteScheduler does not take but DDIMScheduler
+    # reads through `from_config` (missing, DDIM would fall back to clip_sample=True and set_alpha_to_one=True).
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False, sample_max_value=1.0,
+                                 skip_prk_steps=True, thresholding=False, dynamic_thresholding_ratio=0.995)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -179,7 +179,9 @@ class EasyRefModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from easyref.sampler import EasyRefSampler
+        from easyref.threads import configure_cpu_threads
 
+        configure_cpu_threads()
         sdxl, mllm = resolve_base(context.model_config, context.artifacts)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else None

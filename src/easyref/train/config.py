@@ -27,7 +27,7 @@ from easyref.model import PARTS, ModelConfig
 Stage = Literal["pretrain", "single_ref", "multi_ref"]
 STAGES: tuple[str, ...] = ("pretrain", "single_ref", "multi_ref")
 
-# DESIGN.md section 1, training table (LoRA rank 128 as in the authors' code).
+# The paper's three stages: lr 1e-4 / 4e-5 / 2e-5 (LoRA rank 128 as in the authors' code).
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"lr": 1e-4, "parts": ["reference", "adapter"], "lora_rank": 0},
     "single_ref": {"lr": 4e-5, "parts": list(PARTS), "lora_rank": 128},
@@ -40,7 +40,7 @@ class TrainConfig:
     """Everything one training stage needs besides ``--init`` and ``--out``."""
 
     stage: Stage = "pretrain"
-    """Which of the three progressive stages this is (DESIGN.md section 1)."""
+    """Which of the three progressive stages this is (the paper's progressive training)."""
     base: str = "models/tiny"
     """Folder holding the base models ``sdxl/`` and ``mllm/``."""
     data: str = "data/split/train.parquet"

@@ -1,6 +1,6 @@
 """The EasyRef training recipe: frozen conditioning, classifier-free-guidance drops and the epsilon-MSE loss.
 
-Per sample, one draw decides the CFG drop (DESIGN.md section 1): with ``drop_image`` the references become one
+Per sample, one draw decides the CFG drop (the paper's recipe): with ``drop_image`` the references become one
 black image (``None`` group), with ``drop_text`` the caption becomes empty for both the MLLM and the SDXL text
 encoders, with ``drop_both`` both happen. The target is VAE-encoded (``scaling_factor``), noised with the base
 model's DDPM schedule at ``t ~ U{0..999}``, and the model predicts the noise.

@@ -1,0 +1,92 @@
+"""The tiny profile's pretrained SDXL base: shipped as it was made, a latent space of unit scale, a VAE that
+reconstructs, and a UNet that draws the colour a caption names (what a real EasyRef's base can already do)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from easyref.tiny_base import ASSET, MANIFEST, BasePretrainConfig, file_checksums, load_pairs, pretrain_base
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """Demo data of the demo's own seed (the base was pretrained on another seed's images)."""
+    from easyref.data.demo import write_demo_data
+
+    out = tmp_path_factory.mktemp("demo")
+    write_demo_data(out, seed=0, min_images=3, max_images=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    torch.set_num_threads(1)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_packaged_base_is_what_its_manifest_says_and_the_defaults_make():
+    manifest = json.loads((ASSET / MANIFEST).read_text())
+    assert file_checksums(ASSET) == manifest["files"]  # no file changed since `easyref pretrain-base` wrote it
+    assert manifest["config"] == {k: v for k, v in vars(BasePretrainConfig()).items()}  # the documented command
+
+
+def test_tiny_models_start_from_the_pretrained_base(tiny_models):
+    for part in ("vae", "unet", "text_encoder", "text_encoder_2"):
+        shipped = (ASSET / part / "diffusion_pytorch_model.safetensors")
+        if not shipped.exists():
+            shipped = ASSET / part / "model.safetensors"
+        written = tiny_models / "sdxl" / part / shipped.name
+        assert written.read_bytes() == shipped.read_bytes(), part
+
+
+def test_scaled_latents_have_unit_std(pipe, demo):
+    images, _, _ = load_pairs(demo, 64)
+    with torch.no_grad():
+        latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+    assert 0.8 <= float(latents.std()) <= 1.25
+
+
+def test_vae_reconstructs_the_demo_images_and_their_colours(pipe, demo):
+    from easyref.metrics import colour_similarity
+
+    images, _, _ = load_pairs(demo, 64)
+    with torch.no_grad():
+        recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    assert float(torch.nn.functional.mse_loss(recon, images)) < 0.01  # PSNR > 26 dB on [-1, 1]
+    to_pil = pipe.image_processor.postprocess
+    similarity = [colour_similarity(a, b) for a, b in zip(to_pil(recon[:24]), to_pil(images[:24]), strict=True)]
+    assert np.mean(similarity) > 0.8
+
+
+def test_base_draws_the_colour_its_caption_names(pipe):
+    from easyref.metrics import hue_histogram
+
+    colours = ("red", "blue", "green", "yellow")
+    prompts = [f"a large {c} circle in the centre on a white background" for c in colours]
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=7.5, height=64, width=64,
+                  generator=torch.Generator().manual_seed(0)).images
+    hues = np.stack([hue_histogram(im) for im in images])  # (4 images, 12 hue bins)
+    # each image's hues are closest to its own prompt's among the four: a diagonal-dominant overlap matrix
+    overlap = np.minimum(hues[:, None, :], hues[None, :, :]).sum(-1)
+    assert all(overlap[i, i] > 0 for i in range(4))
+    dominant = hues.argmax(axis=1)
+    assert len(set(dominant.tolist())) == 4, f"dominant hue bins {dominant.tolist()}: colours not told apart"
+
+
+@pytest.mark.slow
+def test_pretrain_base_gives_the_same_bytes_twice(tmp_path):
+    config = BasePretrainConfig(vae_steps=2, unet_steps=2, vae_batch=2, unet_batch=2)
+    first = pretrain_base(tmp_path / "a", config)
+    second = pretrain_base(tmp_path / "b", config)
+    assert first["files"] == second["files"]
+    assert first["scaling_factor"] == second["scaling_factor"]
