@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -228,12 +229,14 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
         "CLIP-I",
         "DINO-I",
         "Reference gain",
-        "another group&#x27;s references",
+        "another group's references",
         "tiny models, toy data",
         "data:image/png;base64,",
+        "seconds per group",
     ):
-        assert text in report
+        assert text in html.unescape(report)
     info = json.loads((out / "evaluation.json").read_text())
+    assert info["num_groups"] == 3 and info["seconds_per_group.easyref"] > 0
     assert len(info["checkpoint_sha256"]) == 64 and len(info["split_sha256"]) == 64
 
 
