@@ -159,7 +159,7 @@ def checkpoint(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
-    """One evaluation of 3 samples with both baselines, 2 DDIM steps, logged to a throwaway sqlite store."""
+    """One evaluation of 3 samples with every baseline, 2 DDIM steps, logged to a throwaway sqlite store."""
     from easyref.cli import main
 
     root = tmp_path_factory.mktemp("eval")
@@ -167,7 +167,7 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
     params = root / "params.yaml"
     params.write_text(
         "evaluate:\n  batch_size: 2\n  report_samples: 2\n  reference_gain:\n    timesteps: 2\n"
-        "  report_note: tiny models, toy data\n  caption_subsets:\n    no_zero: ['0']\n"
+        "  report_note: tiny models, toy data\n  lora_baseline:\n    steps: 3\n  caption_subsets:\n    no_zero: ['0']\n"
     )
     code = main(
         [
@@ -188,6 +188,8 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
             "text",
             "--baseline",
             "ip_adapter",
+            "--baseline",
+            "lora",
             "--tracking-uri",
             f"sqlite:///{root / 'mlflow.db'}",
         ]
@@ -199,7 +201,7 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
 def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
     metrics = json.loads((evaluation / "out/metrics.json").read_text())
     assert metrics["num_samples"] == 3
-    for method in ("easyref", "easyref_swapped", "text", "ip_adapter"):
+    for method in ("easyref", "easyref_swapped", "text", "ip_adapter", "lora"):
         for name in ("clip_i", "clip_t", "dino_i", "colour"):
             value = metrics[f"{method}.{name}"]
             assert -1 <= value <= 1
@@ -217,7 +219,8 @@ def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
 def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
     out = evaluation / "out"
     table = pd.read_csv(out / "samples.csv")
-    assert len(table) == 12 and set(table["method"]) == {"easyref", "easyref_swapped", "text", "ip_adapter"}
+    assert len(table) == 15
+    assert set(table["method"]) == {"easyref", "easyref_swapped", "text", "ip_adapter", "lora"}
     assert table.loc[table["method"] == "easyref", "reference_gain"].notna().all()
     assert all((out / p).is_file() for p in table["image"])
     assert len(list((out / "grids").glob("*.png"))) == 2  # report_samples
@@ -226,6 +229,7 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
         "EasyRef (checkpoint)",
         "SDXL, text only",
         "IP-Adapter-SDXL (mean)",
+        "Per-group LoRA (SDXL, text only)",
         "CLIP-I",
         "DINO-I",
         "Reference gain",
@@ -237,6 +241,8 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
         assert text in html.unescape(report)
     info = json.loads((out / "evaluation.json").read_text())
     assert info["num_groups"] == 3 and info["seconds_per_group.easyref"] > 0
+    # the per-group LoRA's time per group (tuning + generation) next to EasyRef's, and its tuning part
+    assert info["seconds_per_group.lora"] >= info["tuning_seconds_per_group.lora"] > 0
     assert len(info["checkpoint_sha256"]) == 64 and len(info["split_sha256"]) == 64
 
 

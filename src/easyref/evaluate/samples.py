@@ -36,6 +36,8 @@ class Sample:
     references: tuple[Path, ...]
     targets: tuple[Path, ...]
     seed: int
+    reference_captions: tuple[str, ...] = ()
+    """The references' own captions, in the order of ``references`` (what the per-group LoRA is tuned on)."""
 
     @property
     def slug(self) -> str:
@@ -88,10 +90,9 @@ def load_split(split_file: str | Path, images_root: str | Path | None = None, ba
                 f"{split_file}: row {row}: image {root / str(path)} does not exist; pass --images-root "
                 "(the folder `easyref ingest` wrote)"
             )
-    references = {
-        g: tuple(root / p for p in rows["path"])
-        for g, rows in frame[frame["role"] == "reference"].groupby("group", sort=False)
-    }
+    groups = frame[frame["role"] == "reference"].groupby("group", sort=False)
+    references = {g: tuple(root / p for p in rows["path"]) for g, rows in groups}
+    reference_captions = {g: tuple(str(c) for c in rows["caption"]) for g, rows in groups}
     samples = []
     for row, target in frame[frame["role"] == "target"].iterrows():
         group = str(target["group"])
@@ -106,6 +107,7 @@ def load_split(split_file: str | Path, images_root: str | Path | None = None, ba
                 references=references[group],
                 targets=(root / str(target["path"]),),
                 seed=sample_seed(base_seed, sample_id),
+                reference_captions=reference_captions[group],
             )
         )
     if not samples:
@@ -179,6 +181,7 @@ def load_dreambench(root: str | Path, config: DreamBenchConfig, base_seed: int =
                     references=images,
                     targets=images,
                     seed=sample_seed(base_seed, sample_id),
+                    reference_captions=(fill_prompt("a {0} {1}", config.unique_token, cls),) * len(images),
                 )
             )
     if not samples:
