@@ -241,6 +241,7 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
         assert text in html.unescape(report)
     info = json.loads((out / "evaluation.json").read_text())
     assert info["num_groups"] == 3 and info["seconds_per_group.easyref"] > 0
+    assert info["model.aggregation"] == "tokens" and info["model.num_tokens"] == 8
     # the per-group LoRA's time per group (tuning + generation) next to EasyRef's, and its tuning part
     assert info["seconds_per_group.lora"] >= info["tuning_seconds_per_group.lora"] > 0
     assert len(info["checkpoint_sha256"]) == 64 and len(info["split_sha256"]) == 64

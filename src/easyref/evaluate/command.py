@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     configure_cpu_threads()
 
     config = config_from_args(args)
-    read_checkpoint_config(args.checkpoint)  # a clear error before anything is loaded
+    model = read_checkpoint_config(args.checkpoint).model  # a clear error before anything is loaded
     if args.split is not None:
         samples = load_split(args.split, args.images_root, config.seed)
         info: dict[str, Any] = {"split": str(args.split), "split_sha256": sha256_file(args.split)}
@@ -189,6 +189,10 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint),
         "checkpoint_sha256": checkpoint_sha256(args.checkpoint),
         **info,
+        # the variant evaluated (what `easyref compare` labels its rows with)
+        "model.aggregation": model.aggregation,
+        "model.num_tokens": model.num_tokens,
+        "model.insertion_layer": model.insertion_layer,
         "git_commit": git_commit(),
     }
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
