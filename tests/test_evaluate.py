@@ -308,3 +308,12 @@ def test_colour_similarity_sees_the_subject_colour_not_the_background():
     assert colour_similarity(red, red_elsewhere) > 0.9
     assert colour_similarity(red, blue) < 0.1
     assert colour_similarity(Image.new("RGB", (64, 64), (250, 250, 250)), red) == 0.0  # nothing saturated
+
+
+def test_compare_reads_what_evaluate_wrote(evaluation, capsys):
+    from easyref.cli import main
+
+    assert main(["compare", str(evaluation / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| **held-out** |" in out and "EasyRef (aggregation=tokens, tokens=8, layer=-1)" in out
+    assert "Per-group LoRA" in out and "published (paper), not ours" in out

@@ -75,7 +75,11 @@ def log_to_mlflow(
     mlflow.set_experiment(config.experiment)
     params = {f"evaluate.{k}": str(v)[:500] for k, v in flatten(to_dict(config)).items()}
     params.update(
-        {k: str(v)[:500] for k, v in info.items() if k in ("checkpoint_sha256", "split_sha256", "split", "checkpoint")}
+        {
+            k: str(v)[:500]
+            for k, v in info.items()
+            if k in ("checkpoint_sha256", "split_sha256", "split", "checkpoint") or k.startswith("model.")
+        }
     )
     with mlflow.start_run(run_name=f"evaluate {Path(str(info.get('checkpoint', ''))).name}") as run:
         mlflow.set_tags(
