@@ -60,14 +60,16 @@ def test_compare_prints_sections_variants_and_the_labelled_published_column(tmp_
 
 
 def test_compare_reads_an_mlflow_run_of_easyref_evaluate(tmp_path, capsys):
-    import mlflow
+    from mlflow import MlflowClient
 
     folder = write_evaluation(tmp_path / "ev", "held_out", "concat", {"easyref": 0.5})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(folder / "metrics.json"))
-        mlflow.log_artifact(str(folder / "evaluation.json"))
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("easyref-evaluate", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    for name in ("metrics.json", "evaluation.json"):
+        client.log_artifact(run.info.run_id, str(folder / name))
+    client.set_terminated(run.info.run_id)
     assert main(["compare", run.info.run_id, "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "aggregation=concat" in out and ".821 / .692 / .579" in out
