@@ -317,3 +317,16 @@ def test_compare_reads_what_evaluate_wrote(evaluation, capsys):
     out = capsys.readouterr().out
     assert "| **held-out** |" in out and "EasyRef (aggregation=tokens, tokens=8, layer=-1)" in out
     assert "Per-group LoRA" in out and "published (paper), not ours" in out
+
+
+def test_report_template_is_installed_as_package_data():
+    """The report's jinja2 template ships with the wheel: pyproject's package-data names it."""
+    import tomllib
+
+    import easyref.evaluate
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = Path(easyref.evaluate.__file__).parent
+    shipped = {p for pattern in patterns["easyref.evaluate"] for p in package.glob(pattern)}
+    assert package / "templates" / "report.html.j2" in shipped
