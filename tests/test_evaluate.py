@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def checkpoint(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
-    """One evaluation of 3 samples with both baselines, 2 DDIM steps, logged to a throwaway sqlite store."""
+    """One evaluation of 3 samples with every baseline, 2 DDIM steps, logged to a throwaway sqlite store."""
     from easyref.cli import main
 
     root = tmp_path_factory.mktemp("eval")
@@ -166,7 +167,7 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
     params = root / "params.yaml"
     params.write_text(
         "evaluate:\n  batch_size: 2\n  report_samples: 2\n  reference_gain:\n    timesteps: 2\n"
-        "  report_note: tiny models, toy data\n  caption_subsets:\n    no_zero: ['0']\n"
+        "  report_note: tiny models, toy data\n  lora_baseline:\n    steps: 3\n  caption_subsets:\n    no_zero: ['0']\n"
     )
     code = main(
         [
@@ -187,6 +188,8 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
             "text",
             "--baseline",
             "ip_adapter",
+            "--baseline",
+            "lora",
             "--tracking-uri",
             f"sqlite:///{root / 'mlflow.db'}",
         ]
@@ -198,7 +201,7 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
 def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
     metrics = json.loads((evaluation / "out/metrics.json").read_text())
     assert metrics["num_samples"] == 3
-    for method in ("easyref", "easyref_swapped", "text", "ip_adapter"):
+    for method in ("easyref", "easyref_swapped", "text", "ip_adapter", "lora"):
         for name in ("clip_i", "clip_t", "dino_i", "colour"):
             value = metrics[f"{method}.{name}"]
             assert -1 <= value <= 1
@@ -216,7 +219,8 @@ def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
 def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
     out = evaluation / "out"
     table = pd.read_csv(out / "samples.csv")
-    assert len(table) == 12 and set(table["method"]) == {"easyref", "easyref_swapped", "text", "ip_adapter"}
+    assert len(table) == 15
+    assert set(table["method"]) == {"easyref", "easyref_swapped", "text", "ip_adapter", "lora"}
     assert table.loc[table["method"] == "easyref", "reference_gain"].notna().all()
     assert all((out / p).is_file() for p in table["image"])
     assert len(list((out / "grids").glob("*.png"))) == 2  # report_samples
@@ -225,15 +229,21 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
         "EasyRef (checkpoint)",
         "SDXL, text only",
         "IP-Adapter-SDXL (mean)",
+        "Per-group LoRA (SDXL, text only)",
         "CLIP-I",
         "DINO-I",
         "Reference gain",
-        "another group&#x27;s references",
+        "another group's references",
         "tiny models, toy data",
         "data:image/png;base64,",
+        "seconds per group",
     ):
-        assert text in report
+        assert text in html.unescape(report)
     info = json.loads((out / "evaluation.json").read_text())
+    assert info["num_groups"] == 3 and info["seconds_per_group.easyref"] > 0
+    assert info["model.aggregation"] == "tokens" and info["model.num_tokens"] == 8
+    # the per-group LoRA's time per group (tuning + generation) next to EasyRef's, and its tuning part
+    assert info["seconds_per_group.lora"] >= info["tuning_seconds_per_group.lora"] > 0
     assert len(info["checkpoint_sha256"]) == 64 and len(info["split_sha256"]) == 64
 
 
@@ -298,3 +308,25 @@ def test_colour_similarity_sees_the_subject_colour_not_the_background():
     assert colour_similarity(red, red_elsewhere) > 0.9
     assert colour_similarity(red, blue) < 0.1
     assert colour_similarity(Image.new("RGB", (64, 64), (250, 250, 250)), red) == 0.0  # nothing saturated
+
+
+def test_compare_reads_what_evaluate_wrote(evaluation, capsys):
+    from easyref.cli import main
+
+    assert main(["compare", str(evaluation / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| **held-out** |" in out and "EasyRef (aggregation=tokens, tokens=8, layer=-1)" in out
+    assert "Per-group LoRA" in out and "published (paper), not ours" in out
+
+
+def test_report_template_is_installed_as_package_data():
+    """The report's jinja2 template ships with the wheel: pyproject's package-data names it."""
+    import tomllib
+
+    import easyref.evaluate
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = Path(easyref.evaluate.__file__).parent
+    shipped = {p for pattern in patterns["easyref.evaluate"] for p in package.glob(pattern)}
+    assert package / "templates" / "report.html.j2" in shipped

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "split": ("easyref.data.split", "split a manifest into train / held-in / held-out groups"),
     "generate": ("easyref.generate", "generate images from a prompt and a group of reference images"),
     "evaluate": ("easyref.evaluate", "evaluate a checkpoint: CLIP-I / CLIP-T / DINO-I, reference gain, baselines"),
+    "compare": ("easyref.evaluate.compare", "compare evaluations in the paper's table layout, beside its figures"),
     "register": ("easyref.registry", "register a checkpoint in the MLflow registry and promote it by alias"),
     "train": (
         "easyref.train.cli",

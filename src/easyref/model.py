@@ -40,6 +40,7 @@ CHECKPOINT_CONFIG = "easyref_config.json"
 
 # Named groups of tensors of :class:`EasyRef`. A checkpoint stores the parts a stage trained.
 PARTS = ("reference", "adapter", "mllm", "lora")
+AGGREGATIONS = ("tokens", "mean", "concat")
 
 
 @dataclass(kw_only=True)
@@ -68,6 +69,11 @@ class ModelConfig:
     """Rank of the UNet LoRA on attention q, k, v, out (0 = none; stages 2-3 use 128)."""
     token_init_std: float = 0.1
     """Reference tokens are initialised as ``token_init_std * randn``."""
+    aggregation: str = "tokens"
+    """How a group becomes one representation (the paper's Table 5 ablation): ``tokens`` = all references in one
+    MLLM turn, read by the reference tokens (the paper's); ``mean`` = each reference encoded alone (one turn per
+    image with the caption) and the per-image reference-token outputs averaged; ``concat`` = those per-image outputs
+    concatenated (``num_tokens`` x group size vectors)."""
 
     def __post_init__(self) -> None:
         if self.num_tokens < 1:
@@ -80,6 +86,8 @@ class ModelConfig:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
 
 
 @dataclass(kw_only=True)
@@ -101,7 +109,8 @@ class ReferenceProcessor:
     Each sample becomes one user turn: every reference image, then ``instruction`` with the caption, rendered with
     the model's chat template and a generation prompt. Image placeholders are expanded to the number of merged
     visual tokens of each image, as ``Qwen2VLProcessor`` does; batches are left-padded so every context ends at the
-    same position and the reference tokens can follow it.
+    same position and the reference tokens can follow it. With ``aggregation`` ``mean`` or ``concat`` every image
+    is a turn of its own (with the sample's caption) and ``group_sizes`` says how many turns each sample has.
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, config: ModelConfig):
@@ -149,6 +158,10 @@ class ReferenceProcessor:
                     f"sample {i} has {len(g)} reference images; at most {self.config.max_references} "
                     "(model.max_references) are supported"
                 )
+        sizes = [len(g) for g in groups]
+        if self.config.aggregation != "tokens":  # one turn per image, each with its sample's caption
+            captions = [c for c, n in zip(captions, sizes, strict=True) for _ in range(n)]
+            groups = [[img] for g in groups for img in g]
         flat = [img.convert("RGB") for g in groups for img in g]
         vision = self.image_processor(images=flat, return_tensors="pt")
         tokens_per_image = (vision["image_grid_thw"].prod(-1) // self.merge_length).tolist()
@@ -162,13 +175,16 @@ class ReferenceProcessor:
             texts.append(text)
         enc = self.tokenizer(texts, return_tensors="pt", padding=True)
         input_ids = enc["input_ids"]
-        return {
+        inputs = {
             "input_ids": input_ids,
             "attention_mask": enc["attention_mask"],
             "mm_token_type_ids": (input_ids == self.image_token_id).int(),
             "pixel_values": vision["pixel_values"],
             "image_grid_thw": vision["image_grid_thw"],
         }
+        if self.config.aggregation != "tokens":
+            inputs["group_sizes"] = torch.tensor(sizes)
+        return inputs
 
 
 class ReferenceEncoder(nn.Module):
@@ -200,6 +216,7 @@ class ReferenceEncoder(nn.Module):
         hidden = self.text_config.hidden_size
         self.ref_tokens = nn.Parameter(config.token_init_std * torch.randn(config.num_tokens, hidden))
         self.freeze_trunk = True
+        self.aggregation = config.aggregation
 
     @property
     def hidden_size(self) -> int:
@@ -225,7 +242,9 @@ class ReferenceEncoder(nn.Module):
         return hidden, position_ids
 
     def forward(self, inputs: dict[str, torch.Tensor], return_context: bool = False) -> torch.Tensor:
-        """``(B, num_tokens, hidden)`` group representations (with ``return_context``: the whole final sequence)."""
+        """``(B, tokens, hidden)`` group representations (with ``return_context``: the whole final sequence of each
+        MLLM turn). ``tokens`` is ``num_tokens``, except with ``concat``: ``num_tokens`` x group size (see
+        :func:`common_length` for a batch of different group sizes)."""
         from transformers.masking_utils import create_causal_mask
 
         if self.freeze_trunk:
@@ -249,7 +268,34 @@ class ReferenceEncoder(nn.Module):
         for layer in self.head:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary)
         hidden = self.head_norm(hidden)
-        return hidden if return_context else hidden[:, length:]
+        if return_context:
+            return hidden
+        return self.aggregate(hidden[:, length:], inputs.get("group_sizes"))
+
+    def aggregate(self, states: torch.Tensor, group_sizes: torch.Tensor | None) -> torch.Tensor:
+        """Per-turn reference-token outputs ``(turns, num_tokens, hidden)`` -> one representation per sample."""
+        if group_sizes is None:
+            return states
+        per_sample = states.split(group_sizes.tolist())
+        if self.aggregation == "mean":
+            return torch.stack([s.mean(dim=0) for s in per_sample])
+        return torch.cat(common_length([s.reshape(1, -1, s.shape[-1]) for s in per_sample]))
+
+
+def common_length(states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``(B_i, T_i, D)`` reference states brought to one token count, for one batch of the UNet.
+
+    Each sample's token set is tiled to the least common multiple of the ``T_i``: attention over a token set
+    repeated ``k`` times equals attention over the set, so this is exact (the reference branch has no key mask).
+    Should that multiple exceed 8 x the longest, the sets are tiled and cut at the longest instead (approximate).
+    """
+    import math
+
+    lengths = [s.shape[1] for s in states]
+    target = math.lcm(*lengths)
+    if target > 8 * max(lengths):
+        target = max(lengths)
+    return [s.repeat(1, -(-target // s.shape[1]), 1)[:, :target] for s in states]
 
 
 class ConditionProjector(nn.Module):

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from easyref.errors import UserError
-from easyref.model import EasyRef, ModelConfig, ReferenceProcessor, adapter_processors, load_model
+from easyref.model import EasyRef, ModelConfig, ReferenceProcessor, adapter_processors, common_length, load_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -189,7 +189,7 @@ class EasyRefSampler:
             uncond = uncond.to(device=device, dtype=text.dtype).expand(n, -1, -1)
             text = torch.cat([negative_text, text])
             pooled = torch.cat([negative_pooled, pooled])
-            states = torch.cat([uncond, states])
+            states = torch.cat(common_length([uncond, states]))  # aggregation "concat": counts may differ
             time_ids = torch.cat([time_ids, time_ids])
 
         scheduler = self.pipe.scheduler

@@ -1,0 +1,113 @@
+"""Evaluate an EasyRef checkpoint: CLIP-I, CLIP-T, DINO-I, reference gain, and baselines in the same table.
+
+Example (tiny profile):
+
+  easyref evaluate --checkpoint checkpoints/multi --split data/split/held_out.parquet --out outputs/eval \\
+      --baseline text --baseline ip_adapter --params params.yaml
+
+Test samples come from a split file written by ``easyref split`` (each ``role == "target"`` row is one sample; its
+references are the ``reference`` rows of the same group; image ``path`` values are relative to the ingest folder,
+found through the ``split.json`` beside the split file or given with ``--images-root``), or with ``--dreambench DIR``
+from a DreamBench folder (``DIR/<subject>/*.jpg`` + ``DIR/prompts_and_classes.txt``; every subject x prompt is a
+sample whose references and targets are the subject's images).
+
+Each sample is generated once per method with its own seed (derived from ``evaluate.seed`` and the sample id, so
+it does not depend on batching or on which other samples are evaluated). Methods:
+
+  easyref     the checkpoint, references encoded by the MLLM
+  text        text-only SDXL: the same sampler with the reference attention at scale 0 (and any LoRA disabled)
+  easyref_swapped  the checkpoint with another group's references (same caption and seed)
+  ip_adapter  IP-Adapter-SDXL via diffusers' ``load_ip_adapter``, conditioned on the mean CLIP image embedding of
+              the group (the paper's multi-reference baseline)
+  lora        per-group LoRA (the paper's tuning-based baseline): a rank-32 LoRA fine-tuned on each group's
+              references and captions, then text-only generation
+
+Reference gain (no generation): the denoising loss of each sample's target with its own references vs with the
+references of a sample of another group, at the same timesteps and noise. Positive = the model uses the group.
+
+Writes to OUT: metrics.json (flat keys, for DVC), evaluation.json (provenance), samples.parquet / samples.csv (one
+row per method and sample), images/<method>/<sample>.png, grids/<sample>.png (references | target | generated)
+and report.html (one self-contained page), and logs all of it to MLflow.
+"""
+
+from easyref.evaluate.baselines import Baseline, baseline_names, load_baseline
+from easyref.evaluate.baselines.ip_adapter import IPAdapterBaseline
+from easyref.evaluate.command import add_arguments, config_from_args, evaluate, run, with_base_defaults
+from easyref.evaluate.config import (
+    METRIC_LABELS,
+    METRICS,
+    SWAPPED,
+    TEXT,
+    DreamBenchConfig,
+    EvaluateConfig,
+    IPAdapterConfig,
+    LoraBaselineConfig,
+    ReferenceGainConfig,
+)
+from easyref.evaluate.generation import generate_easyref
+from easyref.evaluate.outputs import log_to_mlflow, write_outputs
+from easyref.evaluate.reference_gain import partners, reference_gain
+from easyref.evaluate.report import make_grid, method_labels, render_report
+from easyref.evaluate.samples import (
+    SPLIT_COLUMNS,
+    ImageStore,
+    Sample,
+    fill_prompt,
+    images_root_for,
+    load_dreambench,
+    load_image,
+    load_split,
+    parse_dreambench_prompts,
+    sample_seed,
+)
+from easyref.evaluate.scoring import caption_mentions, flat_metrics, score, summarize
+
+HELP = "evaluate a checkpoint: CLIP-I / CLIP-T / DINO-I, reference gain, baselines, report"
+BASELINES = baseline_names()
+METHODS = ("easyref", *BASELINES)
+
+__all__ = [
+    "BASELINES",
+    "HELP",
+    "METHODS",
+    "METRICS",
+    "METRIC_LABELS",
+    "SPLIT_COLUMNS",
+    "SWAPPED",
+    "TEXT",
+    "Baseline",
+    "DreamBenchConfig",
+    "EvaluateConfig",
+    "IPAdapterBaseline",
+    "IPAdapterConfig",
+    "ImageStore",
+    "LoraBaselineConfig",
+    "ReferenceGainConfig",
+    "Sample",
+    "add_arguments",
+    "baseline_names",
+    "caption_mentions",
+    "config_from_args",
+    "evaluate",
+    "fill_prompt",
+    "flat_metrics",
+    "generate_easyref",
+    "images_root_for",
+    "load_baseline",
+    "load_dreambench",
+    "load_image",
+    "load_split",
+    "log_to_mlflow",
+    "make_grid",
+    "method_labels",
+    "parse_dreambench_prompts",
+    "partners",
+    "reference_gain",
+    "render_report",
+    "run",
+    "sample_seed",
+    "score",
+    "summarize",
+    "with_base_defaults",
+    "write_outputs",
+]

@@ -1,0 +1,67 @@
+"""Baselines that need their own model (not the checkpoint's sampler): one module each, found by name.
+
+A baseline module in this package defines
+
+  NAME        the method name (``--baseline NAME``, ``evaluate.baselines``, the ``method`` column, metric keys)
+  LABEL       its row label in the report
+  GRID_LABEL  its short column label in the sample grids
+  load(sdxl, config, device, torch_dtype) -> Baseline
+              builds it on the SDXL base model folder (or hub id) from the ``EvaluateConfig``
+
+and a ``Baseline`` is any callable ``(samples, store, config) -> list[PIL.Image]`` giving one image per sample,
+generated with ``sample.seed``. Adding a baseline is adding one file here (and, if it has settings, a field of
+``EvaluateConfig``). ``text`` (text-only SDXL) is built in: it runs on the checkpoint's own sampler.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
+
+from easyref.evaluate.config import TEXT
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from easyref.evaluate.config import EvaluateConfig
+    from easyref.evaluate.samples import ImageStore, Sample
+
+
+class Baseline(Protocol):
+    """What ``load`` returns: one generated image per sample."""
+
+    def __call__(self, samples: Sequence[Sample], store: ImageStore, config: EvaluateConfig) -> list[Image.Image]: ...
+
+
+@cache
+def modules() -> dict[str, ModuleType]:
+    """``{NAME: module}`` of every baseline module of this package."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "NAME") and hasattr(module, "load"):
+            found[module.NAME] = module
+    return found
+
+
+def baseline_names() -> tuple[str, ...]:
+    """Every baseline ``evaluate`` knows: ``text`` and the modules of this package."""
+    return (TEXT, *sorted(modules()))
+
+
+def load_baseline(
+    name: str, sdxl: str | Path, config: EvaluateConfig, device: str, torch_dtype: torch.dtype | None
+) -> Baseline:
+    """The baseline ``name`` (a module of this package), built on the SDXL base model."""
+    return modules()[name].load(sdxl, config, device, torch_dtype)
+
+
+def labels() -> dict[str, tuple[str, str]]:
+    """``{NAME: (LABEL, GRID_LABEL)}`` of the baseline modules."""
+    return {name: (m.LABEL, m.GRID_LABEL) for name, m in modules().items()}

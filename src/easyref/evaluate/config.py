@@ -1,0 +1,132 @@
+"""The ``evaluate`` section of ``params.yaml`` (dataclasses) and the names of methods and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from easyref.metrics import MetricModels
+
+METRICS = ("clip_i", "clip_t", "dino_i", "colour")
+METRIC_LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I", "colour": "Colour"}
+SWAPPED = "easyref_swapped"
+"""The checkpoint generating with another group's references (same caption and seed): the visual reference check."""
+TEXT = "text"
+"""Text-only SDXL: the checkpoint's sampler with the reference attention at scale 0 (and any LoRA disabled)."""
+
+
+@dataclass(kw_only=True)
+class IPAdapterConfig:
+    """Where the IP-Adapter-SDXL baseline comes from (arguments of diffusers' ``load_ip_adapter``)."""
+
+    path: str | None = None
+    """Hub id or folder of the IP-Adapter repository (real profile: ``h94/IP-Adapter``); None = ``ip_adapter/`` in
+    the base-model folder (written by ``easyref tiny-models``)."""
+    subfolder: str = "sdxl_models"
+    """Folder of the weights inside ``path``."""
+    weight_name: str = "ip-adapter_sdxl.safetensors"
+    """Weights file inside ``subfolder``."""
+    image_encoder_folder: str = "image_encoder"
+    """CLIP image encoder folder, inside ``subfolder`` (or a path with a ``/`` relative to ``path``)."""
+    scale: float = 1.0
+    """IP-Adapter scale (``pipe.set_ip_adapter_scale``)."""
+
+
+@dataclass(kw_only=True)
+class LoraBaselineConfig:
+    """The per-group LoRA baseline: a LoRA fine-tuned on each group's references, then text-only generation."""
+
+    rank: int = 32
+    """LoRA rank on the UNet attention q, k, v, out (paper: 32)."""
+    steps: int = 20
+    """Fine-tuning steps per group (the tiny profile's default; the paper's tuning runs far longer)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the LoRA weights."""
+    batch_size: int = 2
+    """Reference images (with their captions) per fine-tuning step."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"lora_baseline: rank, steps and batch_size must be >= 1, got {self}")
+
+
+@dataclass(kw_only=True)
+class ReferenceGainConfig:
+    """The generation-free check that the model uses its references."""
+
+    enabled: bool = True
+    """Compute the reference gain for the checkpoint."""
+    timesteps: int = 4
+    """Noise draws (timestep + noise) per sample; the same draws serve the own and the other group."""
+
+
+@dataclass(kw_only=True)
+class DreamBenchConfig:
+    """How DreamBench prompts are filled in."""
+
+    unique_token: str = ""
+    """Replaces ``{0}`` (DreamBooth's rare token, e.g. ``sks``); empty for zero-shot models: 'a backpack in ...'."""
+    live_classes: list[str] = field(default_factory=lambda: ["cat", "dog"])
+    """Classes whose subjects get the 'Live Subject Prompts' instead of the 'Object Prompts'."""
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """The ``evaluate`` section of ``params.yaml``; command-line flags override it."""
+
+    steps: int = 30
+    """DDIM steps (paper: 30)."""
+    guidance: float = 7.5
+    """Classifier-free guidance weight (paper: 7.5)."""
+    negative_prompt: str = ""
+    """Text of the unconditional branch."""
+    height: int | None = None
+    """Generated image height (default: the UNet's native size)."""
+    width: int | None = None
+    """Generated image width (default: the UNet's native size)."""
+    seed: int = 0
+    """Base seed; each sample's seed is derived from it and the sample id."""
+    batch_size: int = 4
+    """Samples per sampler call (results do not depend on it)."""
+    max_samples: int | None = None
+    """Evaluate only the first N samples (None = all)."""
+    baselines: list[str] = field(default_factory=list)
+    """Baselines evaluated beside the checkpoint: ``text`` or any module of ``easyref.evaluate.baselines``
+    (``ip_adapter``, ``lora``)."""
+    confidence: float = 0.95
+    """Level of the intervals reported around each mean."""
+    report_samples: int = 16
+    """Samples shown as grids in the report (grids are written for these only)."""
+    experiment: str = "easyref-evaluate"
+    """MLflow experiment of the evaluation runs."""
+    metrics: MetricModels = field(default_factory=MetricModels)
+    """The CLIP and DINO models of the metrics."""
+    ip_adapter: IPAdapterConfig = field(default_factory=IPAdapterConfig)
+    """The IP-Adapter baseline's weights."""
+    lora_baseline: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
+    """The per-group LoRA baseline's fine-tuning."""
+    reference_gain: ReferenceGainConfig = field(default_factory=ReferenceGainConfig)
+    """The reference-gain check."""
+    dreambench: DreamBenchConfig = field(default_factory=DreamBenchConfig)
+    """DreamBench prompt filling."""
+    swapped_references: bool = True
+    """Also generate every sample with another group's references (method ``easyref_swapped``): if the model uses
+    its references, these images follow the other group and score lower against the target."""
+    caption_subsets: dict[str, list[str]] = field(default_factory=dict)
+    """Named word lists; each adds a section of metrics over the samples whose caption contains none of its words,
+    e.g. ``no_colour: [red, blue, ...]``: the samples where only the references show the colour."""
+    report_note: str = ""
+    """One line at the top of the report saying what this evaluation can and cannot show."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        from easyref.evaluate.baselines import baseline_names
+
+        known = baseline_names()
+        unknown = sorted(set(self.baselines) - set(known))
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(known)}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
