@@ -2,7 +2,7 @@
 
 On the tiny profile (pretrained tiny base, demo data, the demo's split), this trains stage 1 twice for the same
 number of steps: once as the paper does, and once with the references removed (every sample's group replaced by
-the black "no reference" image, so nothing can be learned from it). Both are evaluated on the held-out groups:
+the black "no reference" image, so nothing can be learned from them). Both are evaluated on the held-out groups:
 
 - reference gain: denoising loss with another group's references minus with the sample's own (95% interval);
 - Colour on the held-out samples whose caption names no colour: EasyRef vs text-only SDXL (same base, same seeds);
@@ -54,7 +54,10 @@ def train_and_evaluate(work: Path, params: dict, name: str, steps: int, referenc
     run = dict(params)
     run["train"] = {**params["train"], "preview_every": -1}
     if not references:
-        run["train"]["drop_image"], run["train"]["drop_both"] = 1.0, 0.0
+        # every sample loses its references: the image drop and the both-drop share all the probability
+        drops = params["train"]
+        run["train"]["drop_text"], run["train"]["drop_image"] = 0.0, 1.0 - drops.get("drop_both", 0.1)
+        run["train"]["drop_both"] = drops.get("drop_both", 0.1)
     run["evaluate"] = {**params["evaluate"], "baselines": ["text"], "report_samples": 4}
     if max_samples:
         run["evaluate"]["max_samples"] = max_samples
