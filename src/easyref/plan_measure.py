@@ -12,10 +12,10 @@ the Qwen2-VL trunk produces), the stage's trainable parts and gradient checkpoin
 from __future__ import annotations
 
 import contextlib
-from unittest import mock
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
