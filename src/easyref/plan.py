@@ -77,6 +77,8 @@ def make_plan(
     ref_side: int = 336,
     fsdp: bool = False,
     gradient_checkpointing: bool = False,
+    compare_aggregation: bool = True,
+    num_tokens: int = 64,
 ) -> Plan:
     from easyref.architectures import config_root
     from easyref.plan_measure import trace_step
@@ -93,7 +95,7 @@ def make_plan(
     defaults = STAGE_DEFAULTS[stage]
     parts, rank = list(defaults["parts"]), int(defaults["lora_rank"])
     trace = trace_step(
-        root, parts, rank, batch, resolution, references, ref_side, gradient_checkpointing=gradient_checkpointing
+        root, parts, rank, batch, resolution, references, ref_side, num_tokens, gradient_checkpointing
     )
     model_parts = ("unet", "lora", "ip_kv", "projector", "mllm_head", "mllm_trunk")
     shard = gpus if fsdp else 1
@@ -110,7 +112,7 @@ def make_plan(
     flops = {name: (c.forward_flops + c.backward_flops) / batch / 1e12 for name, c in trace.components.items()}
     flops["total"] = sum(flops.values())
     aggregation = None
-    if "mllm" not in parts:
+    if "mllm" not in parts and compare_aggregation:
         alt = trace_step(
             root,
             [*parts, "mllm"],
@@ -119,6 +121,7 @@ def make_plan(
             resolution,
             references,
             ref_side,
+            num_tokens,
             gradient_checkpointing=gradient_checkpointing,
             tokens_at_layer0=True,
         )
