@@ -94,9 +94,7 @@ def make_plan(
     root = config_root(profile)
     defaults = STAGE_DEFAULTS[stage]
     parts, rank = list(defaults["parts"]), int(defaults["lora_rank"])
-    trace = trace_step(
-        root, parts, rank, batch, resolution, references, ref_side, num_tokens, gradient_checkpointing
-    )
+    trace = trace_step(root, parts, rank, batch, resolution, references, ref_side, num_tokens, gradient_checkpointing)
     model_parts = ("unet", "lora", "ip_kv", "projector", "mllm_head", "mllm_trunk")
     shard = gpus if fsdp else 1
     model_params = sum(trace.params[p] for p in model_parts)
