@@ -30,7 +30,7 @@ from easyref.config import from_dict, load_yaml
 from easyref.errors import UserError
 from easyref.locking import FolderLocked, output_lock
 
-HELP = "download the real base models (pinned hub revisions) into the model layout"
+HELP = "download the real base models at pinned hub revisions (resumable)"
 PARTS = ("sdxl", "mllm", "clip", "dino", "ip_adapter")
 STAMP = ".complete"
 

@@ -16,14 +16,6 @@ from easyref.errors import UserError
 # command name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-models": ("easyref.tiny_models", "write tiny random SDXL / Qwen2-VL / CLIP / DINOv2 models"),
-    "base-models": (
-        "easyref.base_models",
-        "download the real base models (pinned hub revisions) into the model layout",
-    ),
-    "plan": (
-        "easyref.plan",
-        "plan a training stage: parameters, memory per GPU, fit on 80/141 GB cards, FLOPs per sample",
-    ),
     "demo-data": ("easyref.data.demo", "write the synthetic demo dataset of image groups"),
     "ingest": ("easyref.data.ingest", "ingest image sources into a manifest of groups (with rejections)"),
     "split": ("easyref.data.split", "split a manifest into train / held-in / held-out groups"),
@@ -35,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train one EasyRef stage (pretrain, single_ref, multi_ref), distributed and resumable",
     ),
     "launch": ("easyref.train.launch", "render or submit a Kubeflow Trainer TrainJob running `easyref train`"),
+    "base-models": ("easyref.base_models", "download the real base models at pinned hub revisions (resumable)"),
+    "plan": ("easyref.plan", "plan a stage: parameters, memory per GPU, fit on 80/141 GB cards, FLOPs per sample"),
 }
 
 

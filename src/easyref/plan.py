@@ -28,7 +28,7 @@ from typing import Any
 
 from easyref.errors import UserError
 
-HELP = "plan a training stage: parameters, memory per GPU, fit on 80/141 GB cards, FLOPs per sample"
+HELP = "plan a stage: parameters, memory per GPU, fit on 80/141 GB cards, FLOPs per sample"
 CARDS_GB = (80, 141)
 HEADROOM = 0.9
 """A plan fits a card when its estimate is at most this fraction of the card's memory."""
