@@ -13,8 +13,9 @@ trainer holds them (fp32 weights, bf16 autocast), and measures:
    diffusers' ``StableDiffusionXLPipeline`` with IP-Adapter SDXL (ViT-bigG image encoder, 4 tokens) on the same
    card; seconds per image and their ratio.
 
-Tokenizers are the tiny profile's byte-level ones (the real vocabularies are a download away; they change token
-ids, not the cost). ``--device cpu --profile tiny --resolution 64 --batch 1`` runs the same code in seconds
+Tokenizers are the tiny profile's byte-level ones (the real vocabularies are a download away): token ids differ,
+and the MLLM's text part is about 3x longer (one token per byte: ~190 instead of ~60 tokens beside 2 x ~130 visual
+tokens), so the MLLM figures are slightly pessimistic. ``--device cpu --profile tiny --resolution 64 --batch 1`` runs the same code in seconds
 (tests/test_gpu_check.py does), so the script works the first time it meets a GPU.
 """
 
@@ -256,7 +257,7 @@ def ip_adapter_state(unet, image_embed_dim: int, device: torch.device) -> dict:
 
 def check_sampling(setup: Setup, model, args: argparse.Namespace) -> dict:
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPImageProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from easyref.architectures import build_unet
     from easyref.sampler import EasyRefSampler
@@ -283,7 +284,9 @@ def check_sampling(setup: Setup, model, args: argparse.Namespace) -> dict:
             **setup.pipe.components,
             "unet": base_unet,
             "image_encoder": encoder,
-            "feature_extractor": CLIPImageProcessor(size={"shortest_edge": side}, crop_size=side),
+            "feature_extractor": CLIPImageProcessorPil(
+                size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+            ),
         }
     )
     pipe.scheduler = sampler.pipe.scheduler  # the same DDIM schedule
