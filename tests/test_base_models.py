@@ -134,6 +134,32 @@ def test_an_interrupted_download_resumes(hub, tmp_path: Path):
     assert (out / ".complete").is_file()
 
 
+def test_an_unknown_revision_names_the_params_key(hub, tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "profile:\n  real_models:\n    dino: {repo: facebook/dinov2-small, revision: '"
+        + "f" * 40
+        + "', files: ['*']}\n"
+    )
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT / "src")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "easyref.cli",
+        "base-models",
+        "--params",
+        str(params),
+        "--out",
+        str(tmp_path / "o"),
+        "--parts",
+        "dino",
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "profile.real_models.dino" in result.stderr and "not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_bad_params_are_one_line_errors(tmp_path: Path):
     params = tmp_path / "params.yaml"
     params.write_text("profile:\n  real_models:\n    sdxl: {repo: a/b, revision: main, files: ['*']}\n")

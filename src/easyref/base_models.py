@@ -42,7 +42,7 @@ class HubModel:
     repo: str
     """Hub repository id, e.g. ``stabilityai/stable-diffusion-xl-base-1.0``."""
     revision: str
-    """The commit to fetch (40 hex digits)."""
+    """The commit to fetch (40 hex digits), quoted in YAML (an all-digit hash would otherwise read as a number)."""
     files: list[str] = field(default_factory=list)
     """Glob patterns of the files to fetch (``*.safetensors``, ``unet/*.json``); weights must be safetensors."""
     variant: str = ""
@@ -100,7 +100,8 @@ def fetch_part(name: str, model: HubModel, out: Path, workers: int = 8) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 
     target, staging = out / name, out / ".hub" / name
-    if (target / STAMP).is_file() and json.loads((target / STAMP).read_text()).get("revision") == model.revision:
+    record = {"repo": model.repo, "revision": model.revision, "files": model.files, "variant": model.variant}
+    if (target / STAMP).is_file() and json.loads((target / STAMP).read_text()) == record:
         return target
     repo_files = HfApi().list_repo_files(model.repo, revision=model.revision)
     files = select_files(repo_files, model)
@@ -118,7 +119,7 @@ def fetch_part(name: str, model: HubModel, out: Path, workers: int = 8) -> Path:
             os.link(staging / source, path)
         except OSError:  # another file system: copy
             shutil.copy2(staging / source, path)
-    (tmp / STAMP).write_text(json.dumps({"repo": model.repo, "revision": model.revision}) + "\n")
+    (tmp / STAMP).write_text(json.dumps(record) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
@@ -131,14 +132,21 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise UserError(f"--parts: {', '.join(bad)} not in {args.params}: profile.real_models ({', '.join(models)})")
     import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         with output_lock(args.out, "easyref base-models"):
             for name in parts:
                 model = models[name]
                 print(f"{name}: {model.repo}@{model.revision[:12]}", flush=True)
-                fetch_part(name, model, args.out, args.workers)
+                try:
+                    fetch_part(name, model, args.out, args.workers)
+                except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+                    raise UserError(
+                        f"{args.params}: profile.real_models.{name}: {model.repo}@{model.revision} not found on "
+                        f"{constants.ENDPOINT} ({type(exc).__name__}); fix repo / revision (or set HF_TOKEN)"
+                    ) from None
             (args.out / STAMP).write_text(json.dumps({n: models[n].revision for n in parts}) + "\n")
     except FolderLocked as exc:
         raise UserError(str(exc)) from None
