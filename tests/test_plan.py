@@ -135,3 +135,42 @@ def test_real_profile_matches_the_paper_counts(tmp_path: Path):
     assert round(plan["params"]["unet"] / 1e9, 2) == 2.57  # SDXL UNet
     assert plan["fits"]["141 GB"] is True
     assert REAL_CONFIGS.joinpath("sdxl", "unet", "config.json").is_file()
+
+
+def test_activation_estimate_matches_a_measured_cpu_step(tiny_models: Path):
+    """The meta trace (substituted trunk output, fused-attention model, autocast emulation) against the real code
+    path on CPU: bytes kept for backward by one stage-1 forward of the tiny model under bf16 autocast. Stated
+    tolerance 25%: the trace follows CUDA autocast (norms in fp32), CPU autocast keeps them in bf16."""
+    from unittest import mock
+
+    from PIL import Image
+
+    import easyref.plan_measure as pm
+    from easyref.model import ReferenceProcessor, load_model
+
+    config = ModelConfig(num_tokens=8, min_pixels=4 * 784, max_pixels=4 * 784, dropped_image_size=56)
+    torch.manual_seed(0)
+    model = load_model(tiny_models / "sdxl", tiny_models / "mllm", config=config)
+    model.set_trainable(["reference", "adapter"])
+    processor = ReferenceProcessor.from_pretrained(tiny_models / "mllm", config)
+    batch = 2
+    inputs = processor([[Image.new("RGB", (56, 56), (40 * i, 80, 120))] for i in range(batch)], ["a cat"] * batch)
+    unet = model.unet
+    pooled_dim = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+    saved = pm._SavedBytes({p.untyped_storage()._cdata for p in model.parameters()})
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        states = model.encode_references(inputs)
+        model(
+            torch.randn(batch, 4, 8, 8),
+            torch.randint(0, 1000, (batch,)),
+            torch.randn(batch, 77, unet.config.cross_attention_dim),
+            torch.randn(batch, pooled_dim),
+            torch.randn(batch, 6),
+            states,
+        )
+    image_tokens = int((inputs["input_ids"][0] == processor.image_token_id).sum())
+    with mock.patch.object(pm, "TEXT_TOKENS", inputs["input_ids"].shape[1] - image_tokens):
+        trace = pm.trace_step(tiny_models, ["reference", "adapter"], 0, batch, 64, 1, 56, num_tokens=8)
+    estimate = sum(c.saved_bytes for c in trace.components.values())
+    assert trace.context_tokens == inputs["input_ids"].shape[1]
+    assert 0.75 * saved.total <= estimate <= 1.25 * saved.total, (estimate, saved.total)

@@ -18,6 +18,9 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from easyref.architectures import build_easyref, build_text_encoders, build_vae, count
@@ -94,6 +97,7 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v, _, _ = ctx.saved_tensors
+        grad = grad.to(q.dtype)
         scores = q @ k.transpose(-1, -2)
         grad_v = scores.transpose(-1, -2) @ grad
         grad_scores = grad @ v.transpose(-1, -2)
@@ -104,7 +108,59 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if key.shape[-3] != query.shape[-3]:  # grouped-query attention: each key/value head serves several query heads
         repeat = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
+    if torch.bfloat16 in (query.dtype, key.dtype, value.dtype):  # autocast runs attention in bf16
+        query, key, value = (t.to(torch.bfloat16) for t in (query, key, value))
     return _FlashAttention.apply(query, key, value)
+
+
+class _Autocast(TorchFunctionMode):
+    """bf16 autocast for meta tensors (``torch.autocast`` only acts on CPU and CUDA tensors).
+
+    As CUDA autocast does: matmuls and convolutions cast floating inputs (weights included: the bf16 copy is what
+    their backward keeps) to bf16; normalisations and softmax run in fp32.
+    """
+
+    LOW = {
+        F.linear,
+        F.conv1d,
+        F.conv2d,
+        F.conv3d,
+        torch.matmul,
+        torch.bmm,
+        torch.baddbmm,
+        torch.mm,
+        torch.addmm,
+        torch.Tensor.__matmul__,
+        torch.Tensor.matmul,
+    }
+    FP32 = {F.layer_norm, F.group_norm, F.softmax, F.log_softmax}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dtype = torch.bfloat16 if func in self.LOW else torch.float32 if func in self.FP32 else None
+        if dtype is not None:
+
+            def cast(a):
+                return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+            args = tuple(cast(a) for a in args)
+            kwargs = {k: cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _recompute_under_autocast(model: nn.Module) -> None:
+    """Checkpointed blocks recompute in the backward pass, where :class:`_Autocast` is not active: enter it there."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    def contexts():
+        return contextlib.nullcontext(), _Autocast()
+
+    fn = functools.partial(checkpoint, use_reentrant=False, context_fn=contexts)
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = fn
 
 
 def _vision_inputs(references: int, ref_side: int) -> tuple[torch.Tensor, int]:
@@ -174,6 +230,7 @@ def trace_step(
         from easyref.train.loop import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
+        _recompute_under_autocast(model)
     frozen = (build_vae(root), *build_text_encoders(root))
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", _sdpa):
         return _trace(model, frozen, parts, batch, resolution, references, ref_side, num_tokens, tokens_at_layer0)
@@ -208,7 +265,7 @@ def _trace(
     trunk_trained = "mllm" in parts or tokens_at_layer0
     thw, patches = _vision_inputs(references, ref_side)
     encoder = model.reference_encoder
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with _Autocast():
         context = _trunk(
             model,
             thw,
