@@ -6,8 +6,8 @@ Builds the real architectures (``src/easyref/configs/real``) with random weights
 trainer holds them (fp32 weights, bf16 autocast), and measures:
 
 1. one optimizer step of each stage at 1024^2 with the per-GPU batch (``--batch``, default 8: the paper's global
-   batch 256 on 32 GPUs): stage 1 trains the reference head + tokens and the adapter, stage 2-3 the whole MLLM and
-   a UNet LoRA of rank 128 as well; peak memory (``torch.cuda.max_memory_allocated``) and step time (median of
+   batch 256 on 32 GPUs; the paper states only the global batch): stage 1 trains the reference head + tokens and
+   the adapter, stage 2-3 the whole MLLM and a UNet LoRA of rank 128 as well; peak memory (``torch.cuda.max_memory_allocated``) and step time (median of
    ``--repeats`` steps after one warm-up);
 2. 30-step 1024^2 sampling with CFG 7.5: ``EasyRefSampler`` (two references through the MLLM, 64 tokens) against
    diffusers' ``StableDiffusionXLPipeline`` with IP-Adapter SDXL (ViT-bigG image encoder, 4 tokens) on the same
