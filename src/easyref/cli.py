@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train one EasyRef stage (pretrain, single_ref, multi_ref), distributed and resumable",
     ),
     "launch": ("easyref.train.launch", "render or submit a Kubeflow Trainer TrainJob running `easyref train`"),
+    "base-models": ("easyref.base_models", "download the real base models at pinned hub revisions (resumable)"),
+    "plan": ("easyref.plan", "plan a stage: parameters, memory per GPU, fit on 80/141 GB cards, FLOPs per sample"),
 }
 
 

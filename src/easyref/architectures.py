@@ -1,0 +1,157 @@
+"""Build the base models' architectures from their config files alone, with random weights, without a download.
+
+``configs/real/`` (package data) holds the published config files of SDXL base 1.0, Qwen2-VL-2B-Instruct, CLIP
+ViT-L/14, DINOv2-small and the IP-Adapter SDXL image encoder (OpenCLIP ViT-bigG/14), laid out as the model tree
+``easyref base-models`` writes (``sdxl/unet/config.json``, ``mllm/config.json``, ...). A tiny tree written by
+``easyref tiny-models`` has the same layout, so every function here takes either root.
+
+On ``device="meta"`` nothing is allocated: parameter counts, FLOPs and saved-activation sizes can be computed for
+the real sizes on any laptop (``easyref plan``). On a GPU, ``dtype=torch.bfloat16`` builds the real sizes with
+random weights directly on the card (``benchmarks/gpu_check.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from easyref.errors import UserError
+from easyref.model import EasyRef, ModelConfig, ReferenceEncoder
+
+REAL_CONFIGS = Path(__file__).parent / "configs" / "real"
+
+
+def config_root(profile: str) -> Path:
+    """The config tree of a profile name (``real``) or a folder holding the model layout."""
+    if profile == "real":
+        return REAL_CONFIGS
+    root = Path(profile)
+    if not (root / "sdxl" / "unet" / "config.json").is_file():
+        raise UserError(f"{profile}: not a profile; use 'real' or a folder with sdxl/unet/config.json (a model tree)")
+    return root
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+@contextlib.contextmanager
+def _building(device: str | torch.device, dtype: torch.dtype | None):
+    """Create parameters on ``device`` in ``dtype`` (factory functions follow the default device and dtype)."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@dataclass
+class BaseArchitectures:
+    """Randomly initialised base models of one profile."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    text_encoder_2: nn.Module
+    mllm: nn.Module
+    scheduler_config: dict[str, Any]
+
+
+def build_unet(root: Path, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    with _building(device, dtype):
+        return UNet2DConditionModel.from_config(read_json(root / "sdxl" / "unet" / "config.json"))
+
+
+def build_vae(root: Path, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    with _building(device, dtype):
+        return AutoencoderKL.from_config(read_json(root / "sdxl" / "vae" / "config.json"))
+
+
+def build_text_encoders(
+    root: Path, device: str | torch.device = "meta", dtype: torch.dtype | None = None
+) -> tuple[nn.Module, nn.Module]:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    one = CLIPTextConfig(**read_json(root / "sdxl" / "text_encoder" / "config.json"))
+    two = CLIPTextConfig(**read_json(root / "sdxl" / "text_encoder_2" / "config.json"))
+    with _building(device, dtype):
+        return CLIPTextModel(one), CLIPTextModelWithProjection(two)
+
+
+def mllm_config(root: Path, token_ids: dict[str, int] | None = None) -> Any:
+    """Qwen2-VL config; ``token_ids`` (e.g. ``image_token_id``) replace the special-token ids of the file."""
+    from transformers import Qwen2VLConfig
+
+    data = read_json(root / "mllm" / "config.json")
+    data.update(token_ids or {})
+    return Qwen2VLConfig(**data)
+
+
+def build_mllm(
+    root: Path,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype | None = None,
+    token_ids: dict[str, int] | None = None,
+) -> nn.Module:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    with _building(device, dtype):
+        return Qwen2VLForConditionalGeneration(mllm_config(root, token_ids))
+
+
+def build_image_encoder(root: Path, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
+    """The IP-Adapter SDXL image encoder (a CLIP vision tower with projection)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(**read_json(root / "ip_adapter" / "sdxl_models" / "image_encoder" / "config.json"))
+    with _building(device, dtype):
+        return CLIPVisionModelWithProjection(config)
+
+
+def build_base(
+    root: Path,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype | None = None,
+    token_ids: dict[str, int] | None = None,
+) -> BaseArchitectures:
+    text_encoder, text_encoder_2 = build_text_encoders(root, device, dtype)
+    return BaseArchitectures(
+        unet=build_unet(root, device, dtype),
+        vae=build_vae(root, device, dtype),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        mllm=build_mllm(root, device, dtype, token_ids),
+        scheduler_config=read_json(root / "sdxl" / "scheduler" / "scheduler_config.json"),
+    )
+
+
+def build_easyref(
+    root: Path,
+    config: ModelConfig,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype | None = None,
+    unet: nn.Module | None = None,
+    mllm: nn.Module | None = None,
+) -> EasyRef:
+    """The project's :class:`EasyRef` (reference encoder, projector, 70 IP layers, LoRA if ``config.lora_rank``)."""
+    unet = unet if unet is not None else build_unet(root, device, dtype)
+    mllm = mllm if mllm is not None else build_mllm(root, device, dtype)
+    with _building(device, dtype):
+        return EasyRef(ReferenceEncoder(mllm, config), unet, config)
+
+
+def count(params: Any) -> int:
+    return sum(p.numel() for p in params)

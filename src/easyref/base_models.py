@@ -1,0 +1,157 @@
+"""Download the real base models from the Hugging Face Hub, at pinned revisions, into the project's model layout.
+
+``params.yaml`` names each part of the layout under ``profile.real_models``: a hub repository, a **commit** (never
+a branch, so the same command gives the same bytes next year), the files to fetch (glob patterns; safetensors only)
+and optionally a ``variant`` (``fp16``): where the repository has ``X.fp16.safetensors`` beside ``X.safetensors``,
+only the variant is fetched, and it is laid out under the plain name so the library's ``from_pretrained`` calls
+load it unchanged. The result is the layout ``easyref tiny-models`` writes::
+
+  OUT/sdxl/  OUT/mllm/  OUT/clip/  OUT/dino/  OUT/ip_adapter/
+
+Downloads go to ``OUT/.hub/<part>/`` (``huggingface_hub.snapshot_download`` with a local folder) and are then
+hard-linked into place. An interrupted run is resumed by running the same command again: files already complete
+are checked (one HEAD request each) and not fetched again, and a connection dropped in the middle of a file is
+resumed with an HTTP range request. ``HF_ENDPOINT`` points at a mirror, ``HF_TOKEN`` at your credentials.
+
+  easyref base-models --profile real --out models/real
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from easyref.config import from_dict, load_yaml
+from easyref.errors import UserError
+from easyref.locking import FolderLocked, output_lock
+
+HELP = "download the real base models at pinned hub revisions (resumable)"
+PARTS = ("sdxl", "mllm", "clip", "dino", "ip_adapter")
+STAMP = ".complete"
+
+
+@dataclass(kw_only=True)
+class HubModel:
+    """One part of the model layout, fetched from a hub repository."""
+
+    repo: str
+    """Hub repository id, e.g. ``stabilityai/stable-diffusion-xl-base-1.0``."""
+    revision: str
+    """The commit to fetch (40 hex digits), quoted in YAML (an all-digit hash would otherwise read as a number)."""
+    files: list[str] = field(default_factory=list)
+    """Glob patterns of the files to fetch (``*.safetensors``, ``unet/*.json``); weights must be safetensors."""
+    variant: str = ""
+    """Prefer ``X.<variant>.safetensors`` over ``X.safetensors`` where both exist (e.g. ``fp16``)."""
+
+    def __post_init__(self) -> None:
+        if len(self.revision) != 40 or any(c not in "0123456789abcdef" for c in self.revision):
+            raise ValueError(f"revision must be a full commit hash (40 hex digits), got {self.revision!r}")
+        if not self.files:
+            raise ValueError("files must list at least one pattern")
+        for pattern in self.files:
+            if pattern.endswith((".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")):
+                raise ValueError(f"files: {pattern!r} is not safetensors; only safetensors weights are fetched")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="real", choices=("real",), help="which models (only 'real')")
+    parser.add_argument("--out", type=Path, default=Path("models/real"), help="output folder (default models/real)")
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="parameters file (profile.real_models)"
+    )
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--workers", type=int, default=8, help="parallel downloads per part (default 8)")
+
+
+def load_real_models(params: Path) -> dict[str, HubModel]:
+    section = (load_yaml(params).get("profile") or {}).get("real_models")
+    where = f"{params}: profile.real_models"
+    if not isinstance(section, dict):
+        raise UserError(f"{where}: missing; add a mapping of {', '.join(PARTS)} to {{repo, revision, files}}")
+    unknown = sorted(set(section) - set(PARTS))
+    if unknown:
+        raise UserError(f"{where}: unknown part(s) {', '.join(unknown)}; valid parts: {', '.join(PARTS)}")
+    return {name: from_dict(HubModel, value, f"{where}.{name}") for name, value in section.items()}
+
+
+def select_files(repo_files: list[str], model: HubModel) -> dict[str, str]:
+    """``{file in the repository: path in the layout}`` for the files ``model`` asks for."""
+    wanted = [f for f in repo_files if any(fnmatch.fnmatchcase(f, p) for p in model.files)]
+    wanted = [f for f in wanted if not f.endswith((".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5"))]
+    chosen: dict[str, str] = {}
+    marker = f".{model.variant}.safetensors" if model.variant else None
+    for name in wanted:
+        if marker and name.endswith(marker):
+            chosen[name] = name[: -len(marker)] + ".safetensors"
+        elif marker and name.endswith(".safetensors") and name[: -len(".safetensors")] + marker in wanted:
+            continue  # the variant of this file is fetched instead
+        else:
+            chosen.setdefault(name, name)
+    return chosen
+
+
+def fetch_part(name: str, model: HubModel, out: Path, workers: int = 8) -> Path:
+    """Download one part into ``out/.hub/name`` and link it into ``out/name``; returns ``out/name``."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    target, staging = out / name, out / ".hub" / name
+    record = {"repo": model.repo, "revision": model.revision, "files": model.files, "variant": model.variant}
+    if (target / STAMP).is_file() and json.loads((target / STAMP).read_text()) == record:
+        return target
+    repo_files = HfApi().list_repo_files(model.repo, revision=model.revision)
+    files = select_files(repo_files, model)
+    if not files:
+        raise UserError(f"{name}: none of the files {model.files} exist in {model.repo}@{model.revision[:12]}")
+    snapshot_download(
+        model.repo, revision=model.revision, local_dir=staging, allow_patterns=sorted(files), max_workers=workers
+    )
+    tmp = out / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for source, dest in files.items():
+        path = tmp / dest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(staging / source, path)
+        except OSError:  # another file system: copy
+            shutil.copy2(staging / source, path)
+    (tmp / STAMP).write_text(json.dumps(record) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def run(args: argparse.Namespace) -> int:
+    models = load_real_models(args.params)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in parts if p not in models]
+    if bad:
+        raise UserError(f"--parts: {', '.join(bad)} not in {args.params}: profile.real_models ({', '.join(models)})")
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        with output_lock(args.out, "easyref base-models"):
+            for name in parts:
+                model = models[name]
+                print(f"{name}: {model.repo}@{model.revision[:12]}", flush=True)
+                try:
+                    fetch_part(name, model, args.out, args.workers)
+                except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+                    raise UserError(
+                        f"{args.params}: profile.real_models.{name}: {model.repo}@{model.revision} not found on "
+                        f"{constants.ENDPOINT} ({type(exc).__name__}); fix repo / revision (or set HF_TOKEN)"
+                    ) from None
+            (args.out / STAMP).write_text(json.dumps({n: models[n].revision for n in parts}) + "\n")
+    except FolderLocked as exc:
+        raise UserError(str(exc)) from None
+    except (HfHubHTTPError, httpx2.HTTPError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"download stopped: {first}; run the same command again to resume") from None
+    print(f"base models in {args.out}: {', '.join(parts)}")
+    return 0
