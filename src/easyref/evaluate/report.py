@@ -39,6 +39,9 @@ def _thumb(image: Image.Image, cell: int) -> Image.Image:
     from PIL import Image
 
     im = image.convert("RGB")
+    if max(im.size) < cell:  # small generations (the tiny profile's 64 px) are enlarged, pixels kept sharp
+        factor = cell // max(im.size)
+        im = im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST)
     im.thumbnail((cell, cell))
     canvas = Image.new("RGB", (cell, cell), (255, 255, 255))
     canvas.paste(im, ((cell - im.width) // 2, (cell - im.height) // 2))
