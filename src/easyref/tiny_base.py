@@ -34,6 +34,7 @@ HELP = "pretrain the tiny SDXL base (VAE, then UNet + text encoders) on demo dat
 ASSET = Path(__file__).parent / "assets" / "tiny_sdxl"
 TRAINED = ("vae", "unet", "text_encoder", "text_encoder_2")
 MANIFEST = "pretrain.json"
+PREVIEW = "preview.png"  # written by `write_preview`, a picture of the base (not part of the checksummed model)
 
 
 @dataclass(kw_only=True)
@@ -82,7 +83,7 @@ def file_checksums(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name not in (MANIFEST, PREVIEW)
     }
 
 
