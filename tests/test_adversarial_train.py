@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from easyref.cli import main
 from easyref.locking import HOLDER_NAME, output_lock
-from tests.train_fixtures import copy_run, easyref_process, easyref_run, write_groups, write_params
+from tests.train_fixtures import copy_run, easyref_process, easyref_run, message_lines, write_groups, write_params
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_second_train_into_the_same_out_is_refused_naming_the_first(work):
             time.sleep(0.1)
         second = easyref_run(train_args(work, out, "--max-steps", "1"), work)
         assert second.returncode == 2, second.stderr
-        lines = second.stderr.strip().splitlines()
+        lines = message_lines(second.stderr)
         assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
         assert f"is being written by train (pid {first.pid} on " in lines[0]
         assert not (out / "final").exists()  # the refused run wrote nothing
@@ -123,7 +123,7 @@ def test_resume_with_different_settings_is_refused_naming_each_change(work, base
     before = {p.name: p.stat().st_mtime_ns for p in [*(out / "checkpoints").iterdir(), out / "final"]}
     assert main(train_args(work, out, "--max-steps", "3", *flags)) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and change in err and "--allow-config-change" in err, err
+    assert len(message_lines(err)) == 1 and change in err and "--allow-config-change" in err, err
     assert str(step(out, 2)) in err
     assert {p.name: p.stat().st_mtime_ns for p in [*(out / "checkpoints").iterdir(), out / "final"]} == before
 
@@ -215,7 +215,7 @@ def test_no_intact_checkpoint_is_a_clear_error_not_a_crash(work, tmp_path, capsy
     assert main(train_args(work, out, "--max-steps", "2")) == 2
     err = capsys.readouterr().err.strip()
     assert "no intact checkpoint to resume from (step_00000001: trainable.safetensors does not match" in err
-    assert len(err.splitlines()) == 1 and step(out, 1).is_dir()  # nothing moved or deleted
+    assert len(message_lines(err)) == 1 and step(out, 1).is_dir()  # nothing moved or deleted
 
 
 def test_keep_last_one_keeps_the_previous_checkpoint_until_the_new_one_verifies(work, tmp_path, monkeypatch, capsys):
@@ -246,7 +246,7 @@ def test_truncated_init_exits_2_with_one_line_naming_the_file(work, base_run, tm
     args = ["train", "--stage", "single_ref", "--params", str(work / "params.yaml"), "--init", str(init)]
     assert main([*args, "--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{init / 'easyref.safetensors'}: cannot be read as safetensors" in err
+    assert len(message_lines(err)) == 1 and f"{init / 'easyref.safetensors'}: cannot be read as safetensors" in err
     assert not (tmp_path / "never").exists()
     (init / "easyref_config.json").write_text("[1, 2]")
     assert main([*args, "--out", str(tmp_path / "never")]) == 2

@@ -61,3 +61,8 @@ def easyref_run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.
     proc = easyref_process(args, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The lines of a command's stderr that say something to the user, less the thread-count notice."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("[easyref] CPU threads")]
