@@ -87,6 +87,13 @@ def file_checksums(folder: Path) -> dict[str, str]:
     }
 
 
+def forget_source_path(config_file: Path) -> None:
+    """Drop ``_name_or_path`` (the temporary folder the model was loaded from) from a saved config."""
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 # -- data -------------------------------------------------------------------------------------------------------------
 
 
@@ -225,6 +232,7 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         models = write_tiny_models(Path(tmp) / "models", seed=config.seed, pretrained_base=False)
+        source = f"demo-data --seed {config.data_seed}" if data is None else Path(data).name
         if data is None:
             data = Path(tmp) / "data"
             write_demo_data(data, seed=config.data_seed)
@@ -240,10 +248,11 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
         shutil.rmtree(staged, ignore_errors=True)
         for part in TRAINED:
             getattr(pipe, part).save_pretrained(staged / part)
+            forget_source_path(staged / part / "config.json")
     manifest = {
         "config": asdict(config),
         "code_sha256": code_fingerprint(),
-        "data": f"demo-data --seed {config.data_seed}" if data is None else str(data),
+        "data": source,
         "images": len(captions),
         "scaling_factor": pipe.vae.config.scaling_factor,
         "vae_loss_last100": sum(vae_losses[-100:]) / len(vae_losses[-100:]),
