@@ -8,6 +8,7 @@ file and key path, e.g. ``params.yaml: model.num_tokens: expected int, got 'abc'
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -31,6 +32,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_json_object(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object; invalid JSON or another top-level type is a :class:`UserError` naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

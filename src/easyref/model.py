@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from easyref.config import from_dict, to_dict
+from easyref.config import from_dict, load_json_object, to_dict
 from easyref.errors import UserError
 
 if TYPE_CHECKING:
@@ -559,13 +559,7 @@ def read_checkpoint_config(checkpoint: str | Path) -> CheckpointConfig:
             f"{path}: not an EasyRef checkpoint (expected {CHECKPOINT_CONFIG} and {CHECKPOINT_WEIGHTS}); pass the "
             "folder a training stage wrote with --out"
         )
-    try:
-        data = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{cfg_file}: not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{cfg_file}: expected a JSON object, got {type(data).__name__}")
-    record = from_dict(CheckpointConfig, data, where=str(cfg_file))
+    record = from_dict(CheckpointConfig, load_json_object(cfg_file), where=str(cfg_file))
     unknown = set(record.parts) - set(PARTS)
     if unknown:
         raise UserError(f"{cfg_file}: unknown part(s) {sorted(unknown)}")

@@ -298,12 +298,7 @@ def write_preview(sdxl: Path, data: Path, png: Path, resolution: int = 64, seed:
     picks = [next(i for i, n in enumerate(names) if colour in n.split("/")[0].split("-")) for colour in COLOURS]
     with torch.no_grad():
         recon = pipe.vae.decode(pipe.vae.encode(images[picks]).latent_dist.mean).sample
-
-    def to_pil(batch: Any) -> list[Image.Image]:
-        arr = ((batch.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        return [Image.fromarray(a) for a in arr]
-
-    rows = [to_pil(images[picks]), to_pil(recon)]
+    rows = [pipe.image_processor.postprocess(batch) for batch in (images[picks], recon)]
     for s in (seed, seed + 1):
         rows.append(pipe(list(PREVIEW_CAPTIONS), num_inference_steps=30, guidance_scale=7.5, height=resolution,
                          width=resolution, generator=torch.Generator().manual_seed(s)).images)

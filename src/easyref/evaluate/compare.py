@@ -15,12 +15,12 @@ the real models on MRBench and are printed for reference only, not measured here
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from easyref.config import load_json_object
 from easyref.errors import UserError
 
 HELP = "compare evaluations in one table (held-in / held-out, CLIP-I / CLIP-T / DINO-I) beside the paper's figures"
@@ -68,13 +68,7 @@ class Evaluation:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: no such file ({what}, written by `easyref evaluate --out DIR`)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
+    return load_json_object(path)
 
 
 def load_evaluation(argument: str, tracking_uri: str | None = None) -> Evaluation:
