@@ -53,9 +53,8 @@ def generate_easyref(
     try:
         desc = "text-only SDXL" if text_only else "easyref" if references is None else "easyref, swapped references"
         bar = tqdm(total=len(samples), desc=f"generating ({desc})", unit="image")
-        for start, batch in zip(
-            range(0, len(samples), config.batch_size), batches(samples, config.batch_size), strict=True
-        ):
+        for start in range(0, len(samples), config.batch_size):
+            batch = samples[start : start + config.batch_size]
             images += sampler(
                 [s.caption for s in batch],
                 [store.group(g) for g in groups[start : start + len(batch)]],
