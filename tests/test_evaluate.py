@@ -330,3 +330,13 @@ def test_report_template_is_installed_as_package_data():
     package = Path(easyref.evaluate.__file__).parent
     shipped = {p for pattern in patterns["easyref.evaluate"] for p in package.glob(pattern)}
     assert package / "templates" / "report.html.j2" in shipped
+
+
+def test_report_shows_a_small_reference_gain_with_its_significant_digits():
+    """A gain of 2e-4 with an interval above 0 must not read as 0.000 [0.000, 0.000]."""
+    from easyref.evaluate.report import _cell
+    from easyref.metrics import Summary
+
+    cell = str(_cell(Summary(mean=1.98e-4, low=5.2e-5, high=3.43e-4, std=0.0, count=24)))
+    assert "1.98e-04" in cell and "5.20e-05" in cell and "0.000" not in cell
+    assert str(_cell(Summary(mean=0.181, low=0.04, high=0.322, std=0.0, count=24))).startswith("0.181")

@@ -82,14 +82,19 @@ def _data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _number(x: float) -> str:
+    """Three decimals, or three significant digits for small values (a reference gain of 2e-4 is not 0.000)."""
+    return f"{x:.3f}" if x == 0 or abs(x) >= 0.01 else f"{x:.2e}"
+
+
 def _cell(s: Summary | None) -> Any:
     from markupsafe import Markup
 
     if s is None or s.mean != s.mean:
         return Markup("&ndash;")
     if s.low != s.low:
-        return f"{s.mean:.3f}"
-    return Markup("{:.3f} <small>[{:.3f}, {:.3f}]</small>").format(s.mean, s.low, s.high)
+        return _number(s.mean)
+    return Markup("{} <small>[{}, {}]</small>").format(_number(s.mean), _number(s.low), _number(s.high))
 
 
 def render_report(
