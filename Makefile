@@ -39,13 +39,15 @@ demo: setup
 	@echo "  MLflow UI:          $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000)"
 	@echo "  loss curves:        $(VENV)/bin/dvc plots show   (outputs/runs/*/loss.csv)"
 
-## The whole test suite (slow end-to-end tests included).
+## The whole test suite (slow end-to-end tests included), on TEST_WORKERS processes (pytest-xdist; the slow tests
+## are scheduled first and idle workers steal queued tests, so the run ends with short tests, not one long one).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 ## The test suite without the slow end-to-end tests.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks components pipelines
