@@ -185,10 +185,9 @@ def run(args: argparse.Namespace) -> int:
     configure_cpu_threads()
 
     config = config_from_args(args)
-    model = read_checkpoint_config(args.checkpoint).model  # a clear error before anything is loaded
     folder = None if args.no_dreambench else args.dreambench or config.dreambench.folder
-    dreambench = Path(folder) if folder else None
-    sections = load_sections(args.split, dreambench, args.images_root, config)
+    sections = load_sections(args.split, Path(folder) if folder else None, args.images_root, config)
+    model = read_checkpoint_config(args.checkpoint).model  # a clear error before anything is loaded
     info = {
         "checkpoint": str(args.checkpoint),
         "checkpoint_sha256": checkpoint_sha256(args.checkpoint),
