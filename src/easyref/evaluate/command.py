@@ -101,6 +101,7 @@ def evaluate(
     import pandas as pd
     import torch
 
+    from easyref.captions import CaptionFit
     from easyref.evaluate.baselines import load_baseline
     from easyref.sampler import EasyRefSampler, base_paths
 
@@ -114,6 +115,14 @@ def evaluate(
     tuning: dict[str, float] = {}
 
     sampler = EasyRefSampler.from_pretrained(sdxl, mllm, checkpoint=checkpoint, device=device, torch_dtype=dtype)
+    fit = CaptionFit.shared(sampler.pipe)
+    captions_cut = fit.count_long([s.caption for s in samples])
+    if captions_cut:
+        print(
+            f"captions: {captions_cut} of {len(samples)} samples' captions are longer than the text encoders' "
+            f"{fit.limit} tokens; every method gets them cut at the last whole word that fits "
+            f"(evaluation.json: captions_truncated)"
+        )
     begin = time.perf_counter()
     generated = {"easyref": generate_easyref(sampler, samples, store, config)}
     seconds["easyref"] = time.perf_counter() - begin
@@ -156,6 +165,7 @@ def evaluate(
         "guidance": config.guidance,
         "seconds": round(time.perf_counter() - started, 1),
         "num_groups": groups,
+        "captions_truncated": captions_cut,
         **{f"seconds_per_group.{method}": s for method, s in per_group.items()},
         **{f"tuning_seconds_per_group.{method}": s for method, s in tuning.items()},
     }
