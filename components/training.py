@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from components.params import write_section
+from easyref.runs import PIPELINE_RUN_ENV
 
 TRAINER_GROUP, TRAINER_VERSION, TRAINER_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 
@@ -65,7 +66,8 @@ class StageRequest:
     mount_path: str = "/mnt/easyref"
     """Where ``pvc`` is mounted, in the TrainJob and in this pod."""
     run_id: str = "local"
-    """Pipeline run id: names the staging folder and the TrainJob."""
+    """Pipeline run id: names the staging folder and the TrainJob, and (unless ``local``) the pipeline execution
+    whose MLflow run the stage's run nests under (``EASYREF_PIPELINE_RUN``)."""
     secret_env: list[str] = field(default_factory=list)
     """``NAME=SECRET:KEY`` environment of the TrainJob."""
     timeout_s: float = 7 * 24 * 3600
@@ -100,6 +102,9 @@ def run_stage(req: StageRequest) -> dict[str, Any]:
     """Train the stage and copy ``final/`` to ``req.out_dir``; returns facts for the artifact's metadata."""
     if req.launcher not in ("torchrun", "trainjob"):
         raise ValueError(f"launcher must be 'torchrun' or 'trainjob', got {req.launcher!r}")
+    if req.run_id and req.run_id != "local":
+        # the stage's MLflow run nests under this pipeline execution's run (easyref.runs)
+        os.environ[PIPELINE_RUN_ENV] = req.run_id
     final = run_torchrun(req) if req.launcher == "torchrun" else run_trainjob(req)
     out = Path(req.out_dir)
     if out.exists():
@@ -240,9 +245,9 @@ def launch_command(req: StageRequest, name: str, params: Path, split: Path, run_
            "--out", str(run_dir / "run"), "--params", str(params), "--label", "app.kubernetes.io/part-of=easyref"]
     if init is not None:
         cmd += ["--init", str(init)]
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        cmd += ["--env", f"MLFLOW_TRACKING_URI={uri}"]
+    for name in ("MLFLOW_TRACKING_URI", PIPELINE_RUN_ENV):
+        if os.environ.get(name):
+            cmd += ["--env", f"{name}={os.environ[name]}"]
     for pair in req.secret_env:
         cmd += ["--secret-env", pair]
     flags = _train_flags(req, params, split, split.parent / "ingested", run_dir / "run", None)

@@ -18,6 +18,7 @@ def evaluate(
     config: dict = {},  # noqa: B006 - KFP parameter defaults are JSON values
     split_name: str = "held_out",
     mlflow_tracking_uri: str = "",
+    pipeline_run: str = "",
 ):
     """Generate every test sample and score CLIP-I / CLIP-T / DINO-I, the reference gain and the baselines.
 
@@ -29,6 +30,8 @@ def evaluate(
         config: The ``evaluate:`` section of params.yaml (steps, guidance, baselines, max_samples, ...).
         split_name: ``held_out`` (unseen groups) or ``held_in`` (held-out targets of seen groups).
         mlflow_tracking_uri: MLflow server (empty = ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        pipeline_run: The pipeline execution's id (the pipeline passes its run id): the MLflow run nests under
+            that execution's run. Empty = a top-level run.
         evaluation: The evaluation folder: ``metrics.json``, ``samples.parquet``, images, grids, ``report.html``.
         metrics: The summary metrics (``<method>.<metric>``).
         report: The self-contained HTML report.
@@ -46,6 +49,8 @@ def evaluate(
         raise ValueError(f"evaluate: split_name must be held_out or held_in, got {split_name!r}")
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    if pipeline_run:
+        os.environ["EASYREF_PIPELINE_RUN"] = pipeline_run  # read by easyref.runs in the subprocess
     with tempfile.TemporaryDirectory() as tmp:
         params = write_section(tmp, "evaluate", config)
         cmd = [sys.executable, "-m", "easyref.cli", "evaluate", "--checkpoint", checkpoint.path,
