@@ -102,9 +102,6 @@ def run_stage(req: StageRequest) -> dict[str, Any]:
     """Train the stage and copy ``final/`` to ``req.out_dir``; returns facts for the artifact's metadata."""
     if req.launcher not in ("torchrun", "trainjob"):
         raise ValueError(f"launcher must be 'torchrun' or 'trainjob', got {req.launcher!r}")
-    if req.run_id and req.run_id != "local":
-        # the stage's MLflow run nests under this pipeline execution's run (easyref.runs)
-        os.environ[PIPELINE_RUN_ENV] = req.run_id
     final = run_torchrun(req) if req.launcher == "torchrun" else run_trainjob(req)
     out = Path(req.out_dir)
     if out.exists():
@@ -114,6 +111,15 @@ def run_stage(req: StageRequest) -> dict[str, Any]:
     extra = record.get("extra") or {}
     return {"stage": req.stage, "step": extra.get("step"), "mlflow_run_id": extra.get("mlflow_run_id", ""),
             "parts": record.get("parts", []), "launcher": req.launcher}
+
+
+def tracking_env(req: StageRequest) -> dict[str, str]:
+    """What the training processes need for MLflow: the tracking URI, and the pipeline execution (unless the run id
+    is ``local``) whose MLflow run the stage's run nests under (``EASYREF_PIPELINE_RUN``, easyref.runs)."""
+    env = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]} if os.environ.get("MLFLOW_TRACKING_URI") else {}
+    if req.run_id and req.run_id != "local":
+        env[PIPELINE_RUN_ENV] = req.run_id
+    return env
 
 
 # -- local: torchrun ---------------------------------------------------------------------------------------------------
@@ -131,7 +137,7 @@ def run_torchrun(req: StageRequest) -> Path:
     else:
         cmd = [sys.executable, "-m", "easyref.cli", *flags]
     _log("running " + " ".join(cmd))
-    result = subprocess.run(cmd, check=False)
+    result = subprocess.run(cmd, check=False, env={**os.environ, **tracking_env(req)})
     if result.returncode != 0:
         raise RuntimeError(f"easyref train --stage {req.stage} failed with exit status {result.returncode} "
                            f"(see the log above); its run folder {run_dir} keeps checkpoints for a resume")
@@ -245,9 +251,8 @@ def launch_command(req: StageRequest, name: str, params: Path, split: Path, run_
            "--out", str(run_dir / "run"), "--params", str(params), "--label", "app.kubernetes.io/part-of=easyref"]
     if init is not None:
         cmd += ["--init", str(init)]
-    for name in ("MLFLOW_TRACKING_URI", PIPELINE_RUN_ENV):
-        if os.environ.get(name):
-            cmd += ["--env", f"{name}={os.environ[name]}"]
+    for name, value in tracking_env(req).items():
+        cmd += ["--env", f"{name}={value}"]
     for pair in req.secret_env:
         cmd += ["--secret-env", pair]
     flags = _train_flags(req, params, split, split.parent / "ingested", run_dir / "run", None)

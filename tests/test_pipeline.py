@@ -291,3 +291,12 @@ def test_local_runs_the_whole_pipeline_in_kfp_local(tmp_path: Path) -> None:
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     assert str(client.get_model_version_by_alias("easyref-local-test", "champion").version) == "1"
+    # one MLflow run for the pipeline execution, the five stages nested under it
+    runs = client.search_runs([client.get_experiment_by_name("easyref-pipeline").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("easyref.role") == "pipeline"]
+    stages = sorted(
+        r.data.tags["easyref.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    )
+    assert (
+        stages == ["evaluate", "multi_ref", "pretrain", "register", "single_ref"] and parent.info.status == "FINISHED"
+    )
