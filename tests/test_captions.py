@@ -100,3 +100,20 @@ def test_training_records_the_number_of_cut_captions(tiny_models, tmp_path, monk
     tracker.finish()
     metrics = MlflowClient(uri).get_run(tracker.run_id).data.metrics
     assert metrics["captions_truncated"] == 2 and metrics["captions_encoded"] == 4
+
+
+def test_generate_says_once_that_a_long_prompt_was_cut(tiny_models, tmp_path, capsys):
+    from easyref.cli import main
+
+    refs = []
+    for i, im in enumerate(make_group(5, 2)):
+        im.save(tmp_path / f"ref{i}.png")
+        refs += ["--ref", str(tmp_path / f"ref{i}.png")]
+    args = ["generate", "--base", str(tiny_models), *refs, "--steps", "2", "--out", str(tmp_path / "x.png")]
+    with library_warnings() as seen:
+        assert main([*args, "--prompt", LONG]) == 0
+    assert not [m for m in seen if "truncated" in m or "longer than the specified maximum" in m], seen
+    notes = [line for line in capsys.readouterr().err.splitlines() if "--prompt is longer" in line]
+    assert len(notes) == 1 and "77 tokens" in notes[0]
+    assert main([*args, "--prompt", "a ball"]) == 0
+    assert "--prompt is longer" not in capsys.readouterr().err
