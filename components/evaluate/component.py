@@ -18,6 +18,7 @@ def evaluate(
     config: dict = {},  # noqa: B006 - KFP parameter defaults are JSON values
     split_name: str = "all",
     mlflow_tracking_uri: str = "",
+    pipeline_run: str = "",
 ):
     """Generate every test sample and score CLIP-I / CLIP-T / DINO-I, the reference gain and the baselines.
 
@@ -31,6 +32,8 @@ def evaluate(
         split_name: ``all`` (both sets of the split, one section each, as the DVC stage does), ``held_out`` (unseen
             groups only) or ``held_in`` (held-out targets of seen groups only).
         mlflow_tracking_uri: MLflow server (empty = ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        pipeline_run: The pipeline execution's id (the pipeline passes its run id): the MLflow run nests under
+            that execution's run. Empty = a top-level run.
         evaluation: The evaluation folder: ``metrics.json``, ``samples.parquet``, images, grids, ``report.html``.
         metrics: The summary metrics (``<section>/<method>.<metric>``, and ``<method>.<metric>`` for the primary,
             held-out section).
@@ -50,6 +53,8 @@ def evaluate(
     split_path = split.path if split_name == "all" else os.path.join(split.path, f"{split_name}.parquet")
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    if pipeline_run:
+        os.environ["EASYREF_PIPELINE_RUN"] = pipeline_run  # read by easyref.runs in the subprocess
     with tempfile.TemporaryDirectory() as tmp:
         params = write_section(tmp, "evaluate", config)
         cmd = [sys.executable, "-m", "easyref.cli", "evaluate", "--checkpoint", checkpoint.path,

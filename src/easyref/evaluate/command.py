@@ -112,6 +112,7 @@ def evaluate(
     import pandas as pd
     import torch
 
+    from easyref.captions import CaptionFit
     from easyref.evaluate.baselines import load_baseline
     from easyref.sampler import EasyRefSampler, base_paths
 
@@ -124,6 +125,15 @@ def evaluate(
     runs = [SectionRun(section) for section in sections]
 
     sampler = EasyRefSampler.from_pretrained(sdxl, mllm, checkpoint=checkpoint, device=device, torch_dtype=dtype)
+    fit = CaptionFit.shared(sampler.pipe)
+    captions = [s.caption for run in runs for s in run.section.samples]
+    captions_cut = fit.count_long(captions)
+    if captions_cut:
+        print(
+            f"captions: {captions_cut} of {len(captions)} samples' captions are longer than the text encoders' "
+            f"{fit.limit} tokens; every method gets them cut at the last whole word that fits "
+            f"(evaluation.json: captions_truncated)"
+        )
     for run in runs:
         samples = run.section.samples
         run.timed("easyref", generate_easyref, sampler, samples, store, config)
@@ -167,6 +177,7 @@ def evaluate(
         "steps": config.steps,
         "guidance": config.guidance,
         "seconds": round(time.perf_counter() - started, 1),
+        "captions_truncated": captions_cut,
         **combine({run.name: run.info() for run in runs}, main),
     }
     metrics = write_outputs(out, runs, tables, summaries, info, store, config)

@@ -79,9 +79,9 @@ def log_to_mlflow(
 
     from easyref.config import flatten, to_dict
     from easyref.registry import resolve_tracking_uri
+    from easyref.runs import stage_run
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    mlflow.set_experiment(config.experiment)
     params = {f"evaluate.{k}": str(v)[:500] for k, v in flatten(to_dict(config)).items()}
     params.update(
         {
@@ -92,13 +92,11 @@ def log_to_mlflow(
             or k in ("sections", "primary_section")
         }
     )
-    with mlflow.start_run(run_name=f"evaluate {Path(str(info.get('checkpoint', ''))).name}") as run:
-        mlflow.set_tags(
-            {
-                "easyref.step": "evaluate",
-                **{f"easyref.{k}": str(v) for k, v in info.items() if k.endswith("sha256") or k == "git_commit"},
-            }
-        )
+    tags = {
+        "easyref.step": "evaluate",
+        **{f"easyref.{k}": str(v) for k, v in info.items() if k.endswith("sha256") or k == "git_commit"},
+    }
+    with stage_run("evaluate", config.experiment, tags) as run:
         mlflow.log_params(params)
         mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
         for name in ("metrics.json", "evaluation.json", "samples.csv", "report.html"):
