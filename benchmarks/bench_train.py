@@ -103,7 +103,7 @@ def learning(args: argparse.Namespace) -> None:
     from easyref.model import ModelConfig, load_model
     from easyref.sampler import EasyRefSampler
     from easyref.train.config import TrainConfig
-    from easyref.train.data import to_target
+    from easyref.data.dataset import center_crop, to_tensor
     from easyref.train.loop import train
     from easyref.train.recipe import Conditioner, DiffusionObjective, step_generator
 
@@ -134,7 +134,7 @@ def learning(args: argparse.Namespace) -> None:
     own, other = [], []
     with torch.no_grad():
         for i, row in enumerate(held_in.itertuples()):
-            target = to_target(Image.open(root / row.path), 64)[None]
+            target = to_tensor(center_crop(Image.open(root / row.path).convert("RGB"), (64, 64))[0])[None]
             for refs, sink in ((refs_of(row.group), own), (refs_of(groups[(i + 1) % len(groups)]), other)):
                 for draw in range(args.draws):  # same noise and timesteps for both reference sets
                     batch = {"references": [refs], "target": target, "caption": [row.caption]}
