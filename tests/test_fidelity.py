@@ -23,13 +23,11 @@ EXPECTED = {(96, 80): [80, 96, 0, 3, 32, 32], (60, 90): [90, 60, 8, 0, 32, 32]}
 
 @pytest.fixture(scope="module")
 def conditioner(tiny_models) -> Conditioner:
-    from diffusers import StableDiffusionXLPipeline
+    from easyref.base_models import BaseModels
+    from easyref.model import ModelConfig
 
-    from easyref.model import ModelConfig, ReferenceProcessor
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl")
-    processor = ReferenceProcessor.from_pretrained(tiny_models / "mllm", ModelConfig(num_tokens=8, **SMALL_PIXELS))
-    return Conditioner.from_pipeline(pipe, processor, tiny_models / "sdxl", torch.device("cpu"), (0.0, 0.0, 0.0))
+    config = ModelConfig(num_tokens=8, **SMALL_PIXELS)
+    return Conditioner(BaseModels.load(tiny_models / "sdxl", tiny_models / "mllm", config), (0.0, 0.0, 0.0))
 
 
 def test_vae_encodes_in_float32_under_bf16_autocast(conditioner):

@@ -101,7 +101,9 @@ def evaluate(
     import pandas as pd
     import torch
 
+    from easyref.base_models import BaseModels
     from easyref.evaluate.baselines import load_baseline
+    from easyref.model import load_model
     from easyref.sampler import EasyRefSampler, base_paths
 
     sdxl, mllm = base_paths(base)
@@ -113,7 +115,10 @@ def evaluate(
     seconds: dict[str, float] = {}  # generation (and any tuning) time of each method
     tuning: dict[str, float] = {}
 
-    sampler = EasyRefSampler.from_pretrained(sdxl, mllm, checkpoint=checkpoint, device=device, torch_dtype=dtype)
+    model = load_model(sdxl, mllm, checkpoint=checkpoint, torch_dtype=dtype)
+    # loaded once: the checkpoint's sampler, the reference gain and every baseline share them
+    base_models = BaseModels.load(sdxl, mllm, model.config, device=device, torch_dtype=dtype)
+    sampler = EasyRefSampler(model, base_models).to(device)
     begin = time.perf_counter()
     generated = {"easyref": generate_easyref(sampler, samples, store, config)}
     seconds["easyref"] = time.perf_counter() - begin
@@ -121,17 +126,17 @@ def evaluate(
     if config.swapped_references and all(j is not None for j in others):
         swapped = [samples[j].references for j in others if j is not None]
         generated[SWAPPED] = generate_easyref(sampler, samples, store, config, references=swapped)
-    gains = reference_gain(sampler, samples, store, sdxl, config) if config.reference_gain.enabled else None
+    gains = reference_gain(sampler, samples, store, config) if config.reference_gain.enabled else None
     if TEXT in config.baselines:
         begin = time.perf_counter()
         generated[TEXT] = generate_easyref(sampler, samples, store, config, text_only=True)
         seconds[TEXT] = time.perf_counter() - begin
-    del sampler
+    del sampler, model
     gc.collect()
     for name in config.baselines:
         if name == TEXT:
             continue
-        baseline = load_baseline(name, sdxl, config, device, dtype)
+        baseline = load_baseline(name, base_models, config)
         begin = time.perf_counter()
         generated[name] = baseline(samples, store, config)
         seconds[name] = time.perf_counter() - begin

@@ -11,8 +11,9 @@ run draws exactly what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,11 +22,27 @@ from torch import nn
 
 from easyref.model import EasyRef, ReferenceProcessor
 
+if TYPE_CHECKING:
+    from easyref.base_models import BaseModels
+    from easyref.train.config import TrainConfig
+
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """A CPU generator that depends only on its arguments."""
     state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 with ``mixed_precision: bf16``, or ``auto`` on a GPU; else ``None`` (float32)."""
+    if config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing for ``None``."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def draw_drops(
@@ -75,42 +92,23 @@ class Conditioned:
 class Conditioner:
     """The frozen half of a training step: VAE, both SDXL text encoders, the reference processor, the DDPM schedule.
 
-    ``pipe`` is the SDXL pipeline the sampler holds (its VAE, text encoders and ``encode_prompt``); all of it runs
-    under ``torch.no_grad``.
+    All of them come from ``base`` (the :class:`~easyref.base_models.BaseModels` the sampler shares) and run under
+    ``torch.no_grad`` on its device. ``processor`` overrides the base's reference processor (``None`` with a base
+    without one: a conditioner for SDXL alone, which :meth:`encode_latents` and :meth:`encode_text` serve).
     """
 
     def __init__(
-        self,
-        pipe: Any,
-        processor: ReferenceProcessor,
-        scheduler: Any,
-        device: torch.device,
-        drops: tuple[float, float, float],
+        self, base: BaseModels, drops: tuple[float, float, float], processor: ReferenceProcessor | None = None
     ):
-        self.pipe, self.processor, self.scheduler, self.device = pipe, processor, scheduler, device
+        self.base, self.processor = base, processor or base.processor
+        self.scheduler, self.device = base.noise_scheduler, base.device
         self.p_text, self.p_image, self.p_both = drops
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            module.requires_grad_(False).eval()
-
-    @classmethod
-    def from_pipeline(
-        cls,
-        pipe: Any,
-        processor: ReferenceProcessor,
-        sdxl: Any,
-        device: torch.device,
-        drops: tuple[float, float, float],
-    ) -> Conditioner:
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_pretrained(sdxl, subfolder="scheduler")
-        return cls(pipe, processor, scheduler, device, drops)
 
     @torch.no_grad()
     def encode_latents(self, target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents sampled from the VAE posterior. The VAE runs outside any autocast the step is under, in
         its own dtype (float32 for training, as the authors keep SDXL's VAE): bf16 encodings would drift."""
-        vae = self.pipe.vae
+        vae = self.base.vae
         with torch.autocast(self.device.type, enabled=False):
             posterior = vae.encode(target.to(self.device, vae.dtype)).latent_dist
             eps = torch.randn(posterior.mean.shape, generator=generator).to(self.device, posterior.mean.dtype)
@@ -118,8 +116,8 @@ class Conditioner:
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        text, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        text, _, pooled, _ = self.base.encode_prompt(
+            captions, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return text, pooled
 
