@@ -55,17 +55,15 @@ def throughput(args: argparse.Namespace) -> None:
 def _step_cost(base: Path, insertion_layer: int, parts: list[str], batch: int, reps: int) -> float:
     from PIL import Image
 
+    from easyref.base_models import BaseModels
     from easyref.model import ModelConfig
-    from easyref.sampler import EasyRefSampler
     from easyref.train.config import TrainConfig
     from easyref.train.loop import build_model
     from easyref.train.recipe import Conditioner, DiffusionObjective, step_generator
 
     config = TrainConfig(base=str(base), parts=parts, model=ModelConfig(insertion_layer=insertion_layer, **SMALL))
     model = build_model(config, None, base / "sdxl", base / "mllm")
-    sampler = EasyRefSampler.from_model(model, base / "sdxl", base / "mllm")
-    conditioner = Conditioner.from_pipeline(sampler.pipe, sampler.processor, base / "sdxl", torch.device("cpu"),
-                                            (0.0, 0.0, 0.0))
+    conditioner = Conditioner(BaseModels.load(base / "sdxl", base / "mllm", model.config), (0.0, 0.0, 0.0))
     params = model.set_trainable(parts)
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     objective = DiffusionObjective(model)
@@ -100,10 +98,10 @@ def aggregation(args: argparse.Namespace) -> None:
 def learning(args: argparse.Namespace) -> None:
     import pandas as pd
 
+    from easyref.base_models import BaseModels
+    from easyref.data.dataset import center_crop, to_tensor
     from easyref.model import ModelConfig, load_model
-    from easyref.sampler import EasyRefSampler
     from easyref.train.config import TrainConfig
-    from easyref.train.data import to_target
     from easyref.train.loop import train
     from easyref.train.recipe import Conditioner, DiffusionObjective, step_generator
 
@@ -118,8 +116,7 @@ def learning(args: argparse.Namespace) -> None:
 
     base = Path(args.base)
     model = load_model(base / "sdxl", base / "mllm", checkpoint=result.final)
-    sampler = EasyRefSampler.from_model(model, base / "sdxl", base / "mllm")
-    cond = Conditioner.from_pipeline(sampler.pipe, sampler.processor, base / "sdxl", torch.device("cpu"), (0, 0, 0))
+    cond = Conditioner(BaseModels.load(base / "sdxl", base / "mllm", model.config), (0, 0, 0))
     objective = DiffusionObjective(model).eval()
     root = Path(args.image_root)
     train_rows = pd.read_parquet(args.data)
@@ -134,7 +131,7 @@ def learning(args: argparse.Namespace) -> None:
     own, other = [], []
     with torch.no_grad():
         for i, row in enumerate(held_in.itertuples()):
-            target = to_target(Image.open(root / row.path), 64)[None]
+            target = to_tensor(center_crop(Image.open(root / row.path).convert("RGB"), (64, 64))[0])[None]
             for refs, sink in ((refs_of(row.group), own), (refs_of(groups[(i + 1) % len(groups)]), other)):
                 for draw in range(args.draws):  # same noise and timesteps for both reference sets
                     batch = {"references": [refs], "target": target, "caption": [row.caption]}

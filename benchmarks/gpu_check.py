@@ -260,13 +260,20 @@ def check_sampling(setup: Setup, model, args: argparse.Namespace) -> dict:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from easyref.architectures import build_unet
+    from easyref.base_models import BaseModels
     from easyref.sampler import EasyRefSampler
 
     size, device = args.resolution, setup.device
     model.to(torch.bfloat16)
     for module in (setup.base.vae, setup.base.text_encoder, setup.base.text_encoder_2):
         module.to(torch.bfloat16)
-    sampler = EasyRefSampler(model, setup.processor, setup.pipe)
+    parts = setup.pipe.components
+    shared = BaseModels(
+        **{k: parts[k] for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")},
+        scheduler_config=setup.base.scheduler_config,
+        processor=setup.processor,
+    )
+    sampler = EasyRefSampler(model, shared)
     prompt, refs = "a red circle on a beach", references(args.references, 0)
 
     def easyref() -> None:

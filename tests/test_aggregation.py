@@ -61,14 +61,13 @@ def test_common_length_tiles_token_sets_without_changing_attention():
 
 @pytest.mark.parametrize("aggregation", ["mean", "concat"])
 def test_each_variant_trains_a_step_generates_and_is_recorded_by_its_checkpoint(tiny_models, tmp_path, aggregation):
+    from easyref.base_models import BaseModels
     from easyref.sampler import EasyRefSampler
     from easyref.train.recipe import Conditioner, DiffusionObjective, step_generator
 
     model, processor = _build(tiny_models, aggregation)
-    sampler = EasyRefSampler.from_model(model, tiny_models / "sdxl", tiny_models / "mllm")
-    conditioner = Conditioner.from_pipeline(
-        sampler.pipe, processor, tiny_models / "sdxl", torch.device("cpu"), (0.0, 0.0, 0.0)
-    )
+    sampler = EasyRefSampler(model, BaseModels.load(tiny_models / "sdxl", tiny_models / "mllm", model.config))
+    conditioner = Conditioner(sampler.base, (0.0, 0.0, 0.0), processor)
     params = model.set_trainable(["reference", "adapter"])
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     batch = {  # groups of different sizes in one batch

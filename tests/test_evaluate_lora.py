@@ -11,11 +11,12 @@ from tests.test_evaluate import write_split
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_models, tmp_path_factory):
+    from easyref.base_models import BaseModels
     from easyref.evaluate.baselines.lora import LoraBaseline
 
     samples = load_split(write_split(tmp_path_factory.mktemp("lora"), groups=2, refs=2))
     config = EvaluateConfig(steps=2, lora_baseline=LoraBaselineConfig(steps=3, learning_rate=1e-2))
-    baseline = LoraBaseline.from_pretrained(tiny_models / "sdxl")
+    baseline = LoraBaseline(BaseModels.load(tiny_models / "sdxl"))
     store = ImageStore()
     return baseline, samples, store, config, baseline(samples, store, config)
 

@@ -1,4 +1,6 @@
-"""Download the real base models from the Hugging Face Hub, at pinned revisions, into the project's model layout.
+"""The base models: downloaded from the Hugging Face Hub at pinned revisions, and loaded once (:class:`BaseModels`).
+
+Downloading (``easyref base-models``, below) fills the project's model layout from the hub.
 
 ``params.yaml`` names each part of the layout under ``profile.real_models``: a hub repository, a **commit** (never
 a branch, so the same command gives the same bytes next year), the files to fetch (glob patterns; safetensors only)
@@ -25,6 +27,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from easyref.config import from_dict, load_yaml
 from easyref.errors import UserError
@@ -155,3 +158,130 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"download stopped: {first}; run the same command again to resume") from None
     print(f"base models in {args.out}: {', '.join(parts)}")
     return 0
+
+
+# -- loading: one bundle of the frozen base parts ---------------------------------------------------------------------
+
+PIPELINE_OPTIONS = ("force_zeros_for_empty_prompt", "add_watermarker")
+"""Keys of an SDXL ``model_index.json`` that configure the pipeline itself rather than name a component."""
+
+
+@dataclass(eq=False)
+class BaseModels:
+    """The frozen base parts the sampler, the trainer and the evaluator share, loaded once and placed once.
+
+    SDXL's VAE, both text encoders and their tokenizers, its noise schedule (``noise_scheduler``: DDPM, for
+    training noise; ``sample_scheduler``: DDIM, for sampling; both from the base's ``scheduler_config.json``) and the
+    MLLM's :class:`~easyref.model.ReferenceProcessor`. :meth:`load` reads them from an SDXL folder (or hub id) and an
+    MLLM folder and puts every module on one device in one dtype, frozen and in eval mode. The trained parts (the
+    UNet with its adapter, the MLLM) belong to :class:`~easyref.model.EasyRef`; :meth:`pipeline` wraps these parts
+    and a given UNet in a ``StableDiffusionXLPipeline`` without loading anything, and :meth:`load_unet` gives a
+    plain base UNet to a baseline that needs one.
+    """
+
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+    scheduler_config: dict[str, Any]
+    processor: Any = None
+    """The reference processor (``None`` for a consumer that reads no references, e.g. an SDXL baseline)."""
+    sdxl: str | Path | None = None
+    """Where the SDXL parts came from (for :meth:`load_unet`)."""
+    torch_dtype: Any = None
+    """The dtype the parts were loaded in (``None``: as stored); :meth:`load_unet` uses it too."""
+    pipeline_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        for module in (self.vae, self.text_encoder, self.text_encoder_2):
+            module.requires_grad_(False).eval()
+        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        self.sample_scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        self.text = self.pipeline(unet=None)
+        """A pipeline without UNet, for ``encode_prompt`` and the image post-processing."""
+
+    @classmethod
+    def load(
+        cls,
+        sdxl: str | Path,
+        mllm: str | Path | None = None,
+        model_config: Any = None,
+        *,
+        device: str | Any = "cpu",
+        torch_dtype: Any = None,
+    ) -> BaseModels:
+        """Load the parts from ``sdxl`` (and the reference processor from ``mllm`` with ``model_config``'s pixel
+        limits, instruction and aggregation) onto ``device`` in ``torch_dtype`` (``None``: as stored)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from easyref.model import ModelConfig, ReferenceProcessor, base_model_errors
+
+        with base_model_errors("base VAE", Path(sdxl) / "vae"):
+            vae = AutoencoderKL.from_pretrained(sdxl, subfolder="vae", torch_dtype=torch_dtype)
+        with base_model_errors("base text encoders", sdxl):
+            encoders = [
+                CLIPTextModel.from_pretrained(sdxl, subfolder="text_encoder", torch_dtype=torch_dtype),
+                CLIPTextModelWithProjection.from_pretrained(sdxl, subfolder="text_encoder_2", torch_dtype=torch_dtype),
+            ]
+            tokenizers = [CLIPTokenizer.from_pretrained(sdxl, subfolder=f) for f in ("tokenizer", "tokenizer_2")]
+        index = StableDiffusionXLPipeline.load_config(sdxl)
+        processor = None
+        if mllm is not None:
+            processor = ReferenceProcessor.from_pretrained(mllm, model_config or ModelConfig())
+        return cls(
+            vae=vae.to(device),
+            text_encoder=encoders[0].to(device),
+            text_encoder_2=encoders[1].to(device),
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+            scheduler_config=DDPMScheduler.load_config(sdxl, subfolder="scheduler"),
+            processor=processor,
+            sdxl=sdxl,
+            torch_dtype=torch_dtype,
+            pipeline_options={k: index[k] for k in PIPELINE_OPTIONS if k in index},
+        )
+
+    @property
+    def device(self) -> Any:
+        return self.vae.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.text.vae_scale_factor
+
+    def pipeline(self, unet: Any, scheduler: Any = None, **parts: Any) -> Any:
+        """A ``StableDiffusionXLPipeline`` over these parts and ``unet`` (``scheduler``: default the DDIM one;
+        ``parts``: e.g. ``feature_extractor``); nothing is loaded or copied."""
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=unet,
+            scheduler=scheduler or self.sample_scheduler,
+            **{**self.pipeline_options, **parts},
+        )
+
+    def load_unet(self) -> Any:
+        """A fresh base UNet from :attr:`sdxl`, on the bundle's device and dtype (for a baseline; EasyRef's UNet is
+        built by :func:`~easyref.model.load_model`)."""
+        from diffusers import UNet2DConditionModel
+
+        from easyref.model import base_model_errors
+
+        if self.sdxl is None:
+            raise ValueError("this bundle was not loaded from a folder; pass a UNet instead")
+        with base_model_errors("base UNet", Path(self.sdxl) / "unet"):
+            unet = UNet2DConditionModel.from_pretrained(self.sdxl, subfolder="unet", torch_dtype=self.torch_dtype)
+        return unet.to(self.device)
+
+    def encode_prompt(self, prompts: list[str], **kw: Any) -> tuple[Any, Any, Any, Any]:
+        """SDXL's prompt encoding (both text encoders), as ``StableDiffusionXLPipeline.encode_prompt``."""
+        return self.text.encode_prompt(prompt=prompts, device=self.device, **kw)

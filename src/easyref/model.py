@@ -383,9 +383,9 @@ class EasyRef(nn.Module):
         from diffusers import UNet2DConditionModel
         from transformers import Qwen2VLForConditionalGeneration
 
-        with _base_model_errors("base UNet", Path(sdxl) / "unet"):
+        with base_model_errors("base UNet", Path(sdxl) / "unet"):
             unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet", torch_dtype=torch_dtype)
-        with _base_model_errors("base MLLM", mllm):
+        with base_model_errors("base MLLM", mllm):
             base_mllm = Qwen2VLForConditionalGeneration.from_pretrained(mllm, torch_dtype=torch_dtype)
         model = cls(ReferenceEncoder(base_mllm, config), unet, config)
         if torch_dtype is not None:
@@ -511,7 +511,7 @@ class EasyRef(nn.Module):
 
 
 @contextmanager
-def _base_model_errors(what: str, path: str | Path) -> Iterator[None]:
+def base_model_errors(what: str, path: str | Path) -> Iterator[None]:
     """A missing, truncated or damaged base-model weights file as one :class:`UserError` line naming the model."""
     from safetensors import SafetensorError
 

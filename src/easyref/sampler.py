@@ -1,7 +1,7 @@
 """DDIM sampling with classifier-free guidance over the joint (text + reference group) condition.
 
-The sampler reuses the base SDXL pipeline's parts (text encoders, prompt encoding, VAE, image post-processing)
-and drives the UNet itself, so that:
+The sampler reuses the base SDXL parts of a :class:`~easyref.base_models.BaseModels` bundle (text encoders, prompt
+encoding, VAE, image post-processing, the DDIM schedule) and drives the UNet itself, so that:
 
 * the reference group of each prompt is encoded by the MLLM once per call and reused for every step and image;
 * one joint guidance is applied: ``eps_u + w * (eps_c - eps_u)``, where the unconditional branch is the negative
@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from easyref.base_models import BaseModels
 from easyref.captions import CaptionFit
 from easyref.errors import UserError
 from easyref.model import EasyRef, ModelConfig, ReferenceProcessor, adapter_processors, common_length, load_model
@@ -65,15 +66,15 @@ def base_paths(base: str | Path) -> tuple[Path, Path]:
 class EasyRefSampler:
     """Generates images from prompts and groups of reference images with a (trained) :class:`EasyRef`."""
 
-    def __init__(self, model: EasyRef, processor: ReferenceProcessor, pipe: Any):
-        from diffusers import DDIMScheduler
-
+    def __init__(self, model: EasyRef, base: BaseModels):
+        if base.processor is None:
+            raise ValueError("the sampler needs base models loaded with the MLLM's reference processor")
         self.model = model
-        self.processor = processor
-        # The SDXL pipeline supplies prompt encoding, VAE and post-processing; its UNet is EasyRef's.
-        self.pipe = pipe
-        self.pipe.unet = model.unet
-        self.pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.base = base
+        self.processor: ReferenceProcessor = base.processor
+        # The SDXL pipeline over the shared base parts supplies prompt encoding, VAE and post-processing; its UNet
+        # is EasyRef's, its scheduler the base's DDIM.
+        self.pipe = base.pipeline(model.unet, base.sample_scheduler)
 
     @classmethod
     def from_pretrained(
@@ -85,25 +86,11 @@ class EasyRefSampler:
         device: str | torch.device = "cpu",
         torch_dtype: torch.dtype | None = None,
     ) -> EasyRefSampler:
+        """The model (base + checkpoint) and its own :class:`BaseModels`; to share the base with other consumers,
+        load it once with ``BaseModels.load`` and pass it to the constructor."""
         model = load_model(sdxl, mllm, checkpoint=checkpoint, config=model_config, torch_dtype=torch_dtype)
-        return cls.from_model(model, sdxl, mllm, device=device, torch_dtype=torch_dtype)
-
-    @classmethod
-    def from_model(
-        cls,
-        model: EasyRef,
-        sdxl: str | Path,
-        mllm: str | Path,
-        device: str | torch.device = "cpu",
-        torch_dtype: torch.dtype | None = None,
-    ) -> EasyRefSampler:
-        """A sampler around an existing model (e.g. the one being trained), loading the frozen SDXL parts."""
-        from diffusers import StableDiffusionXLPipeline
-
-        pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, unet=model.unet, torch_dtype=torch_dtype)
-        processor = ReferenceProcessor.from_pretrained(mllm, model.config)
-        sampler = cls(model, processor, pipe)
-        return sampler.to(device)
+        base = BaseModels.load(sdxl, mllm, model.config, device=device, torch_dtype=torch_dtype)
+        return cls(model, base).to(device)
 
     def to(self, device: str | torch.device) -> EasyRefSampler:
         self.pipe.to(device)

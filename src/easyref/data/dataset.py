@@ -24,10 +24,10 @@ them; call :meth:`GroupDataset.set_epoch` before each epoch (with ``persistent_w
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -82,6 +82,10 @@ class Sample(TypedDict):
     caption: str
     group: str
     image_id: str
+    original_size: tuple[int, int]
+    """(height, width) of the image the target was cut from (SDXL's size conditioning)."""
+    crop_top_left: tuple[int, int]
+    """(top, left) of the crop in the resized image (SDXL's crop conditioning)."""
 
 
 class Batch(TypedDict):
@@ -92,6 +96,10 @@ class Batch(TypedDict):
     caption: list[str]
     group: list[str]
     image_id: list[str]
+    original_size: torch.Tensor
+    """(batch, 2) long: (height, width) of each target's source image."""
+    crop_top_left: torch.Tensor
+    """(batch, 2) long: (top, left) of each target's crop."""
 
 
 class GroupDataset(Dataset):
@@ -162,13 +170,15 @@ class GroupDataset(Dataset):
             self._augment(target, rng) if ref == index else self._load(ref)
             for ref in self.reference_indices(index, rng)
         ]
-        size = self.buckets[self.bucket_ids[index]]
+        cropped, corner = center_crop(target, self.buckets[self.bucket_ids[index]])
         return {
             "references": references,
-            "target": to_tensor(center_crop(target, size)),
+            "target": to_tensor(cropped),
             "caption": str(self.captions[index]),
             "group": str(self.groups[index]),
             "image_id": str(self.image_ids[index]),
+            "original_size": (target.height, target.width),
+            "crop_top_left": corner,
         }
 
     def _load(self, index: int) -> Image.Image:
@@ -209,6 +219,20 @@ def collate(samples: list[Sample]) -> Batch:
         "caption": [s["caption"] for s in samples],
         "group": [s["group"] for s in samples],
         "image_id": [s["image_id"] for s in samples],
+        **size_conditioning(samples),
+    }
+
+
+def size_conditioning(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """``original_size`` and ``crop_top_left`` of a batch as ``(batch, 2)`` tensors, for SDXL's time ids; empty when
+    a sample lacks them (a dataset that does not record them: the trainer then uses the target size and (0, 0))."""
+    import torch
+
+    if not samples or not all("original_size" in s and "crop_top_left" in s for s in samples):
+        return {}
+    return {
+        "original_size": torch.tensor([[int(v) for v in s["original_size"]] for s in samples]),
+        "crop_top_left": torch.tensor([[int(v) for v in s["crop_top_left"]] for s in samples]),
     }
 
 
@@ -232,16 +256,19 @@ def nearest_bucket(widths: np.ndarray, heights: np.ndarray, buckets: list[tuple[
     return np.searchsorted(boundaries, np.log(widths / heights)).astype(np.int64)
 
 
-def center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize ``image`` to cover ``size`` (width, height), keeping its aspect ratio, and crop the centre."""
+def center_crop(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize ``image`` to cover ``size`` (width, height), keeping its aspect ratio, and crop the centre; returns
+    the crop and its top-left corner ``(top, left)`` in the resized image (SDXL's crop conditioning)."""
     from PIL import Image
 
     width, height = size
-    scale = max(width / image.width, height / image.height)
-    cover = (max(width, math.ceil(image.width * scale)), max(height, math.ceil(image.height * scale)))
+    if width * image.height >= height * image.width:  # the width binds; the other side rounds up (integers: exact)
+        cover = (width, max(height, -(-image.height * width // image.width)))
+    else:
+        cover = (max(width, -(-image.width * height // image.height)), height)
     image = image.resize(cover, Image.Resampling.BICUBIC)
     left, top = (cover[0] - width) // 2, (cover[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    return image.crop((left, top, left + width, top + height)), (top, left)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

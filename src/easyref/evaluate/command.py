@@ -112,8 +112,10 @@ def evaluate(
     import pandas as pd
     import torch
 
+    from easyref.base_models import BaseModels
     from easyref.captions import CaptionFit
     from easyref.evaluate.baselines import load_baseline
+    from easyref.model import load_model
     from easyref.sampler import EasyRefSampler, base_paths
 
     sdxl, mllm = base_paths(base)
@@ -124,7 +126,10 @@ def evaluate(
     started = time.perf_counter()
     runs = [SectionRun(section) for section in sections]
 
-    sampler = EasyRefSampler.from_pretrained(sdxl, mllm, checkpoint=checkpoint, device=device, torch_dtype=dtype)
+    model = load_model(sdxl, mllm, checkpoint=checkpoint, torch_dtype=dtype)
+    # loaded once: the checkpoint's sampler, the reference gain and every baseline share them
+    base_models = BaseModels.load(sdxl, mllm, model.config, device=device, torch_dtype=dtype)
+    sampler = EasyRefSampler(model, base_models).to(device)
     fit = CaptionFit.shared(sampler.pipe)
     captions = [s.caption for run in runs for s in run.section.samples]
     captions_cut = fit.count_long(captions)
@@ -142,15 +147,15 @@ def evaluate(
             swapped = [samples[j].references for j in others if j is not None]
             run.generated[SWAPPED] = generate_easyref(sampler, samples, store, config, references=swapped)
         if config.reference_gain.enabled:
-            run.gains = reference_gain(sampler, samples, store, sdxl, config)
+            run.gains = reference_gain(sampler, samples, store, config)
         if TEXT in config.baselines:
             run.timed(TEXT, partial(generate_easyref, text_only=True), sampler, samples, store, config)
-    del sampler
+    del sampler, model
     gc.collect()
     for name in config.baselines:
         if name == TEXT:
             continue
-        baseline = load_baseline(name, sdxl, config, device, dtype)
+        baseline = load_baseline(name, base_models, config)
         for run in runs:
             run.timed(name, baseline, run.section.samples, store, config)
         del baseline

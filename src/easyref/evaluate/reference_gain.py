@@ -4,7 +4,6 @@ references of a sample of another group, at the same timesteps and noise. Positi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from easyref.captions import CaptionFit
@@ -25,7 +24,7 @@ def partners(samples: Sequence[Sample]) -> list[int | None]:
 
 
 def reference_gain(
-    sampler: EasyRefSampler, samples: Sequence[Sample], store: ImageStore, sdxl: str | Path, config: EvaluateConfig
+    sampler: EasyRefSampler, samples: Sequence[Sample], store: ImageStore, config: EvaluateConfig
 ) -> list[dict[str, float]]:
     """Per sample: denoising loss with its own references, with another group's, and the gain (other - own).
 
@@ -33,10 +32,9 @@ def reference_gain(
     group differs. The MLLM reads the sample's own caption in both cases.
     """
     import torch
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    scheduler = DDPMScheduler.from_pretrained(sdxl, subfolder="scheduler")
+    scheduler = sampler.base.noise_scheduler
     pipe, model, device = sampler.pipe, sampler.model, sampler.device
     factor = pipe.vae_scale_factor
     height = config.height or model.unet.config.sample_size * factor

@@ -6,7 +6,7 @@
 * :mod:`~easyref.train.recipe`     -- frozen conditioning (VAE, text encoders), CFG drops, the epsilon-MSE loss
 * :mod:`~easyref.train.checkpoint` -- atomic, resumable training checkpoints (safetensors + JSON, no pickles)
 * :mod:`~easyref.train.tracking`   -- MLflow logging on rank 0 and preview grids
-* :mod:`~easyref.train.loop`       -- :func:`train`, the loop itself
+* :mod:`~easyref.train.loop`       -- :func:`train` and its :class:`Trainer` (build, resume, step, track, save)
 * :mod:`~easyref.train.cli`        -- ``easyref train``;  :mod:`~easyref.train.launch` -- ``easyref launch``
 """
 

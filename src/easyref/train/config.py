@@ -132,9 +132,7 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * world_size
 
 
-def load_train_config(
-    params: str | Path | None, stage: str, overrides: dict[str, Any] | None = None
-) -> TrainConfig:
+def load_train_config(params: str | Path | None, stage: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The config of ``stage``: ``train:`` shared keys, then ``train.<stage>:``, then ``overrides`` (CLI flags)."""
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")

@@ -1,7 +1,10 @@
 """What the trainer reads: samples, a resumable global data order, and the dataset behind ``--data``.
 
 A *sample* is a mapping with ``references`` (list of PIL images, the group), ``target`` (float tensor ``(3, H, W)``
-in [-1, 1]) and ``caption`` (str). Any ``torch.utils.data.Dataset`` of such samples can be trained on.
+in [-1, 1]) and ``caption`` (str), and optionally ``original_size`` (height, width of the image the target was
+cut from) and ``crop_top_left`` (top, left of the crop in the resized image): SDXL's size and crop conditioning,
+read into its time ids as SDXL was trained (without them: the target size and (0, 0)). Any
+``torch.utils.data.Dataset`` of such samples can be trained on.
 
 The data order is a pure function of ``(seed, step)``: optimizer step ``s`` consumes global positions
 ``[s * G, (s + 1) * G)`` (``G`` = global batch) of an endless sequence of per-epoch permutations. A resumed run
@@ -107,27 +110,16 @@ class EpochIndexed(Dataset):
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack targets; keep reference groups and captions as lists."""
+    """Stack targets; keep reference groups and captions as lists; ``original_size`` and ``crop_top_left`` as
+    ``(batch, 2)`` tensors when the samples carry them (SDXL's time ids)."""
+    from easyref.data.dataset import size_conditioning
+
     return {
         "references": [list(s["references"]) for s in samples],
         "target": torch.stack([s["target"] for s in samples]),
         "caption": [str(s["caption"]) for s in samples],
+        **size_conditioning(samples),
     }
-
-
-def to_target(image: Any, resolution: int) -> torch.Tensor:
-    """A PIL image as a ``(3, R, R)`` tensor in [-1, 1]: resized on the short side, centre-cropped."""
-    import numpy as np
-    from PIL import Image
-
-    image = image.convert("RGB")
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class FolderGroups(Dataset):
@@ -174,12 +166,18 @@ class FolderGroups(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         group, i = self.items[index]
         images = self.groups[group]
+        from easyref.data.dataset import center_crop, to_tensor
+
         refs = [r for j, r in enumerate(images) if j != i][: self.max_references]
+        image = self._open(images[i])
+        target, corner = center_crop(image, (self.resolution, self.resolution))
         return {
             "references": [self._open(r) for r in refs],
-            "target": to_target(self._open(images[i]), self.resolution),
+            "target": to_tensor(target),
             "caption": self.captions.get(images[i], ""),
             "group": group,
+            "original_size": (image.height, image.width),
+            "crop_top_left": corner,
         }
 
 

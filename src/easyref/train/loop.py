@@ -1,13 +1,14 @@
-"""The training loop of one EasyRef stage, for one process or many (DDP or FSDP2)."""
+"""The training loop of one EasyRef stage, for one process or many (DDP or FSDP2): :func:`train` runs a
+:class:`Trainer`, whose steps (build, resume, track, train_step, save, preview, save_final) are named methods."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from easyref.base_models import BaseModels
 from easyref.config import flatten, to_dict
 from easyref.errors import UserError
 from easyref.model import EasyRef, load_model
@@ -24,9 +26,8 @@ from easyref.train import distributed as D
 from easyref.train import resume
 from easyref.train.config import TrainConfig
 from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset, collate
-from easyref.train.integrity import STATE_FILE, pick_checkpoint
-from easyref.train.recipe import Conditioner, DiffusionObjective, step_generator
-from easyref.train.tracking import MlflowTracker, NullTracker, git_commit, preview_grid, record_caption_cuts
+from easyref.train.recipe import Conditioner, DiffusionObjective, autocast_context, autocast_dtype, step_generator
+from easyref.train.tracking import MlflowTracker, NullTracker, Previewer, git_commit, record_caption_cuts
 
 
 class TrainingDiverged(UserError):
@@ -70,47 +71,9 @@ def enable_gradient_checkpointing(model: EasyRef) -> None:
             module._gradient_checkpointing_func = fn
 
 
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 def _infinite(loader: DataLoader):
     yield from loader
     raise UserError("the data loader ran out of samples before max_steps (this is a bug in the sampler)")
-
-
-class Previewer:
-    """Samples a few fixed reference groups with the library's DDIM sampler and logs one grid per call."""
-
-    def __init__(self, sampler: EasyRefSampler, dataset: Dataset, config: TrainConfig):
-        count = min(config.preview_samples, len(dataset))
-        items = [dataset[i] for i in range(count)]
-        self.refs = [list(s["references"]) for s in items]
-        self.captions = [str(s["caption"]) for s in items]
-        self.sampler, self.config = sampler, config
-        self.size = int(items[0]["target"].shape[-1]) if items else None
-
-    def __call__(self, tracker: NullTracker, step: int, dtype: torch.dtype | None) -> None:
-        if not self.refs:
-            return
-        with _autocast(self.sampler.device, dtype):
-            images = self.sampler(
-                self.captions,
-                self.refs,
-                num_inference_steps=self.config.preview_steps,
-                generator=self.config.seed,
-                height=self.size,
-                width=self.size,
-                progress=False,
-            )
-        grid = preview_grid(list(zip(self.refs, images, strict=True)))
-        tracker.log_image(grid, f"previews/step_{step:08d}.png")
 
 
 def train(
@@ -131,218 +94,302 @@ def train(
     try:
         out = Path(out)
         with resume.output_guard(out, env):
-            return _train(config, out, Path(init) if init else None, dataset, preview_dataset, env, allow_config_change)
+            trainer = Trainer(
+                config,
+                out,
+                Path(init) if init else None,
+                env,
+                dataset=dataset,
+                preview_dataset=preview_dataset,
+                allow_config_change=allow_config_change,
+            )
+            return trainer.run()
     finally:
         D.teardown()
 
 
-def _resume_point(out: Path, settings: dict, allow: bool, env: D.DistEnv) -> tuple[Path | None, list[str]]:
-    """The checkpoint to resume from (rank 0 verifies and picks it) and the settings that changed since."""
+class Trainer:
+    """One stage's run as named steps, each on a screen; :meth:`run` strings them together.
 
-    def pick() -> str | None:  # verifies checksums and sets damaged checkpoints aside: one process does it
-        path = pick_checkpoint(ckpt.step_folders(out))
-        return str(path) if path else None
+    Construction checks the resume point (a changed setting is refused before anything loads); :meth:`build` loads
+    the base models once and builds the model, data, conditioning and optimizer; :meth:`resume` restores the newest
+    intact checkpoint; :meth:`start_tracking` opens the MLflow run and the previewer; then every step is
+    :meth:`train_step`, :meth:`track`, :meth:`save` and :meth:`preview`, and :meth:`save_final` writes the output.
+    """
 
-    picked = D.on_main(pick, env)
-    if picked is None:
-        return None, []
-    latest = Path(picked)
-    record = json.loads((latest / STATE_FILE).read_text())
-    return latest, resume.check_resume(latest, record, settings, allow)
+    def __init__(
+        self,
+        config: TrainConfig,
+        out: Path,
+        init: Path | None,
+        env: D.DistEnv,
+        *,
+        dataset: Dataset | None = None,
+        preview_dataset: Dataset | None = None,
+        allow_config_change: bool = False,
+    ):
+        self.config, self.out, self.init, self.env = config, out, init, env
+        self.dataset, self.preview_dataset = dataset, preview_dataset
+        self.sdxl, self.mllm = base_paths(config.base)
+        self.settings = resume.run_settings(config, init, env.world_size)
+        self.latest, self.changes = resume.resume_point(out, self.settings, allow_config_change, env)
+        self.dtype = autocast_dtype(config, env.device)
+        self.global_batch = config.global_batch(env.world_size)
+        self.start, self.run_id = 0, None
+        self.tracker: NullTracker = NullTracker()
+        self.previewer: Previewer | None = None
 
+    # -- build --------------------------------------------------------------------------------------------------------
 
-def _train(
-    config: TrainConfig,
-    out: Path,
-    init: Path | None,
-    dataset: Dataset | None,
-    preview_dataset: Dataset | None,
-    env: D.DistEnv,
-    allow_config_change: bool,
-) -> TrainResult:
-    sdxl, mllm = base_paths(config.base)
-    settings = resume.run_settings(config, init, env.world_size)
-    latest, changes = _resume_point(out, settings, allow_config_change, env)
-    if init is None and config.stage != "pretrain" and env.is_main:
-        print(f"warning: stage {config.stage} without --init starts from untrained EasyRef parts")
-    model = build_model(config, init, sdxl, mllm)
-    sampler = EasyRefSampler.from_model(model, sdxl, mllm, device=env.device)
-    resolution = config.resolution or model.unet.config.sample_size * sampler.pipe.vae_scale_factor
-    data_kw = dict(
-        stage=config.stage,
-        resolution=resolution,
-        max_references=model.config.max_references,
-        image_root=config.image_root,
-        seed=config.seed,
-    )
-    if dataset is None:
-        dataset = build_dataset(config.data, **data_kw)
-    if preview_dataset is None and config.preview_data:
-        preview_dataset = build_dataset(config.preview_data, **data_kw)
-    if config.stage == "multi_ref" and config.batch_size > 1 and len(getattr(dataset, "buckets", [None])) > 1:
-        raise UserError(
-            "multi_ref trains on aspect-ratio buckets: use batch_size 1 per device and grad_accum for "
-            "a larger global batch (bucket-aware global order is not implemented yet)"
+    def build(self) -> None:
+        """The model (base + ``--init`` + LoRA), the shared base models, the data, the conditioning, the optimizer."""
+        config, env = self.config, self.env
+        if self.init is None and config.stage != "pretrain" and env.is_main:
+            print(f"warning: stage {config.stage} without --init starts from untrained EasyRef parts")
+        self.model = build_model(config, self.init, self.sdxl, self.mllm).to(env.device)
+        self.base = BaseModels.load(self.sdxl, self.mllm, self.model.config, device=env.device)
+        self.build_data()
+        self.conditioner = Conditioner(self.base, (config.drop_text, config.drop_image, config.drop_both))
+        self.build_optimizer()
+
+    def build_data(self) -> None:
+        """The training (and preview) dataset at the stage's resolution (``0``: the UNet's native size)."""
+        config, model = self.config, self.model
+        self.resolution = config.resolution or model.unet.config.sample_size * self.base.vae_scale_factor
+        data_kw = dict(
+            stage=config.stage,
+            resolution=self.resolution,
+            max_references=model.config.max_references,
+            image_root=config.image_root,
+            seed=config.seed,
+        )
+        if self.dataset is None:
+            self.dataset = build_dataset(config.data, **data_kw)
+        if self.preview_dataset is None and config.preview_data:
+            self.preview_dataset = build_dataset(config.preview_data, **data_kw)
+        if config.stage == "multi_ref" and config.batch_size > 1 and len(getattr(self.dataset, "buckets", [None])) > 1:
+            raise UserError(
+                "multi_ref trains on aspect-ratio buckets: use batch_size 1 per device and grad_accum for "
+                "a larger global batch (bucket-aware global order is not implemented yet)"
+            )
+
+    def build_optimizer(self) -> None:
+        """Trainable parts, gradient checkpointing, DDP or FSDP2 wrapping, AdamW over the trainable parameters."""
+        config, env, model = self.config, self.env, self.model
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.set_trainable(config.parts)
+        model.train()
+        self.objective: torch.nn.Module = DiffusionObjective(model)
+        if config.fsdp and env.distributed:
+            D.shard_fsdp(model, env, param_dtype=self.dtype)
+        else:
+            self.objective = D.wrap_ddp(self.objective, env)
+        self.is_ddp = isinstance(self.objective, torch.nn.parallel.DistributedDataParallel)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
 
-    conditioner = Conditioner.from_pipeline(
-        sampler.pipe, sampler.processor, sdxl, env.device, (config.drop_text, config.drop_image, config.drop_both)
-    )
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    model.set_trainable(config.parts)
-    model.train()
-    dtype = autocast_dtype(config, env.device)
-    objective: torch.nn.Module = DiffusionObjective(model)
-    if config.fsdp and env.distributed:
-        D.shard_fsdp(model, env, param_dtype=dtype)
-    else:
-        objective = D.wrap_ddp(objective, env)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    # -- resume and tracking ------------------------------------------------------------------------------------------
 
-    start, run_id = 0, None
-    if latest is not None:
-        record = ckpt.load_training_state(latest, model, optimizer, env)
-        resume.apply_hyperparameters(optimizer, config)  # the checkpoint's optimizer state brings its own lr
-        start, run_id = int(record["step"]), record.get("mlflow_run_id")
-        if env.is_main:
-            print(f"resuming from {latest} (step {start})")
-            if changes:
+    def resume(self) -> None:
+        """Continue from the newest intact checkpoint: weights, optimizer, RNG states, step and MLflow run."""
+        if self.latest is None:
+            return
+        record = ckpt.load_training_state(self.latest, self.model, self.optimizer, self.env)
+        resume.apply_hyperparameters(self.optimizer, self.config)  # the checkpoint's optimizer state brings its own lr
+        self.start, self.run_id = int(record["step"]), record.get("mlflow_run_id")
+        if self.env.is_main:
+            print(f"resuming from {self.latest} (step {self.start})")
+            if self.changes:
                 print(
                     f"warning: --allow-config-change: resuming with changed settings, applied from step "
-                    f"{start + 1}: {'; '.join(changes)}",
+                    f"{self.start + 1}: {'; '.join(self.changes)}",
                     file=sys.stderr,
                 )
 
-    global_batch = config.global_batch(env.world_size)
-    tracker: NullTracker = NullTracker()
-    if env.is_main:
-        params_log = flatten(to_dict(config)) | {
-            "world_size": env.world_size,
-            "global_batch": global_batch,
-            "init": str(init) if init else "",
-            "resolution": resolution,
+    def start_tracking(self) -> None:
+        """The MLflow run on rank 0 (the checkpoint's run when resuming) and, where previews are drawn, the previewer
+        (a sampler over the trained model and the same base models)."""
+        config, env = self.config, self.env
+        if env.is_main:
+            self.tracker = MlflowTracker(
+                config.experiment, config.stage, self.run_params(), self.run_tags(), run_id=self.run_id
+            )
+        self.run_id = D.broadcast_object(self.tracker.run_id, env)
+        if config.preview_every >= 0 and (env.is_main or (config.fsdp and env.distributed)):
+            sampler = EasyRefSampler(self.model, self.base)
+            self.previewer = Previewer(sampler, self.preview_dataset or self.dataset, config)
+
+    def run_params(self) -> dict[str, object]:
+        return flatten(to_dict(self.config)) | {
+            "world_size": self.env.world_size,
+            "global_batch": self.global_batch,
+            "init": str(self.init) if self.init else "",
+            "resolution": self.resolution,
         }
+
+    def run_tags(self) -> dict[str, str]:
         tags = {
             "git_commit": git_commit(),
-            "stage": config.stage,
-            "world_size": str(env.world_size),
-            "data_manifest_hash": settings["data"],
-            "global_batch": str(global_batch),
-            "settings_hash": resume.settings_hash(settings),
+            "stage": self.config.stage,
+            "world_size": str(self.env.world_size),
+            "data_manifest_hash": self.settings["data"],
+            "global_batch": str(self.global_batch),
+            "settings_hash": resume.settings_hash(self.settings),
         }
-        if changes:
-            tags[f"config_change_at_step_{start}"] = "; ".join(changes)[:5000]
-        tracker = MlflowTracker(config.experiment, config.stage, params_log, tags, run_id=run_id)
-    run_id = D.broadcast_object(tracker.run_id, env)
-    previewer = Previewer(sampler, preview_dataset or dataset, config) if config.preview_every >= 0 else None
-    preview_here = previewer is not None and (env.is_main or (config.fsdp and env.distributed))
+        if self.changes:
+            tags[f"config_change_at_step_{self.start}"] = "; ".join(self.changes)[:5000]
+        return tags
 
-    order = GlobalOrderSampler(
-        len(dataset),
-        seed=config.seed,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        rank=env.rank,
-        world_size=env.world_size,
-        start_step=start,
-        max_steps=config.max_steps,
-    )
-    loader = DataLoader(
-        EpochIndexed(dataset),
-        batch_size=config.batch_size,
-        sampler=order,
-        collate_fn=collate,
-        num_workers=config.num_workers,
-        drop_last=False,
-    )
-    batches = _infinite(loader)
-    result = TrainResult(final=out / "final", step=start, start_step=start, run_id=run_id)
-    is_ddp = isinstance(objective, torch.nn.parallel.DistributedDataParallel)
-    if env.is_main:
-        print(
-            f"stage {config.stage}: steps {start}->{config.max_steps}, world size {env.world_size}, "
-            f"global batch {global_batch}, lr {config.lr}, trainable {sum(p.numel() for p in params):,} params"
+    # -- the loop -----------------------------------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[dict]:
+        """This rank's micro-batches from the start step on, in the global order (a pure function of seed and step);
+        the loader is started at the first ``next``."""
+        config, env = self.config, self.env
+        self.order = GlobalOrderSampler(
+            len(self.dataset),
+            seed=config.seed,
+            batch_size=config.batch_size,
+            grad_accum=config.grad_accum,
+            rank=env.rank,
+            world_size=env.world_size,
+            start_step=self.start,
+            max_steps=config.max_steps,
         )
-    bar = tqdm(total=config.max_steps, initial=start, desc=config.stage, disable=not env.is_main, dynamic_ncols=True)
-    status = "FAILED"
-    try:
-        for step in range(start, config.max_steps):
-            t0 = time.perf_counter()
-            micro_losses = []
-            for micro in range(config.grad_accum):
-                batch = next(batches)
-                with _autocast(env.device, dtype):
-                    cond = conditioner(batch, step_generator(config.seed, step, micro, env.rank))
-                last = micro == config.grad_accum - 1
-                sync = objective.no_sync() if is_ddp and not last else contextlib.nullcontext()
-                with sync:
-                    with _autocast(env.device, dtype):
-                        loss = objective(cond)
-                    (loss / config.grad_accum).backward()
-                micro_losses.append(loss.detach().float())
-            step_loss = float(D.all_reduce_mean(torch.stack(micro_losses).mean(), env))
-            if not math.isfinite(step_loss):
-                optimizer.zero_grad(set_to_none=True)
-                last_ckpt = ckpt.latest_checkpoint(out)
-                raise TrainingDiverged(
-                    f"loss is {step_loss} at step {step + 1}; stopped without taking the step or saving. "
-                    f"Last good checkpoint: {last_ckpt or 'none'}. Check the data (NaN pixels?), lower lr "
-                    f"({config.lr}) or use mixed_precision: no"
-                )
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            dt = time.perf_counter() - t0
-            result.losses.append(step_loss)
-            result.step = done
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            if done % config.log_every == 0 or done == config.max_steps:
-                metrics = {
-                    "loss": step_loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "step_time_s": dt,
-                    "samples_per_s": global_batch / dt,
-                    "epoch": done * global_batch / len(dataset),
-                }
-                if env.device.type == "cuda":
-                    metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-                tracker.log_metrics(metrics, step=done)
-            if config.save_every and (done % config.save_every == 0 or done == config.max_steps):
-                state = {
-                    "data": order.state(done),
-                    "mlflow_run_id": run_id,
-                    "loss": step_loss,
-                    "stage": config.stage,
-                    "settings": settings,
-                    "settings_hash": resume.settings_hash(settings),
-                    "data_fingerprint": settings["data"],
-                }
-                ckpt.save_training_state(out, done, model, optimizer, env, state, config.keep_last)
-            preview_now = config.preview_every > 0 and done % config.preview_every == 0
-            if preview_here and (preview_now or (done == config.max_steps and config.preview_every == 0)):
-                previewer(tracker, done, dtype)
-        bar.close()
-        record_caption_cuts(tracker, conditioner.captions, env, result.step)
-        tensors = ckpt.trainable_state(model) if config.fsdp and env.distributed else None
+        loader = DataLoader(
+            EpochIndexed(self.dataset),
+            batch_size=config.batch_size,
+            sampler=self.order,
+            collate_fn=collate,
+            num_workers=config.num_workers,
+            drop_last=False,
+        )
+        return _infinite(loader)
+
+    def train_step(self, step: int, batches: Iterator[dict]) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches (gradients synchronised on the last); the loss,
+        averaged over micro-batches and ranks, is checked before the update: NaN/inf stops the run."""
+        config, env = self.config, self.env
+        micro_losses = []
+        for micro in range(config.grad_accum):
+            batch = next(batches)
+            with autocast_context(env.device, self.dtype):
+                cond = self.conditioner(batch, step_generator(config.seed, step, micro, env.rank))
+            last = micro == config.grad_accum - 1
+            sync = self.objective.no_sync() if self.is_ddp and not last else contextlib.nullcontext()
+            with sync:
+                with autocast_context(env.device, self.dtype):
+                    loss = self.objective(cond)
+                (loss / config.grad_accum).backward()
+            micro_losses.append(loss.detach().float())
+        step_loss = float(D.all_reduce_mean(torch.stack(micro_losses).mean(), env))
+        if not math.isfinite(step_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"loss is {step_loss} at step {step + 1}; stopped without taking the step or saving. "
+                f"Last good checkpoint: {ckpt.latest_checkpoint(self.out) or 'none'}. Check the data (NaN pixels?), "
+                f"lower lr ({config.lr}) or use mixed_precision: no"
+            )
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
+    def track(self, done: int, loss: float, seconds: float) -> None:
+        """Metrics every ``log_every`` steps and at the last."""
+        config = self.config
+        if done % config.log_every and done != config.max_steps:
+            return
+        metrics = {
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step_time_s": seconds,
+            "samples_per_s": self.global_batch / seconds,
+            "epoch": done * self.global_batch / len(self.dataset),
+        }
+        if self.env.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+        self.tracker.log_metrics(metrics, step=done)
+
+    def save(self, done: int, loss: float) -> None:
+        """A resumable checkpoint every ``save_every`` steps and at the last (``save_every: 0``: none)."""
+        config = self.config
+        if not config.save_every or (done % config.save_every and done != config.max_steps):
+            return
+        state = {
+            "data": self.order.state(done),
+            "mlflow_run_id": self.run_id,
+            "loss": loss,
+            "stage": config.stage,
+            "settings": self.settings,
+            "settings_hash": resume.settings_hash(self.settings),
+            "data_fingerprint": self.settings["data"],
+        }
+        ckpt.save_training_state(self.out, done, self.model, self.optimizer, self.env, state, config.keep_last)
+
+    def preview(self, done: int) -> None:
+        """A preview grid every ``preview_every`` steps (``0``: at the last step only)."""
+        every, last = self.config.preview_every, done == self.config.max_steps
+        if self.previewer is not None and ((every > 0 and done % every == 0) or (every == 0 and last)):
+            self.previewer(self.tracker, done, self.dtype)
+
+    def save_final(self, step: int) -> Path:
+        """The stage's output checkpoint ``OUT/final`` (the trained parts), written by rank 0."""
+        config, env = self.config, self.env
+        final = self.out / "final"
+        tensors = ckpt.trainable_state(self.model) if config.fsdp and env.distributed else None
         if env.is_main:
             extra = {
                 "stage": config.stage,
-                "step": result.step,
-                "base": {"sdxl": str(sdxl), "mllm": str(mllm)},
-                "data_hash": settings["data"],
+                "step": step,
+                "base": {"sdxl": str(self.sdxl), "mllm": str(self.mllm)},
+                "data_hash": self.settings["data"],
                 "git_commit": git_commit(),
-                "mlflow_run_id": run_id or "",
+                "mlflow_run_id": self.run_id or "",
             }
-            ckpt.save_final(model, tensors, result.final, list(config.parts), **extra)
-            print(f"wrote {result.final}")
+            ckpt.save_final(self.model, tensors, final, list(config.parts), **extra)
+            print(f"wrote {final}")
         D.barrier(env)
-        status = "FINISHED"
-        return result
-    finally:
-        bar.close()
-        tracker.finish(status)
+        return final
+
+    def run(self) -> TrainResult:
+        """Build, resume, track, then step to ``max_steps`` and write the output."""
+        config, env = self.config, self.env
+        self.build()
+        self.resume()
+        self.start_tracking()
+        batches = self.batches()
+        result = TrainResult(final=self.out / "final", step=self.start, start_step=self.start, run_id=self.run_id)
+        if env.is_main:
+            print(
+                f"stage {config.stage}: steps {self.start}->{config.max_steps}, world size {env.world_size}, "
+                f"global batch {self.global_batch}, lr {config.lr}, "
+                f"trainable {sum(p.numel() for p in self.params):,} params"
+            )
+        bar = tqdm(
+            total=config.max_steps, initial=self.start, desc=config.stage, disable=not env.is_main, dynamic_ncols=True
+        )
+        status = "FAILED"
+        try:
+            for step in range(self.start, config.max_steps):
+                t0 = time.perf_counter()
+                loss = self.train_step(step, batches)
+                seconds, result.step = time.perf_counter() - t0, step + 1
+                result.losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                self.track(result.step, loss, seconds)
+                self.save(result.step, loss)
+                self.preview(result.step)
+            bar.close()
+            record_caption_cuts(self.tracker, self.conditioner.captions, env, result.step)
+            self.save_final(result.step)
+            status = "FINISHED"
+            return result
+        finally:
+            bar.close()
+            self.tracker.finish(status)

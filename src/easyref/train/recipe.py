@@ -11,8 +11,9 @@ run draws exactly what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,10 @@ from torch import nn
 from easyref.captions import CaptionFit
 from easyref.model import EasyRef, ReferenceProcessor
 
+if TYPE_CHECKING:
+    from easyref.base_models import BaseModels
+    from easyref.train.config import TrainConfig
+
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """A CPU generator that depends only on its arguments."""
@@ -29,7 +34,21 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def draw_drops(batch: int, p_text: float, p_image: float, p_both: float, generator: torch.Generator) -> tuple[list[bool], list[bool]]:
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 with ``mixed_precision: bf16``, or ``auto`` on a GPU; else ``None`` (float32)."""
+    if config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing for ``None``."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def draw_drops(
+    batch: int, p_text: float, p_image: float, p_both: float, generator: torch.Generator
+) -> tuple[list[bool], list[bool]]:
     """Per sample ``(drop_text, drop_image)`` from one uniform draw: image, text, both or none are exclusive."""
     u = torch.rand(batch, generator=generator).tolist()
     text, image = [], []
@@ -40,6 +59,22 @@ def draw_drops(batch: int, p_text: float, p_image: float, p_both: float, generat
         text.append(drop_text or both)
         image.append(drop_image or both)
     return text, image
+
+
+def sdxl_time_ids(batch: dict[str, Any]) -> torch.Tensor:
+    """``(B, 6)`` SDXL micro-conditioning: original size (h, w), crop top-left (top, left), target size (h, w).
+
+    From the batch's ``original_size`` and ``crop_top_left`` (what the datasets record while resizing and cropping
+    each target), as SDXL was trained; a batch without them gets ``(H, W, 0, 0, H, W)``.
+    """
+    target = batch["target"]
+    n, (height, width) = target.shape[0], target.shape[-2:]
+    size = torch.tensor([[height, width]]).expand(n, 2)
+    original = batch.get("original_size")
+    crop = batch.get("crop_top_left")
+    original = size if original is None else torch.as_tensor(original).reshape(n, 2)
+    crop = torch.zeros(n, 2, dtype=torch.long) if crop is None else torch.as_tensor(crop).reshape(n, 2)
+    return torch.cat([original, crop, size], dim=1).float()
 
 
 @dataclass
@@ -58,37 +93,33 @@ class Conditioned:
 class Conditioner:
     """The frozen half of a training step: VAE, both SDXL text encoders, the reference processor, the DDPM schedule.
 
-    ``pipe`` is the SDXL pipeline the sampler holds (its VAE, text encoders and ``encode_prompt``); all of it runs
-    under ``torch.no_grad``.
+    All of them come from ``base`` (the :class:`~easyref.base_models.BaseModels` the sampler shares) and run under
+    ``torch.no_grad`` on its device. ``processor`` overrides the base's reference processor (``None`` with a base
+    without one: a conditioner for SDXL alone, which :meth:`encode_latents` and :meth:`encode_text` serve).
     """
 
-    def __init__(self, pipe: Any, processor: ReferenceProcessor, scheduler: Any, device: torch.device,
-                 drops: tuple[float, float, float]):
-        self.pipe, self.processor, self.scheduler, self.device = pipe, processor, scheduler, device
+    def __init__(
+        self, base: BaseModels, drops: tuple[float, float, float], processor: ReferenceProcessor | None = None
+    ):
+        self.base, self.processor = base, processor or base.processor
+        self.scheduler, self.device = base.noise_scheduler, base.device
         self.p_text, self.p_image, self.p_both = drops
-        self.captions = CaptionFit.for_pipeline(pipe)  # the training captions' own counts (not the previews')
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-            module.requires_grad_(False).eval()
-
-    @classmethod
-    def from_pipeline(cls, pipe: Any, processor: ReferenceProcessor, sdxl: Any, device: torch.device,
-                      drops: tuple[float, float, float]) -> Conditioner:
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_pretrained(sdxl, subfolder="scheduler")
-        return cls(pipe, processor, scheduler, device, drops)
+        self.captions = CaptionFit.for_pipeline(base)  # the training captions' own counts (not the previews')
 
     @torch.no_grad()
     def encode_latents(self, target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        vae = self.pipe.vae
-        posterior = vae.encode(target.to(self.device, vae.dtype)).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=generator).to(self.device, posterior.mean.dtype)
-        return (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
+        """Scaled latents sampled from the VAE posterior. The VAE runs outside any autocast the step is under, in
+        its own dtype (float32 for training, as the authors keep SDXL's VAE): bf16 encodings would drift."""
+        vae = self.base.vae
+        with torch.autocast(self.device.type, enabled=False):
+            posterior = vae.encode(target.to(self.device, vae.dtype)).latent_dist
+            eps = torch.randn(posterior.mean.shape, generator=generator).to(self.device, posterior.mean.dtype)
+            return (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        text, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=self.captions(captions), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        text, _, pooled, _ = self.base.encode_prompt(
+            self.captions(captions), num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return text, pooled
 
@@ -105,10 +136,9 @@ class Conditioner:
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (n,), generator=generator).to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        height, width = target.shape[-2:]
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=text.dtype, device=self.device)
+        time_ids = sdxl_time_ids(batch).to(self.device, text.dtype)
         inputs = {k: v.to(self.device) for k, v in self.processor(groups, captions).items()}
-        return Conditioned(inputs, noisy, timesteps, text, pooled, time_ids.repeat(n, 1), noise)
+        return Conditioned(inputs, noisy, timesteps, text, pooled, time_ids, noise)
 
 
 class DiffusionObjective(nn.Module):

@@ -9,6 +9,7 @@
   effective model wiring, the global batch, the data fingerprint and the ``--init`` checkpoint's identity. A
   checkpoint records them with their hash; :func:`check_resume` refuses a resume whose settings differ, unless
   ``--allow-config-change``, which prints each change and lets the new values (lr included) apply.
+* :func:`resume_point` picks the newest intact checkpoint of ``OUT`` (rank 0 verifies it) and checks its settings.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from easyref.config import flatten, to_dict
 from easyref.errors import UserError
 from easyref.locking import LOCK_NAME, FolderLocked, output_lock
 from easyref.model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, read_checkpoint_config
+from easyref.train import checkpoint as ckpt
 from easyref.train import distributed as D
 from easyref.train.config import TrainConfig
 from easyref.train.data import dataset_fingerprint
+from easyref.train.integrity import STATE_FILE, pick_checkpoint
 
 RESTART_WAIT_S = 120.0
 # TrainConfig fields that change what a run trains; run length, logging, previews and speed knobs may change freely.
@@ -146,3 +149,18 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, config: TrainConfig)
     """This run's lr, betas and weight decay on every param group (a loaded optimizer state brings its own)."""
     for group in optimizer.param_groups:
         group["lr"], group["betas"], group["weight_decay"] = config.lr, tuple(config.betas), config.weight_decay
+
+
+def resume_point(out: Path, settings: dict, allow: bool, env: D.DistEnv) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (rank 0 verifies and picks it) and the settings that changed since."""
+
+    def pick() -> str | None:  # verifies checksums and sets damaged checkpoints aside: one process does it
+        path = pick_checkpoint(ckpt.step_folders(out))
+        return str(path) if path else None
+
+    picked = D.on_main(pick, env)
+    if picked is None:
+        return None, []
+    latest = Path(picked)
+    record = json.loads((latest / STATE_FILE).read_text())
+    return latest, check_resume(latest, record, settings, allow)

@@ -9,13 +9,20 @@ manifest hash), preview grids as artifacts and how many training captions were c
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from easyref.captions import CaptionFit
 from easyref.runs import end_stage_run, git_commit, start_stage_run
 
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
+
+    from easyref.sampler import EasyRefSampler
+    from easyref.train.config import TrainConfig
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-__all__ = ["MlflowTracker", "NullTracker", "git_commit", "preview_grid", "record_caption_cuts"]
+__all__ = ["MlflowTracker", "NullTracker", "Previewer", "git_commit", "preview_grid", "record_caption_cuts"]
 
 
 class NullTracker:
@@ -93,3 +100,33 @@ def preview_grid(rows: list[tuple[list[Any], Any]], cell: int = 128, max_refs: i
             grid.paste(ref.convert("RGB").resize((cell, cell)), (i * cell, r * cell))
         grid.paste(generated.convert("RGB").resize((cell, cell)), (max_refs * cell + cell // 4, r * cell))
     return grid
+
+
+class Previewer:
+    """Samples a few fixed reference groups with the library's DDIM sampler and logs one grid per call."""
+
+    def __init__(self, sampler: EasyRefSampler, dataset: Dataset, config: TrainConfig):
+        count = min(config.preview_samples, len(dataset))
+        items = [dataset[i] for i in range(count)]
+        self.refs = [list(s["references"]) for s in items]
+        self.captions = [str(s["caption"]) for s in items]
+        self.sampler, self.config = sampler, config
+        self.size = int(items[0]["target"].shape[-1]) if items else None
+
+    def __call__(self, tracker: NullTracker, step: int, dtype: torch.dtype | None) -> None:
+        from easyref.train.recipe import autocast_context
+
+        if not self.refs:
+            return
+        with autocast_context(self.sampler.device, dtype):
+            images = self.sampler(
+                self.captions,
+                self.refs,
+                num_inference_steps=self.config.preview_steps,
+                generator=self.config.seed,
+                height=self.size,
+                width=self.size,
+                progress=False,
+            )
+        grid = preview_grid(list(zip(self.refs, images, strict=True)))
+        tracker.log_image(grid, f"previews/step_{step:08d}.png")

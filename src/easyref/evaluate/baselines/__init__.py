@@ -5,8 +5,9 @@ A baseline module in this package defines
   NAME        the method name (``--baseline NAME``, ``evaluate.baselines``, the ``method`` column, metric keys)
   LABEL       its row label in the report
   GRID_LABEL  its short column label in the sample grids
-  load(sdxl, config, device, torch_dtype) -> Baseline
-              builds it on the SDXL base model folder (or hub id) from the ``EvaluateConfig``
+  load(base, config) -> Baseline
+              builds it on the shared base models (``easyref.base_models.BaseModels``: VAE, text encoders,
+              schedules; on their device and dtype) from the ``EvaluateConfig``
 
 and a ``Baseline`` is any callable ``(samples, store, config) -> list[PIL.Image]`` giving one image per sample,
 generated with ``sample.seed``. Adding a baseline is adding one file here (and, if it has settings, a field of
@@ -19,16 +20,15 @@ import importlib
 import pkgutil
 from collections.abc import Sequence
 from functools import cache
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
 from easyref.evaluate.config import TEXT
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
+    from easyref.base_models import BaseModels
     from easyref.evaluate.config import EvaluateConfig
     from easyref.evaluate.samples import ImageStore, Sample
 
@@ -55,11 +55,9 @@ def baseline_names() -> tuple[str, ...]:
     return (TEXT, *sorted(modules()))
 
 
-def load_baseline(
-    name: str, sdxl: str | Path, config: EvaluateConfig, device: str, torch_dtype: torch.dtype | None
-) -> Baseline:
-    """The baseline ``name`` (a module of this package), built on the SDXL base model."""
-    return modules()[name].load(sdxl, config, device, torch_dtype)
+def load_baseline(name: str, base: BaseModels, config: EvaluateConfig) -> Baseline:
+    """The baseline ``name`` (a module of this package), built on the shared base models."""
+    return modules()[name].load(base, config)
 
 
 def labels() -> dict[str, tuple[str, str]]:

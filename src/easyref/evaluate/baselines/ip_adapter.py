@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from easyref.captions import CaptionFit
@@ -15,6 +14,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from easyref.base_models import BaseModels
     from easyref.evaluate.config import EvaluateConfig, IPAdapterConfig
     from easyref.evaluate.samples import ImageStore, Sample
 
@@ -23,8 +23,8 @@ LABEL = "IP-Adapter-SDXL (mean)"
 GRID_LABEL = "ip-adapter"
 
 
-def load(sdxl: str | Path, config: EvaluateConfig, device: str, torch_dtype: torch.dtype | None) -> IPAdapterBaseline:
-    return IPAdapterBaseline.from_pretrained(sdxl, config.ip_adapter, device=device, torch_dtype=torch_dtype)
+def load(base: BaseModels, config: EvaluateConfig) -> IPAdapterBaseline:
+    return IPAdapterBaseline.from_base(base, config.ip_adapter)
 
 
 class IPAdapterBaseline:
@@ -34,19 +34,13 @@ class IPAdapterBaseline:
         self.pipe = pipe
 
     @classmethod
-    def from_pretrained(
-        cls, sdxl: str | Path, config: IPAdapterConfig, device: str = "cpu", torch_dtype: torch.dtype | None = None
-    ) -> IPAdapterBaseline:
-        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-
+    def from_base(cls, base: BaseModels, config: IPAdapterConfig) -> IPAdapterBaseline:
+        """A base UNet with the IP-Adapter and its image encoder, over the shared base models, sampled with DDIM."""
         encoder = config.image_encoder_folder
         subfolder = encoder if "/" in encoder else f"{config.subfolder}/{encoder}"
         # Passing the processor keeps diffusers from building a torchvision-backed CLIPImageProcessor.
         feature_extractor = _clip_image_processor(str(config.path), subfolder)
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            sdxl, feature_extractor=feature_extractor, torch_dtype=torch_dtype
-        )
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe = base.pipeline(base.load_unet(), feature_extractor=feature_extractor)
         try:
             pipe.load_ip_adapter(
                 config.path,
@@ -60,7 +54,7 @@ class IPAdapterBaseline:
             ) from exc
         pipe.set_ip_adapter_scale(config.scale)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe.to(device))
+        return cls(pipe.to(base.device))
 
     def group_embedding(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """``(1, D)``: the mean projected CLIP image embedding of a group."""

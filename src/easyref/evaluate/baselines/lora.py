@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from easyref.captions import CaptionFit
 from easyref.evaluate.generation import batches, seeded_generators
 from easyref.evaluate.samples import sample_seed
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
+    from easyref.base_models import BaseModels
     from easyref.evaluate.config import EvaluateConfig, LoraBaselineConfig
     from easyref.evaluate.samples import ImageStore, Sample
 
@@ -31,33 +30,23 @@ GRID_LABEL = "lora"
 ADAPTER = "group_lora"
 
 
-def load(sdxl: str | Path, config: EvaluateConfig, device: str, torch_dtype: torch.dtype | None) -> LoraBaseline:
-    return LoraBaseline.from_pretrained(sdxl, device=device, torch_dtype=torch_dtype)
+def load(base: BaseModels, config: EvaluateConfig) -> LoraBaseline:
+    return LoraBaseline(base)
 
 
 class LoraBaseline:
-    """The base SDXL pipeline (DDIM for sampling) and the recipe's conditioner (VAE, text encoders, DDPM noise)."""
+    """A base SDXL UNet over the shared base models (DDIM for sampling) and the recipe's conditioner (VAE, text
+    encoders, DDPM noise)."""
 
-    def __init__(self, pipe: Any, conditioner: Any):
-        self.pipe, self.conditioner = pipe, conditioner
-        self.tuning_seconds: dict[str, float] = {}
-        """Fine-tuning wall time of each group (generation excluded)."""
-
-    @classmethod
-    def from_pretrained(
-        cls, sdxl: str | Path, device: str = "cpu", torch_dtype: torch.dtype | None = None
-    ) -> LoraBaseline:
-        import torch
-        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-
+    def __init__(self, base: BaseModels):
         from easyref.train.recipe import Conditioner
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(sdxl, torch_dtype=torch_dtype).to(device)
-        pipe.set_progress_bar_config(disable=True)
+        self.pipe = base.pipeline(base.load_unet())
+        self.pipe.set_progress_bar_config(disable=True)
         # Only the frozen encoders and the DDPM schedule of the conditioner are used: no reference processor.
-        conditioner = Conditioner.from_pipeline(pipe, None, sdxl, torch.device(device), (0.0, 0.0, 0.0))  # type: ignore[arg-type]
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        return cls(pipe, conditioner)
+        self.conditioner = Conditioner(base, (0.0, 0.0, 0.0))
+        self.tuning_seconds: dict[str, float] = {}
+        """Fine-tuning wall time of each group (generation excluded)."""
 
     def size(self, config: EvaluateConfig) -> tuple[int, int]:
         """``(height, width)`` of training and generation: the configured size or the UNet's native one."""
