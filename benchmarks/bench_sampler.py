@@ -34,6 +34,16 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def group(n: int, shade: int = 0) -> list[Image.Image]:
+    """``n`` distinct 400x360 reference images (``shade`` makes another group)."""
+    images = []
+    for i in range(n):
+        im = Image.new("RGB", (400, 360), ((20 * i + shade) % 255, 90, 160))
+        ImageDraw.Draw(im).rectangle((40 + 5 * i, 50, 300, 280), fill=(230, 40, 40))
+        images.append(im)
+    return images
+
+
 def bench_profile(name: str, root: Path, width: int, steps: int, repeats: int, size: int) -> None:
     from diffusers import StableDiffusionXLPipeline
 
@@ -46,14 +56,6 @@ def bench_profile(name: str, root: Path, width: int, steps: int, repeats: int, s
     sampler = EasyRefSampler.from_pretrained(base / "sdxl", base / "mllm", model_config=ModelConfig())
     pipe = StableDiffusionXLPipeline(**{**sampler.pipe.components, "unet": sampler.model.unet})
     pipe.set_progress_bar_config(disable=True)
-
-    def group(n: int) -> list[Image.Image]:
-        images = []
-        for i in range(n):
-            im = Image.new("RGB", (400, 360), (20 * i % 255, 90, 160))
-            ImageDraw.Draw(im).rectangle((40 + 5 * i, 50, 300, 280), fill=(230, 40, 40))
-            images.append(im)
-        return images
 
     prompt = "a red square on a blue background"
     refs = group(3)

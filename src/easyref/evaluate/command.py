@@ -114,18 +114,19 @@ def evaluate(
     tuning: dict[str, float] = {}
 
     sampler = EasyRefSampler.from_pretrained(sdxl, mllm, checkpoint=checkpoint, device=device, torch_dtype=dtype)
-    begin = time.perf_counter()
-    generated = {"easyref": generate_easyref(sampler, samples, store, config)}
-    seconds["easyref"] = time.perf_counter() - begin
-    others = partners(samples)
-    if config.swapped_references and all(j is not None for j in others):
-        swapped = [samples[j].references for j in others if j is not None]
-        generated[SWAPPED] = generate_easyref(sampler, samples, store, config, references=swapped)
-    gains = reference_gain(sampler, samples, store, sdxl, config) if config.reference_gain.enabled else None
-    if TEXT in config.baselines:
+    with sampler.reuse_references():  # each (group, caption) through the MLLM once: the gain reuses both methods'
         begin = time.perf_counter()
-        generated[TEXT] = generate_easyref(sampler, samples, store, config, text_only=True)
-        seconds[TEXT] = time.perf_counter() - begin
+        generated = {"easyref": generate_easyref(sampler, samples, store, config)}
+        seconds["easyref"] = time.perf_counter() - begin
+        others = partners(samples)
+        if config.swapped_references and all(j is not None for j in others):
+            swapped = [samples[j].references for j in others if j is not None]
+            generated[SWAPPED] = generate_easyref(sampler, samples, store, config, references=swapped)
+        gains = reference_gain(sampler, samples, store, sdxl, config) if config.reference_gain.enabled else None
+        if TEXT in config.baselines:
+            begin = time.perf_counter()
+            generated[TEXT] = generate_easyref(sampler, samples, store, config, text_only=True)
+            seconds[TEXT] = time.perf_counter() - begin
     del sampler
     gc.collect()
     for name in config.baselines:
