@@ -10,7 +10,8 @@ in one process and interleaved so machine noise hits both alike:
    ours/diffusers must not exceed 1 (beyond noise);
 2. seconds to encode one group of 1, 2, 4, 8 and 16 references at the paper's ~336^2 reference resolution.
 
-Medians over ``--repeats`` runs are printed; nothing is asserted.
+Medians over ``--repeats`` runs are printed; nothing is asserted. What the sampler saves beyond diffusers (reuse,
+text-only without the MLLM, opt-in options) is measured by ``benchmarks/bench_sampler_savings.py``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ Example (tiny models, untrained EasyRef parts):
 With ``--checkpoint`` the trained EasyRef parts of a training stage are loaded on top of the base models. Without
 it they are untrained: initialised from ``--seed`` (the same command and seed give the same image) and announced
 with a warning. Several images (``--num-images``) are written as ``NAME_0.png``, ``NAME_1.png``, ...
+
+``--scale 0`` is text-only SDXL: the reference branch is skipped, the MLLM does not run and ``--ref`` may be left
+out. ``--fuse-qkv``, ``--channels-last``, ``--compile``, ``--vae-slicing`` and ``--vae-tiling`` are opt-in speed and
+memory options (:mod:`easyref.sampler_speed`; their measured effect is in docs/performance.md).
 """
 
 from __future__ import annotations
