@@ -16,7 +16,7 @@ below 1 is a saving.
 3. fuse_qkv, channels_last, compile: one image from precomputed reference states (the denoising loop and the VAE),
    each option alone against the plain sampler; compile's first call (the compilation) is reported apart.
 4. VAE slicing and tiling: decoding 2 images of 512x512 px, each variant in a fresh child process: seconds and the
-   peak memory the decode adds (``ru_maxrss``; medians).
+   peak resident memory the decode adds (sampled every millisecond; medians).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,22 +39,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_sampler import group  # noqa: E402
 
 PROMPT = "a red square on a blue background"
+PARTS = ("reuse", "text-only", "options", "vae")
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Least CPU seconds of each variant over ``repeats`` rounds, each round running every variant once (other
     processes only ever add time, so the least is the steadiest estimate of the work)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
     for _ in range(repeats):
-        for name, fn in variants.items():
+        for name in order:
             start = time.process_time()
-            fn()
+            variants[name]()
             times[name].append(time.process_time() - start)
+        order.reverse()  # ABBA: neither variant always runs first
     return {name: min(t) for name, t in times.items()}
 
 
 def report(label: str, new: float, old: float, unit: str = "s") -> None:
-    print(f"  {label:<44} {new:9.3f} {unit} vs {old:9.3f} {unit}   ratio {new / old:.3f}")
+    ratio = f"{new / old:.3f}" if old else "n/a"
+    print(f"  {label:<44} {new:9.3f} {unit} vs {old:9.3f} {unit}   ratio {ratio}")
 
 
 def build(base: Path, options=None):
@@ -65,32 +70,40 @@ def build(base: Path, options=None):
     return sampler.speed_up(options) if options is not None else sampler
 
 
-def bench_reuse(sampler, steps: int, repeats: int) -> None:
+def bench_reuse(base: Path, sampler, steps: int, repeats: int) -> None:
     samples = [(group(3, shade), caption) for shade in (0, 60) for caption in (PROMPT, "a red square, close-up")]
     kw = dict(num_inference_steps=steps, progress=False)
+    reusing = build(base)  # a second sampler with the same weights, inside a reuse block for the whole round
 
-    def encode_all() -> None:
+    def encode_all(s) -> None:
         for _ in range(2):
             for refs, caption in samples:
-                sampler.encode_references([refs], [caption]), sampler.encode_unconditional()
+                s.encode_references([refs], [caption]), s.encode_unconditional()
 
-    def generate_all() -> None:
-        for seed in range(2):
-            for refs, caption in samples:
-                sampler([caption], [refs], generator=seed, **kw)
-
-    def reusing(fn: Callable[[], None]) -> Callable[[], None]:
+    def reuse(fn: Callable[[object], None]) -> Callable[[], None]:
         def run() -> None:
-            with sampler.reuse_references():
-                fn()
+            with reusing.reuse_references():
+                fn(reusing)
 
         return run
 
-    t = interleaved({"mllm": encode_all, "mllm reuse": reusing(encode_all)}, repeats)
+    t = interleaved({"mllm": lambda: encode_all(sampler), "mllm reuse": reuse(encode_all)}, repeats)
     print("1. reference states reused per (group, caption): 4 samples x 2 generations")
     report("MLLM passes only (16 -> 5 encodings)", t["mllm reuse"], t["mllm"])
-    t = interleaved({"all": generate_all, "all reuse": reusing(generate_all)}, repeats)
-    report(f"whole workload, 8 images ({steps} steps)", t["all reuse"], t["all"])
+    # The whole workload, the two samplers alternating image by image so that load from other processes hits both.
+    totals: dict[str, list[float]] = {"plain": [], "reuse": []}
+    for _ in range(repeats):
+        spent = dict.fromkeys(totals, 0.0)
+        with reusing.reuse_references():
+            for i, (seed, (refs, caption)) in enumerate((seed, x) for seed in range(2) for x in samples):
+                pair = [("plain", sampler), ("reuse", reusing)]
+                for name, s in pair if i % 2 else pair[::-1]:
+                    start = time.process_time()
+                    s([caption], [refs], generator=seed, **kw)
+                    spent[name] += time.process_time() - start
+        for name in totals:
+            totals[name].append(spent[name])
+    report(f"whole workload, 8 images ({steps} steps)", min(totals["reuse"]), min(totals["plain"]))
 
 
 def bench_text_only(sampler, steps: int, repeats: int) -> None:
@@ -144,13 +157,27 @@ def vae_child(base: Path, mode: str, size: int, count: int) -> None:
         vae.enable_tiling()
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latents = torch.randn(count, vae.config.latent_channels, size // factor, size // factor)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before, peak, done = rss(), [0], threading.Event()
+
+    def watch() -> None:  # the resident size, sampled every millisecond while decoding
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     start = time.process_time()
     with torch.no_grad():
         vae.decode(latents / vae.config.scaling_factor)
     seconds = time.process_time() - start
-    added_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    print(json.dumps({"seconds": seconds, "peak_mb": added_mb}))
+    done.set()
+    watcher.join()
+    print(json.dumps({"seconds": seconds, "peak_mb": (max(peak[0], rss()) - before) / 2**20}))
+
+
+def rss() -> int:
+    """Resident bytes of this process now (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
 def bench_vae(base: Path, repeats: int, size: int = 512, count: int = 2) -> None:
@@ -172,6 +199,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a C++ compiler)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which measurements to run")
     parser.add_argument("--vae-child", nargs=4, metavar=("MODE", "BASE", "SIZE", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.vae_child:
@@ -185,10 +213,14 @@ def main() -> None:
         base = write_tiny_models(Path(tmp) / "tiny", seed=0)
         sampler = build(base)
         print(f"tiny profile, 64x64 px, DDIM {args.steps} steps, CFG 7.5, 1 thread, least of {args.repeats} rounds")
-        bench_reuse(sampler, args.steps, args.repeats)
-        bench_text_only(sampler, args.steps, args.repeats)
-        bench_options(base, sampler, args.steps, args.repeats, compile_unet=not args.no_compile)
-        bench_vae(base, args.repeats)
+        if "reuse" in args.parts:
+            bench_reuse(base, sampler, args.steps, args.repeats)
+        if "text-only" in args.parts:
+            bench_text_only(sampler, args.steps, args.repeats)
+        if "options" in args.parts:
+            bench_options(base, sampler, args.steps, args.repeats, compile_unet=not args.no_compile)
+        if "vae" in args.parts:
+            bench_vae(base, args.repeats)
 
 
 if __name__ == "__main__":
