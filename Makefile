@@ -28,24 +28,28 @@ constraints: setup
 	@echo "# pip freeze of the environment the tests pass in (make constraints); used by infra/Dockerfile" > infra/constraints.txt
 	$(PY) -m pip freeze --exclude-editable | grep -v -i '^easyref' | sed -E 's/^([A-Za-z0-9_.-]+==[^+]+)\+.*/\1/' >> infra/constraints.txt
 
-## The main job on the tiny profile: the whole pipeline (dvc.yaml) from tiny models to a promoted model.
+## The main job on the tiny profile: the whole pipeline (dvc.yaml) from tiny models to a promoted model. One
+## EASYREF_PIPELINE_RUN per `make demo`: the stages' MLflow runs nest under one run of that id (src/easyref/runs.py).
 demo: setup
+	EASYREF_PIPELINE_RUN="$${EASYREF_PIPELINE_RUN:-dvc-$$(date -u +%Y%m%d-%H%M%S)}" \
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 	@echo ""
 	@echo "Done. Where to look:"
 	@echo "  evaluation report:  outputs/eval/report.html   (metrics: outputs/eval/metrics.json, dvc metrics show)"
 	@cat outputs/register.txt
 	@echo "  registered model:   models:/easyref@champion   (outputs/register.txt)"
-	@echo "  MLflow UI:          $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000)"
+	@echo "  MLflow UI:          $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000; experiment easyref-pipeline: one run per make demo, the stages nested)"
 	@echo "  loss curves:        $(VENV)/bin/dvc plots show   (outputs/runs/*/loss.csv)"
 
-## The whole test suite (slow end-to-end tests included).
+## The whole test suite (slow end-to-end tests included), on TEST_WORKERS processes (pytest-xdist; the slow tests
+## are scheduled first and idle workers steal queued tests, so the run ends with short tests, not one long one).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 ## The test suite without the slow end-to-end tests.
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks components pipelines

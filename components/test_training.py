@@ -123,7 +123,7 @@ def test_run_trainjob_launches_waits_and_copies_the_checkpoint(tmp_path: Path,
     text = " ".join(cmd)
     assert cmd[cmd.index("launch") + 1] == "--submit"
     for flag in ("--nodes 2", "--gpus-per-node 8", "--pvc easyref-shared", "--namespace ns", "--image easyref:1",
-                 "--env MLFLOW_TRACKING_URI=http://mlflow:5000",
+                 "--env MLFLOW_TRACKING_URI=http://mlflow:5000", f"--env EASYREF_PIPELINE_RUN={req.run_id}",
                  "--secret-env MLFLOW_TRACKING_PASSWORD=easyref-mlflow:password", "--stage single_ref"):
         assert flag in text
     extra = cmd[cmd.index("--") + 1:]

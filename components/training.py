@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from components.params import write_section
+from easyref.runs import PIPELINE_RUN_ENV
 
 TRAINER_GROUP, TRAINER_VERSION, TRAINER_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 
@@ -65,7 +66,8 @@ class StageRequest:
     mount_path: str = "/mnt/easyref"
     """Where ``pvc`` is mounted, in the TrainJob and in this pod."""
     run_id: str = "local"
-    """Pipeline run id: names the staging folder and the TrainJob."""
+    """Pipeline run id: names the staging folder and the TrainJob, and (unless ``local``) the pipeline execution
+    whose MLflow run the stage's run nests under (``EASYREF_PIPELINE_RUN``)."""
     secret_env: list[str] = field(default_factory=list)
     """``NAME=SECRET:KEY`` environment of the TrainJob."""
     timeout_s: float = 7 * 24 * 3600
@@ -111,6 +113,15 @@ def run_stage(req: StageRequest) -> dict[str, Any]:
             "parts": record.get("parts", []), "launcher": req.launcher}
 
 
+def tracking_env(req: StageRequest) -> dict[str, str]:
+    """What the training processes need for MLflow: the tracking URI, and the pipeline execution (unless the run id
+    is ``local``) whose MLflow run the stage's run nests under (``EASYREF_PIPELINE_RUN``, easyref.runs)."""
+    env = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]} if os.environ.get("MLFLOW_TRACKING_URI") else {}
+    if req.run_id and req.run_id != "local":
+        env[PIPELINE_RUN_ENV] = req.run_id
+    return env
+
+
 # -- local: torchrun ---------------------------------------------------------------------------------------------------
 
 
@@ -126,7 +137,7 @@ def run_torchrun(req: StageRequest) -> Path:
     else:
         cmd = [sys.executable, "-m", "easyref.cli", *flags]
     _log("running " + " ".join(cmd))
-    result = subprocess.run(cmd, check=False)
+    result = subprocess.run(cmd, check=False, env={**os.environ, **tracking_env(req)})
     if result.returncode != 0:
         raise RuntimeError(f"easyref train --stage {req.stage} failed with exit status {result.returncode} "
                            f"(see the log above); its run folder {run_dir} keeps checkpoints for a resume")
@@ -240,9 +251,8 @@ def launch_command(req: StageRequest, name: str, params: Path, split: Path, run_
            "--out", str(run_dir / "run"), "--params", str(params), "--label", "app.kubernetes.io/part-of=easyref"]
     if init is not None:
         cmd += ["--init", str(init)]
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        cmd += ["--env", f"MLFLOW_TRACKING_URI={uri}"]
+    for name, value in tracking_env(req).items():
+        cmd += ["--env", f"{name}={value}"]
     for pair in req.secret_env:
         cmd += ["--secret-env", pair]
     flags = _train_flags(req, params, split, split.parent / "ingested", run_dir / "run", None)

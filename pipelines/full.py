@@ -36,6 +36,9 @@ SHM_SIZE = "64Gi"
 LAUNCHERS = ("trainjob", "torchrun")
 POD_LABELS = {"app.kubernetes.io/part-of": "easyref", "app.kubernetes.io/component": "pipeline-task"}
 """Labels of every task pod: infra/k8s/networkpolicy.yaml selects them."""
+REGISTRY_LOCK_DIR = "locks/registry"
+"""Where, under the shared volume's mount path, the register task takes the registry lock (``register.lock_dir``):
+every pod that registers sees the same lock, so registrations from several pods are serialised."""
 RETRY = {"num_retries": 3, "backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "600s"}
 
 
@@ -145,8 +148,9 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
         single_ref_steps: int = int(params["train"]["single_ref"]["max_steps"]),
         multi_ref_steps: int = int(params["train"]["multi_ref"]["max_steps"]),
         evaluate_config: dict = dict(params["evaluate"]),
-        evaluate_split: str = "held_out",
+        evaluate_split: str = "all",
         register_config: dict = dict(params["register"]),
+        register_lock_dir: str = str(params["register"].get("lock_dir") or f"{mount_path}/{REGISTRY_LOCK_DIR}"),
         model_name: str = str(params["register"]["model_name"]),
         promote: bool = True,
         nodes: int = int(cluster["nodes"]),
@@ -202,6 +206,7 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
             base_models=base_models,
             config=evaluate_config,
             split_name=evaluate_split,
+            pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             **tracking,
         )
         on_gpus(scores, shared_pvc, evaluate_gpus, "evaluate").set_display_name("evaluate")
@@ -213,6 +218,8 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
             model_name=model_name,
             promote=promote,
             config=register_config,
+            lock_dir=register_lock_dir,
+            pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             **tracking,
         )
         on_cluster(registration, shared_pvc, "register").set_caching_options(enable_caching=False)
@@ -280,6 +287,7 @@ def run_local(params_file: str | Path, workdir: Path, nproc: int = 2) -> dict[st
         base_models=str(base),
         pod_gpus=nproc,
         evaluate_gpus=0,
+        register_lock_dir=str(params["register"].get("lock_dir") or ""),  # no shared volume: this host's lock
         mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO_ROOT / 'mlflow.db'}"),
     )
     return {"outputs": str(workdir / "kfp-outputs"), "run": run}

@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist each worker gets its share of the cores, and the processes its tests start inherit it: without
+# this every worker (and every torchrun child) would spin one OpenMP thread per core and they would all contend.
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("OMP_NUM_THREADS"):
+    from easyref.threads import available_cores
+
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, available_cores() // _workers))
+
 # Small reference images keep the tiny MLLM fast: 4-9 merged visual tokens per image.
 SMALL_PIXELS = {"min_pixels": 4 * 28 * 28, "max_pixels": 9 * 28 * 28, "dropped_image_size": 56}
 
@@ -55,3 +63,9 @@ def make_group(seed: int, count: int = 3, size: tuple[int, int] = (96, 80)):
         ImageDraw.Draw(im).ellipse((x, y, x + size[0] // 2, y + size[1] // 2), fill=colour)
         images.append(im)
     return images
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the slow end-to-end tests first: with ``pytest -n 2`` (``make test``) the two workers then share the
+    long tests early and the many short ones fill in behind them, instead of one long test ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -30,6 +30,10 @@ def write_evaluation(folder: Path, split: str, aggregation: str, methods: dict[s
     return folder
 
 
+def columns(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def test_compare_prints_sections_variants_and_the_labelled_published_column(tmp_path, capsys):
     baselines = {"text": 0.3, "ip_adapter": 0.4}
     tokens = write_evaluation(tmp_path / "tokens", "held_out", "tokens", {"easyref": 0.5, **baselines})
@@ -44,19 +48,70 @@ def test_compare_prints_sections_variants_and_the_labelled_published_column(tmp_
     out = capsys.readouterr().out
     assert (tmp_path / "t.md").read_text().strip() == out.strip()
     lines = out.splitlines()
-    assert "published (paper), not ours" in lines[0]
-    held_in_at, held_out_at = lines.index("| **held-in** | | | | | |"), lines.index("| **held-out** | | | | | |")
-    assert held_in_at < held_out_at  # Table 3 order, whatever the argument order
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ") and "**" not in line}
-    tokens_row = next(r for label, r in rows.items() if "aggregation=tokens" in label and lines.index(r) > held_out_at)
-    assert "0.500 [0.450, 0.550] | 0.510 [0.460, 0.560] | 0.520 [0.470, 0.570] | 2.0 | .833 / .709 / .614" in tokens_row
-    assert rows["EasyRef ablation (aggregation=mean, tokens=16, layer=-1)"].endswith(".818 / .688 / .584 |")
-    assert rows["Per-group LoRA"].endswith(".831 / .715 / .654 |")
-    # the same baseline figures on the same split appear once per section
-    assert (
-        sum("IP-Adapter-SDXL" in line for line in lines) == 2 and sum("SDXL, text only" in line for line in lines) == 2
-    )
+    head = columns(lines[0])
+    # Table 3's layout: held-in, then held-out as column groups, whatever the argument order
+    assert head[1:8] == [
+        *(f"held-in {m}" for m in ("CLIP-I", "CLIP-T", "DINO-I")),
+        *(f"held-out {m}" for m in ("CLIP-I", "CLIP-T", "DINO-I")),
+        "s / group",
+    ]
+    assert head[8:] == [f"published (paper), not ours: {s} CLIP-I / CLIP-T / DINO-I" for s in ("held-in", "held-out")]
+    rows = {columns(line)[0]: columns(line) for line in lines[2:] if line.startswith("| ")}
+    # the held-in and held-out evaluations of the same variant fill one row
+    tokens_row = rows["EasyRef (aggregation=tokens, tokens=16, layer=-1)"]
+    assert tokens_row[1:] == [
+        "0.600 [0.550, 0.650]", "0.610 [0.560, 0.660]", "0.620 [0.570, 0.670]",
+        "0.500 [0.450, 0.550]", "0.510 [0.460, 0.560]", "0.520 [0.470, 0.570]",
+        "2.0", ".843 / .726 / .672", ".833 / .709 / .614",
+    ]  # fmt: skip
+    mean_row = rows["EasyRef ablation (aggregation=mean, tokens=16, layer=-1)"]
+    assert mean_row[1:4] == ["–"] * 3 and mean_row[-2:] == ["–", ".818 / .688 / .584"]
+    assert rows["Per-group LoRA"][-2] == ".831 / .715 / .654" and rows["Per-group LoRA"][4:7] == ["–"] * 3
+    # the same baseline figures from several evaluations: one row, both sections filled
+    assert sum("IP-Adapter-SDXL" in line for line in lines) == 1 and sum("text only" in line for line in lines) == 1
+    assert rows["IP-Adapter-SDXL (mean)"][1] == rows["IP-Adapter-SDXL (mean)"][4] == "0.400 [0.350, 0.450]"
+    assert list(rows)[:2] == [
+        "EasyRef (aggregation=tokens, tokens=16, layer=-1)",
+        "EasyRef ablation (aggregation=mean, tokens=16, layer=-1)",
+    ]
     assert "0.100" not in out
+
+
+def write_sectioned(folder: Path, sections: dict[str, dict[str, float]], **info: object) -> Path:
+    """An evaluation of several sets in one run: section-prefixed keys, the primary (held-out) also unprefixed."""
+    folder.mkdir(parents=True)
+    metrics: dict[str, float] = {}
+    record: dict[str, object] = {"sections": ", ".join(sections), "primary_section": "held_out", **info}
+    for section, methods in sections.items():
+        for method, value in methods.items():
+            for i, name in enumerate(("clip_i", "clip_t", "dino_i")):
+                for suffix, delta in (("", 0.0), (".ci_low", -0.05), (".ci_high", 0.05)):
+                    metrics[f"{section}/{method}.{name}{suffix}"] = value + i / 100 + delta
+            record[f"{section}/seconds_per_group.{method}"] = 1.0 if section == "held_in" else 3.0
+        record[f"{section}/num_groups"] = 2
+    metrics.update({k.partition("/")[2]: v for k, v in metrics.items() if k.startswith("held_out/")})
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "evaluation.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_compare_reads_both_sections_of_one_evaluation(tmp_path, capsys):
+    """One `easyref evaluate --split data/split` run fills the held-in and held-out columns of its rows."""
+    both = write_sectioned(
+        tmp_path / "both",
+        {"held_in": {"easyref": 0.7, "text": 0.3}, "held_out": {"easyref": 0.6, "text": 0.2}},
+        **{"model.aggregation": "tokens", "model.num_tokens": 16, "checkpoint_sha256": "a" * 64},
+    )
+    other_text = write_evaluation(tmp_path / "other", "held_out", "concat", {"easyref": 0.5, "text": 0.25})
+    assert main(["compare", str(both), str(other_text)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {columns(line)[0]: columns(line) for line in lines[2:] if line.startswith("| ")}
+    easyref = rows["EasyRef (aggregation=tokens, tokens=16, layer=-1)"]
+    assert easyref[1] == "0.700 [0.650, 0.750]" and easyref[4] == "0.600 [0.550, 0.650]"
+    assert easyref[7] == "2.0"  # 1.0 s on 2 held-in groups and 3.0 s on 2 held-out groups
+    assert rows["SDXL, text only"][1] == "0.300 [0.250, 0.350]" and rows["SDXL, text only"][4].startswith("0.200")
+    # another evaluation's different figures for the same baseline and section: a row of its own, named
+    assert rows["SDXL, text only [other]"][4].startswith("0.250") and rows["SDXL, text only [other]"][1] == "–"
 
 
 def test_compare_reads_an_mlflow_run_of_easyref_evaluate(tmp_path, capsys):

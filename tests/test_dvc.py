@@ -52,6 +52,19 @@ def test_stages_and_params_are_consistent() -> None:
     assert "data/split/train.parquet" in pipeline["split"]["outs"]
 
 
+def test_evaluate_stage_and_component_score_both_sections_of_the_split() -> None:
+    """DVC and KFP evaluate the same sets: the split folder (held-in and held-out), both files as inputs."""
+    import inspect
+
+    from components.evaluate.component import evaluate
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
+    assert " --split data/split " in f" {stage['cmd']} "
+    assert {"data/split/held_in.parquet", "data/split/held_out.parquet"} <= set(stage["deps"])
+    assert inspect.signature(evaluate.python_func).parameters["split_name"].default == "all"
+    assert 'evaluate_split: str = "all"' in (ROOT / "pipelines" / "full.py").read_text()
+
+
 def test_the_demo_trains_with_two_torchrun_processes_as_the_readme_says() -> None:
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in ("pretrain", "finetune_single", "finetune_multi"):

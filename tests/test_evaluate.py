@@ -11,12 +11,8 @@ import pytest
 
 from easyref.errors import UserError
 from easyref.evaluate import (
-    DreamBenchConfig,
     Sample,
-    fill_prompt,
-    load_dreambench,
     load_split,
-    parse_dreambench_prompts,
     partners,
     sample_seed,
 )
@@ -47,11 +43,12 @@ prompt_list = [
 """
 
 
-def write_split(root: Path, groups: int = 3, refs: int = 2) -> Path:
-    """A held_out.parquet in easyref split's layout (manifest columns + role), images beside it."""
+def write_split(root: Path, groups: int = 3, refs: int = 2, name: str = "held_out", first: int = 0) -> Path:
+    """A held_out.parquet (or ``name``.parquet) in easyref split's layout (manifest columns + role), images beside
+    it; groups ``first`` .. ``first + groups - 1``."""
     rows = []
     (root / "images").mkdir(parents=True, exist_ok=True)
-    for g in range(groups):
+    for g in range(first, first + groups):
         for i, image in enumerate(make_group(g, refs + 1)):
             path = f"images/g{g}_{i}.png"
             image.save(root / path)
@@ -66,8 +63,19 @@ def write_split(root: Path, groups: int = 3, refs: int = 2) -> Path:
                     "role": "target" if i == 0 else "reference",
                 }
             )
-    pd.DataFrame(rows).to_parquet(root / "held_out.parquet")
-    return root / "held_out.parquet"
+    pd.DataFrame(rows).to_parquet(root / f"{name}.parquet")
+    return root / f"{name}.parquet"
+
+
+def write_dreambench(root: Path, subjects: int = 2, prompts: str = DREAMBENCH_PROMPTS) -> Path:
+    """A DreamBench folder: ``subjects`` subject folders of 2 images and a prompts_and_classes.txt."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prompts_and_classes.txt").write_text(prompts)
+    for s in range(subjects):
+        (root / f"subject{s}").mkdir()
+        for i, image in enumerate(make_group(100 + s, 2)):
+            image.save(root / f"subject{s}" / f"{i:02d}.jpg")
+    return root
 
 
 def test_load_split_builds_one_sample_per_target(tmp_path):
@@ -105,38 +113,6 @@ def test_load_split_errors_name_the_file_row_and_field(tmp_path):
         load_split(tmp_path / "lonely.parquet")
 
 
-def test_dreambench_prompts_are_parsed_and_filled(tmp_path):
-    (tmp_path / "prompts_and_classes.txt").write_text(DREAMBENCH_PROMPTS)
-    classes, objects, live = parse_dreambench_prompts(tmp_path / "prompts_and_classes.txt")
-    assert classes == {"backpack": "backpack", "dog2": "dog"}
-    assert objects == ["a {0} {1} in the jungle", "a red {0} {1}"]
-    assert len(live) == 3
-    assert fill_prompt(objects[1], "sks", "backpack") == "a red sks backpack"
-    assert fill_prompt(objects[1], "", "backpack") == "a red backpack"
-
-
-def test_dreambench_layout_gives_subject_times_prompt_samples(tmp_path):
-    (tmp_path / "prompts_and_classes.txt").write_text(DREAMBENCH_PROMPTS)
-    for subject, seed in (("backpack", 1), ("dog2", 2), ("teapot", 3)):  # teapot: not in Classes
-        (tmp_path / subject).mkdir()
-        for i, image in enumerate(make_group(seed, 2)):
-            image.save(tmp_path / subject / f"{i:02d}.jpg")
-    samples = load_dreambench(tmp_path, DreamBenchConfig())
-    by_subject = {g: [s for s in samples if s.group == g] for g in ("backpack", "dog2", "teapot")}
-    assert [len(v) for v in by_subject.values()] == [2, 3, 2]  # dogs get the live-subject prompts
-    dog = by_subject["dog2"][1]
-    assert dog.caption == "a dog wearing a red hat" and dog.sample_id == "dog2/01" and dog.slug == "dog2__01"
-    assert dog.references == dog.targets == (tmp_path / "dog2/00.jpg", tmp_path / "dog2/01.jpg")
-    assert by_subject["teapot"][0].caption == "a teapot in the jungle"
-    token = load_dreambench(tmp_path, DreamBenchConfig(unique_token="sks"))
-    assert token[0].caption == "a sks backpack in the jungle"
-
-
-def test_dreambench_without_prompts_file_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="prompts_and_classes.txt"):
-        load_dreambench(tmp_path, DreamBenchConfig())
-
-
 def test_reference_gain_partners_come_from_another_group():
     def sample(i: int, group: str) -> Sample:
         return Sample(sample_id=str(i), group=group, caption="", references=(), targets=(), seed=0)
@@ -159,15 +135,21 @@ def checkpoint(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
-    """One evaluation of 3 samples with every baseline, 2 DDIM steps, logged to a throwaway sqlite store."""
+    """One evaluation of every baseline on three sections (3 held-out, 2 held-in and 2 DreamBench samples), 2 DDIM
+    steps, logged to a throwaway sqlite store."""
     from easyref.cli import main
 
     root = tmp_path_factory.mktemp("eval")
-    split = write_split(root / "data")
+    write_split(root / "data")  # held-out: groups 0-2
+    write_split(root / "data", groups=2, name="held_in", first=3)  # held-in: groups 3-4
+    dreambench = write_dreambench(
+        root / "dreambench", prompts="'a {0} {1} on a table'.format(unique_token, class_token)"
+    )
     params = root / "params.yaml"
     params.write_text(
         "evaluate:\n  batch_size: 2\n  report_samples: 2\n  reference_gain:\n    timesteps: 2\n"
         "  report_note: tiny models, toy data\n  lora_baseline:\n    steps: 3\n  caption_subsets:\n    no_zero: ['0']\n"
+        f"  dreambench:\n    folder: {dreambench}\n"
     )
     code = main(
         [
@@ -175,7 +157,7 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
             "--checkpoint",
             str(checkpoint),
             "--split",
-            str(split),
+            str(root / "data"),  # the split folder: held_in.parquet and held_out.parquet
             "--out",
             str(root / "out"),
             "--base",
@@ -212,20 +194,61 @@ def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
     )
     assert "text.reference_gain" not in metrics
     # the section over captions without the word "0": groups 1 and 2 only
-    sub = pd.read_csv(evaluation / "out/samples.csv").query("method == 'easyref' and group != 'group-0'")
+    table = pd.read_csv(evaluation / "out/samples.csv")
+    sub = table.query("section == 'held_out' and method == 'easyref' and group != 'group-0'")
     assert metrics["no_zero/easyref.colour"] == pytest.approx(sub["colour"].mean(), abs=1e-5)
+
+
+def test_one_evaluation_scores_held_in_held_out_and_dreambench_separately(evaluation):
+    """Each section's keys are prefixed and computed over its own samples; the unprefixed keys (what the
+    registration gate reads) are the held-out section's."""
+    metrics = json.loads((evaluation / "out/metrics.json").read_text())
+    table = pd.read_csv(evaluation / "out/samples.csv")
+    sizes = {"held_in": 2, "held_out": 3, "dreambench": 2}
+    assert table.groupby("section")["sample_id"].nunique().to_dict() == sizes
+    assert set(table.query("section == 'held_in'")["group"]) == {"group-3", "group-4"}
+    for section, size in sizes.items():
+        assert metrics[f"{section}/num_samples"] == size
+        rows = table.query("section == @section and method == 'easyref'")
+        for name in ("clip_i", "clip_t", "dino_i", "reference_gain"):
+            assert metrics[f"{section}/easyref.{name}"] == pytest.approx(rows[name].mean(), abs=1e-5)
+        for method in ("text", "ip_adapter", "lora", "easyref_swapped"):
+            assert f"{section}/{method}.clip_i.ci_low" in metrics
+    for key in ("easyref.clip_i", "easyref.reference_gain.ci_low", "lora.dino_i", "no_zero/easyref.colour"):
+        assert metrics[key] == metrics[f"held_out/{key}"]
+    assert metrics["held_in/easyref.clip_i"] != metrics["held_out/easyref.clip_i"]
+
+    # params.yaml's gate finds every metric it reads, and reads the held-out section's values
+    from easyref.config import load_section
+    from easyref.registry import RegisterConfig, evaluate_gate, read_metrics
+
+    gate = load_section(RegisterConfig, Path(__file__).resolve().parents[1] / "params.yaml", "register").gate
+    read = read_metrics(evaluation / "out/metrics.json")
+    for line in evaluate_gate(read, read, gate):  # itself as champion: every rule gives a line
+        assert line.challenger == pytest.approx(metrics[f"held_out/{line.metric}"])
+    info = json.loads((evaluation / "out/evaluation.json").read_text())
+    assert info["sections"] == "held_in, held_out, dreambench" and info["primary_section"] == "held_out"
+    assert info["split"] == info["held_out/split"] == str(evaluation / "data/held_out.parquet")
+    assert info["split_sha256"] == info["held_out/split_sha256"] != info["held_in/split_sha256"]
+    assert info["dreambench/dreambench"] == str(evaluation / "dreambench")
+    assert info["held_in/num_groups"] == 2 and info["held_in/seconds_per_group.lora"] > 0
+    for section in sizes:
+        assert len(list((evaluation / "out/grids" / section).glob("*.png"))) == 2  # report_samples per section
 
 
 def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
     out = evaluation / "out"
     table = pd.read_csv(out / "samples.csv")
-    assert len(table) == 15
+    assert len(table) == 5 * (3 + 2 + 2)  # methods x (held-out + held-in + DreamBench samples)
     assert set(table["method"]) == {"easyref", "easyref_swapped", "text", "ip_adapter", "lora"}
     assert table.loc[table["method"] == "easyref", "reference_gain"].notna().all()
     assert all((out / p).is_file() for p in table["image"])
-    assert len(list((out / "grids").glob("*.png"))) == 2  # report_samples
     report = (out / "report.html").read_text()
     for text in (
+        "held-in (targets of training groups)",
+        "held-out (groups unseen in training)",
+        "DreamBench",
+        "Primary section",
         "EasyRef (checkpoint)",
         "SDXL, text only",
         "IP-Adapter-SDXL (mean)",
@@ -257,6 +280,10 @@ def test_evaluate_logs_params_metrics_and_report_to_mlflow(evaluation):
         json.loads((evaluation / "out/metrics.json").read_text())["easyref.clip_i"]
     )
     assert run.data.params["evaluate.steps"] == "2"
+    assert run.data.metrics["held_in/easyref.clip_i"] == pytest.approx(
+        json.loads((evaluation / "out/metrics.json").read_text())["held_in/easyref.clip_i"]
+    )
+    assert run.data.params["primary_section"] == "held_out" and "held_in/split_sha256" in run.data.params
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "report.html", "samples.csv", "grids"} <= names
 
@@ -272,7 +299,7 @@ def test_per_sample_images_do_not_depend_on_batch_size(tiny_models, checkpoint, 
     sampler = EasyRefSampler.from_pretrained(tiny_models / "sdxl", tiny_models / "mllm", checkpoint=checkpoint)
     sample = load_split(evaluation / "data/held_out.parquet")[1]
     (image,) = generate_easyref(sampler, [sample], ImageStore(), EvaluateConfig(steps=2, batch_size=1))
-    before = np.asarray(Image.open(evaluation / "out/images/easyref" / f"{sample.slug}.png"), dtype=np.int16)
+    before = np.asarray(Image.open(evaluation / "out/images/held_out/easyref" / f"{sample.slug}.png"), dtype=np.int16)
     assert np.abs(np.asarray(image, dtype=np.int16) - before).max() <= 2  # batched vs single MLLM padding
 
 
@@ -315,7 +342,11 @@ def test_compare_reads_what_evaluate_wrote(evaluation, capsys):
 
     assert main(["compare", str(evaluation / "out")]) == 0
     out = capsys.readouterr().out
-    assert "| **held-out** |" in out and "EasyRef (aggregation=tokens, tokens=8, layer=-1)" in out
+    head = out.splitlines()[0]
+    assert "held-in CLIP-I" in head and "held-out DINO-I" in head and "DreamBench CLIP-T" in head
+    row = next(line for line in out.splitlines() if "EasyRef (aggregation=tokens, tokens=8, layer=-1)" in line)
+    metrics = json.loads((evaluation / "out/metrics.json").read_text())
+    assert f"{metrics['held_in/easyref.clip_i']:.3f}" in row and f"{metrics['held_out/easyref.clip_i']:.3f}" in row
     assert "Per-group LoRA" in out and "published (paper), not ours" in out
 
 

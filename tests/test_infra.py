@@ -196,6 +196,16 @@ def test_dockerfile_lints_clean_with_hadolint() -> None:
             assert rule in justification or "pinned" in justification.lower(), (rule, justification)
 
 
+def test_image_records_the_commit_it_was_built_from_for_mlflow() -> None:
+    """The image has no .git: the GIT_COMMIT build argument becomes the variable easyref.runs.git_commit reads."""
+    from easyref.runs import GIT_COMMIT_ENV
+
+    text = dockerfile()
+    assert "ARG GIT_COMMIT=unknown" in text and f"ENV {GIT_COMMIT_ENV}=${{GIT_COMMIT}}" in text
+    guide = (ROOT / "docs" / "orchestration.md").read_text()
+    assert guide.count("--build-arg GIT_COMMIT=$(git rev-parse HEAD)") == 2
+
+
 def test_image_installs_under_constraints_from_the_tested_environment() -> None:
     text = dockerfile()
     assert "ENV PIP_CONSTRAINT=/opt/easyref/infra/constraints.txt" in text

@@ -194,6 +194,33 @@ def test_trainjob_launcher_settings_reach_the_training_tasks(package: tuple[dict
         assert any(s.startswith("MLFLOW_TRACKING_PASSWORD=") for s in secret_env)
 
 
+def test_register_takes_its_lock_on_the_shared_volume(package: tuple[dict, dict]) -> None:
+    """register.lock_dir reaches the register task as a folder under the mount path of the shared volume."""
+    spec, k8s = package
+    cluster = yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]
+    inputs = spec["root"]["dag"]["tasks"]["register"]["inputs"]["parameters"]
+    assert inputs["lock_dir"]["componentInputParameter"] == "register_lock_dir"
+    lock_dir = spec["root"]["inputDefinitions"]["parameters"]["register_lock_dir"]["defaultValue"]
+    (mount,) = k8s["exec-register"]["pvcMount"]
+    assert mount["mountPath"] == cluster["mount_path"] and mount["pvcNameParameter"]["componentInputParameter"] == (
+        "shared_pvc"
+    )
+    assert Path(lock_dir).is_relative_to(mount["mountPath"]) and Path(lock_dir) != Path(mount["mountPath"])
+
+
+def test_every_stage_names_the_pipeline_execution_its_mlflow_run_nests_under(package: tuple[dict, dict]) -> None:
+    spec, _ = package
+    tasks = spec["root"]["dag"]["tasks"]
+    for name, key in {
+        "pretrain": "run_id",
+        "finetune": "run_id",
+        "finetune-2": "run_id",
+        "evaluate": "pipeline_run",
+        "register": "pipeline_run",
+    }.items():
+        assert tasks[name]["inputs"]["parameters"][key]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}", name
+
+
 def test_params_flag_works_before_and_after_the_command(tmp_path: Path) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["register"]["model_name"] = "easyref-other"
@@ -206,17 +233,11 @@ def test_params_flag_works_before_and_after_the_command(tmp_path: Path) -> None:
         out.unlink()
 
 
-# components/register belongs to another change in flight; it joins the layout when that change lands
-LAYOUT_PENDING = {"register"}
-
-
 def test_components_follow_the_pipelines_components_layout() -> None:
     """Each component folder: component.py, README.md, metadata.yaml, OWNERS and a tests/ folder."""
     folders = [p for p in sorted((ROOT / "components").iterdir()) if (p / "component.py").is_file()]
-    assert {p.name for p in folders} >= {"ingest", "split_groups", "pretrain", "finetune", "evaluate"}
+    assert {p.name for p in folders} >= {"ingest", "split_groups", "pretrain", "finetune", "evaluate", "register"}
     for folder in folders:
-        if folder.name in LAYOUT_PENDING:
-            continue
         meta = yaml.safe_load((folder / "metadata.yaml").read_text())
         assert meta["name"] == folder.name and meta["stability"] in ("alpha", "beta", "stable"), folder.name
         assert any(d["name"] == "Pipelines" for d in meta["dependencies"]["kubeflow"]), folder.name
@@ -270,3 +291,12 @@ def test_local_runs_the_whole_pipeline_in_kfp_local(tmp_path: Path) -> None:
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     assert str(client.get_model_version_by_alias("easyref-local-test", "champion").version) == "1"
+    # one MLflow run for the pipeline execution, the five stages nested under it
+    runs = client.search_runs([client.get_experiment_by_name("easyref-pipeline").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("easyref.role") == "pipeline"]
+    stages = sorted(
+        r.data.tags["easyref.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    )
+    assert (
+        stages == ["evaluate", "multi_ref", "pretrain", "register", "single_ref"] and parent.info.status == "FINISHED"
+    )

@@ -89,7 +89,7 @@ def test_version_says_where_it_came_from(travelled):
     assert version.description.startswith("Checkpoint ckpt0 (sha256 ") and "sdxl bundled" in version.description
     assert version.tags["base.sdxl"].startswith("bundled (sha256 ")
     run = client.get_run(version.run_id)
-    assert run.data.tags["mlflow.runName"].startswith("register travel ckpt0 ")
+    assert run.data.tags["mlflow.runName"] == f"register-{version.run_id[:8]}"  # <stage>-<short id>
     assert run.data.tags["mlflow.source.git.commit"] == version.tags["git_commit"]
     assert client.get_registered_model("travel").description.startswith("EasyRef: SDXL conditioned")
 

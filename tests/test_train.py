@@ -49,9 +49,13 @@ def groups_dir(workdir) -> Path:
         (root / f"group{g}").mkdir(parents=True)
         for i, image in enumerate(make_group(g, 3)):
             image.save(root / f"group{g}" / f"{i:03d}.png")
-            lines.append(json.dumps({"image": f"group{g}/{i:03d}.png", "caption": f"shape of group {g}"}))
+            lines.append(json.dumps({"image": f"group{g}/{i:03d}.png", "caption": f"shape of group {g}" + LONG}))
     (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return root
+
+
+# longer than the text encoders' 77 tokens: training cuts and counts them (MLflow metric captions_truncated)
+LONG = ", drawn with a thin pen on grey paper beside a blue circle and a green triangle" * 2
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +207,10 @@ def test_mlflow_run_has_params_metrics_tags_and_previews(stage1, tracking_uri):
     assert len(client.get_metric_history(stage1.run_id, "loss")) == 3
     tags = run.data.tags
     assert tags["stage"] == "pretrain" and tags["world_size"] == "1" and len(tags["data_manifest_hash"]) == 16
-    assert "git_commit" in tags
+    assert "git_commit" in tags and tags["mlflow.source.git.commit"] == tags["git_commit"]
+    assert run.info.run_name == f"pretrain-{stage1.run_id[:8]}"
+    # every caption is long; the ones the CFG drop did not empty were cut, and counted
+    assert 0 < run.data.metrics["captions_truncated"] <= run.data.metrics["captions_encoded"] == 6
     previews = [a.path for a in client.list_artifacts(stage1.run_id, "previews")]
     assert previews == ["previews/step_00000002.png"]
 

@@ -18,6 +18,8 @@ def register(
     promote: bool = True,
     config: dict = {},  # noqa: B006 - KFP parameter defaults are JSON values
     mlflow_tracking_uri: str = "",
+    pipeline_run: str = "",
+    lock_dir: str = "",
 ) -> NamedTuple("Registration", challenger=str, champion=str):
     """Register the checkpoint as ``model_name@challenger`` and, with ``promote``, move ``@champion`` if the gate passes.
 
@@ -30,6 +32,10 @@ def register(
         promote: Compare with ``@champion`` on the ``register.gate`` rules and move the alias if all pass.
         config: The ``register:`` section of params.yaml (gate rules, experiment, ...).
         mlflow_tracking_uri: MLflow server (empty = ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        pipeline_run: The pipeline execution's id (the pipeline passes its run id): the MLflow run nests under
+            that execution's run. Empty = a top-level run.
+        lock_dir: Folder for the registry lock (``register.lock_dir``), overriding ``config``'s: on a cluster a
+            folder of the shared volume, so that registrations from several pods are serialised. Empty = ``config``'s.
         summary: What happened, as Markdown.
 
     Returns:
@@ -46,6 +52,10 @@ def register(
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    if pipeline_run:
+        os.environ["EASYREF_PIPELINE_RUN"] = pipeline_run  # read by easyref.runs in the subprocess
+    if lock_dir:
+        config = {**config, "lock_dir": lock_dir}
     with tempfile.TemporaryDirectory() as tmp:
         params = write_section(tmp, "register", config)
         cmd = [sys.executable, "-m", "easyref.cli", "register", "--checkpoint", checkpoint.path,

@@ -187,6 +187,7 @@ def speed_options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from easyref.captions import CaptionFit
     from easyref.sampler import EasyRefSampler, base_paths
     from easyref.threads import configure_cpu_threads
 
@@ -214,6 +215,13 @@ def run(args: argparse.Namespace) -> int:
         generator=args.seed,
         scale=args.scale,
     )
+    fit = CaptionFit.shared(sampler.pipe)
+    if fit.cut:
+        print(
+            f"note: --prompt is longer than the SDXL text encoders' {fit.limit} tokens; they read it up to the last "
+            f"whole word that fits: {fit.fit(args.prompt)!r} (the MLLM reads all of it)",
+            file=sys.stderr,
+        )
     paths = output_paths(args.out, len(images))
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)

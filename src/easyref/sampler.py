@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from easyref.captions import CaptionFit
 from easyref.errors import UserError
 from easyref.model import EasyRef, ModelConfig, ReferenceProcessor, adapter_processors, common_length, load_model
 
@@ -238,7 +239,7 @@ class EasyRefSampler:
             generator = torch.Generator(device="cpu").manual_seed(generator)
 
         text, negative_text, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompt=prompts,
+            prompt=CaptionFit.shared(self.pipe)(prompts),
             device=device,
             num_images_per_prompt=num_images_per_prompt,
             do_classifier_free_guidance=do_cfg,

@@ -2,14 +2,17 @@
 
 Example (tiny profile):
 
-  easyref evaluate --checkpoint checkpoints/multi --split data/split/held_out.parquet --out outputs/eval \\
+  easyref evaluate --checkpoint checkpoints/multi --split data/split --out outputs/eval \\
       --baseline text --baseline ip_adapter --params params.yaml
 
-Test samples come from a split file written by ``easyref split`` (each ``role == "target"`` row is one sample; its
-references are the ``reference`` rows of the same group; image ``path`` values are relative to the ingest folder,
-found through the ``split.json`` beside the split file or given with ``--images-root``), or with ``--dreambench DIR``
-from a DreamBench folder (``DIR/<subject>/*.jpg`` + ``DIR/prompts_and_classes.txt``; every subject x prompt is a
-sample whose references and targets are the subject's images).
+One run evaluates several sets, each a section of every output (see :mod:`easyref.evaluate.sections`): with
+``--split`` the folder ``easyref split`` wrote, its ``held_in.parquet`` (targets of training groups) and
+``held_out.parquet`` (unseen groups), or one of these files alone; with ``--dreambench DIR`` (or
+``evaluate.dreambench.folder``) a DreamBench folder too. In a split file each ``role == "target"`` row is one sample;
+its references are the ``reference`` rows of the same group; image ``path`` values are relative to the ingest folder,
+found through the ``split.json`` beside the split file or given with ``--images-root``. In a DreamBench folder
+(``DIR/<subject>/*.jpg`` + ``DIR/prompts_and_classes.txt``) every subject x prompt is a sample whose references and
+targets are the subject's images.
 
 Each sample is generated once per method with its own seed (derived from ``evaluate.seed`` and the sample id, so
 it does not depend on batching or on which other samples are evaluated). Methods:
@@ -25,9 +28,10 @@ it does not depend on batching or on which other samples are evaluated). Methods
 Reference gain (no generation): the denoising loss of each sample's target with its own references vs with the
 references of a sample of another group, at the same timesteps and noise. Positive = the model uses the group.
 
-Writes to OUT: metrics.json (flat keys, for DVC), evaluation.json (provenance), samples.parquet / samples.csv (one
-row per method and sample), images/<method>/<sample>.png, grids/<sample>.png (references | target | generated)
-and report.html (one self-contained page), and logs all of it to MLflow.
+Writes to OUT: metrics.json (flat keys, for DVC: ``<section>/<method>.<metric>``, and the primary section's, the
+held-out one, unprefixed), evaluation.json (provenance), samples.parquet / samples.csv (one row per section, method
+and sample), images/<section>/<method>/<sample>.png, grids/<section>/<sample>.png (references | target |
+generated) and report.html (one self-contained page, one part per section), and logs all of it to MLflow.
 """
 
 from easyref.evaluate.baselines import Baseline, baseline_names, load_baseline
@@ -61,6 +65,7 @@ from easyref.evaluate.samples import (
     sample_seed,
 )
 from easyref.evaluate.scoring import caption_mentions, flat_metrics, score, summarize
+from easyref.evaluate.sections import Section, load_sections, primary
 
 HELP = "evaluate a checkpoint: CLIP-I / CLIP-T / DINO-I, reference gain, baselines, report"
 BASELINES = baseline_names()
@@ -84,6 +89,7 @@ __all__ = [
     "LoraBaselineConfig",
     "ReferenceGainConfig",
     "Sample",
+    "Section",
     "add_arguments",
     "baseline_names",
     "caption_mentions",
@@ -96,12 +102,14 @@ __all__ = [
     "load_baseline",
     "load_dreambench",
     "load_image",
+    "load_sections",
     "load_split",
     "log_to_mlflow",
     "make_grid",
     "method_labels",
     "parse_dreambench_prompts",
     "partners",
+    "primary",
     "reference_gain",
     "render_report",
     "run",

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +14,29 @@ from easyref.evaluate.config import SWAPPED, TEXT, EvaluateConfig
 from easyref.evaluate.generation import generate_easyref
 from easyref.evaluate.outputs import log_to_mlflow, write_outputs
 from easyref.evaluate.reference_gain import partners, reference_gain
-from easyref.evaluate.samples import ImageStore, Sample, load_dreambench, load_split
-from easyref.evaluate.scoring import score, summarize
+from easyref.evaluate.samples import ImageStore
+from easyref.evaluate.scoring import load_embedders, score, summarize
+from easyref.evaluate.sections import Section, SectionRun, combine, load_sections, primary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from easyref.evaluate.baselines import baseline_names
 
     parser.add_argument("--checkpoint", type=Path, required=True, help="trained EasyRef checkpoint folder")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--split", type=Path, help="held_in.parquet or held_out.parquet written by easyref split")
-    source.add_argument(
-        "--dreambench", type=Path, metavar="DIR", help="a DreamBench folder (<subject>/*.jpg + prompts_and_classes.txt)"
+    parser.add_argument(
+        "--split",
+        type=Path,
+        help="the folder `easyref split` wrote (evaluates held_in.parquet and held_out.parquet, one section each) "
+        "or one of its files (that section only)",
     )
+    parser.add_argument(
+        "--dreambench",
+        type=Path,
+        metavar="DIR",
+        help="a DreamBench folder (<subject>/*.jpg + prompts_and_classes.txt), one more section "
+        "(default: evaluate.dreambench.folder of --params)",
+    )
+    parser.add_argument("--no-dreambench", action="store_true", help="skip evaluate.dreambench.folder of --params")
     parser.add_argument(
         "--images-root", type=Path, help="folder the split's image paths are relative to (default: from split.json)"
     )
@@ -48,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="DDIM steps (default 30)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance weight (default 7.5)")
     parser.add_argument("--seed", type=int, help="base seed of the per-sample seeds (default 0)")
-    parser.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
+    parser.add_argument("--max-samples", type=int, help="evaluate only the first N samples of each section")
     parser.add_argument("--batch-size", type=int, help="samples per sampler call (default 4)")
     parser.add_argument("--no-reference-gain", action="store_true", help="skip the reference-gain check")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -87,7 +98,7 @@ def with_base_defaults(config: EvaluateConfig, base: Path) -> EvaluateConfig:
 
 def evaluate(
     checkpoint: Path,
-    samples: Sequence[Sample],
+    sections: Sequence[Section],
     out: Path,
     base: Path,
     config: EvaluateConfig,
@@ -95,12 +106,13 @@ def evaluate(
     device: str,
     tracking_uri: str | None = None,
 ) -> dict[str, float | None]:
-    """Generate, score and report ``samples`` for the checkpoint and the configured baselines."""
+    """Generate, score and report every section's samples for the checkpoint and the configured baselines."""
     import gc
 
     import pandas as pd
     import torch
 
+    from easyref.captions import CaptionFit
     from easyref.evaluate.baselines import load_baseline
     from easyref.sampler import EasyRefSampler, base_paths
 
@@ -110,57 +122,66 @@ def evaluate(
     store = ImageStore()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    seconds: dict[str, float] = {}  # generation (and any tuning) time of each method
-    tuning: dict[str, float] = {}
+    runs = [SectionRun(section) for section in sections]
 
     sampler = EasyRefSampler.from_pretrained(sdxl, mllm, checkpoint=checkpoint, device=device, torch_dtype=dtype)
-    with sampler.reuse_references():  # each (group, caption) through the MLLM once: the gain reuses both methods'
-        begin = time.perf_counter()
-        generated = {"easyref": generate_easyref(sampler, samples, store, config)}
-        seconds["easyref"] = time.perf_counter() - begin
-        others = partners(samples)
-        if config.swapped_references and all(j is not None for j in others):
-            swapped = [samples[j].references for j in others if j is not None]
-            generated[SWAPPED] = generate_easyref(sampler, samples, store, config, references=swapped)
-        gains = reference_gain(sampler, samples, store, sdxl, config) if config.reference_gain.enabled else None
-        if TEXT in config.baselines:
-            begin = time.perf_counter()
-            generated[TEXT] = generate_easyref(sampler, samples, store, config, text_only=True)
-            seconds[TEXT] = time.perf_counter() - begin
+    fit = CaptionFit.shared(sampler.pipe)
+    captions = [s.caption for run in runs for s in run.section.samples]
+    captions_cut = fit.count_long(captions)
+    if captions_cut:
+        print(
+            f"captions: {captions_cut} of {len(captions)} samples' captions are longer than the text encoders' "
+            f"{fit.limit} tokens; every method gets them cut at the last whole word that fits "
+            f"(evaluation.json: captions_truncated)"
+        )
+    for run in runs:
+        samples = run.section.samples
+        with sampler.reuse_references():  # each (group, caption) through the MLLM once: the gain reuses both methods'
+            run.timed("easyref", generate_easyref, sampler, samples, store, config)
+            others = partners(samples)
+            if config.swapped_references and all(j is not None for j in others):
+                swapped = [samples[j].references for j in others if j is not None]
+                run.generated[SWAPPED] = generate_easyref(sampler, samples, store, config, references=swapped)
+            if config.reference_gain.enabled:
+                run.gains = reference_gain(sampler, samples, store, sdxl, config)
+            if TEXT in config.baselines:
+                run.timed(TEXT, partial(generate_easyref, text_only=True), sampler, samples, store, config)
     del sampler
     gc.collect()
     for name in config.baselines:
         if name == TEXT:
             continue
         baseline = load_baseline(name, sdxl, config, device, dtype)
-        begin = time.perf_counter()
-        generated[name] = baseline(samples, store, config)
-        seconds[name] = time.perf_counter() - begin
-        if tuned := getattr(baseline, "tuning_seconds", None):  # tuning-based baselines: the tuning part alone
-            tuning[name] = round(sum(tuned.values()) / len(tuned), 3)
+        for run in runs:
+            run.timed(name, baseline, run.section.samples, store, config)
         del baseline
         gc.collect()
-    groups = len({s.group for s in samples})
-    per_group = {method: round(s / groups, 3) for method, s in seconds.items()}
 
-    table = score(samples, generated, store, config, out / ".cache" / "target_embeddings.safetensors", device)
-    if gains is not None:
-        gain_frame = pd.DataFrame(gains).assign(method="easyref", sample_id=[s.sample_id for s in samples])
-        table = table.merge(gain_frame, on=["method", "sample_id"], how="left")
-    summary = summarize(table, config.confidence, config.caption_subsets)
+    embedders = load_embedders(config, device)
+    cache = out / ".cache" / "target_embeddings.safetensors"
+    tables, summaries = {}, {}
+    for run in runs:
+        table = score(run.section.samples, run.generated, store, config, cache, device, embedders)
+        if run.gains is not None:
+            ids = [s.sample_id for s in run.section.samples]
+            gain_frame = pd.DataFrame(run.gains).assign(method="easyref", sample_id=ids)
+            table = table.merge(gain_frame, on=["method", "sample_id"], how="left")
+        tables[run.name] = table
+        summaries[run.name] = summarize(table, config.confidence, config.caption_subsets)
+    main = primary([run.name for run in runs])
     info = {
         **({"note": config.report_note} if config.report_note else {}),
         **info,
-        "num_samples": len(samples),
-        "methods": ", ".join(generated),
+        "sections": ", ".join(run.name for run in runs),
+        "primary_section": main,
+        "methods": ", ".join(dict.fromkeys(m for run in runs for m in run.generated)),
         "steps": config.steps,
         "guidance": config.guidance,
         "seconds": round(time.perf_counter() - started, 1),
-        "num_groups": groups,
-        **{f"seconds_per_group.{method}": s for method, s in per_group.items()},
-        **{f"tuning_seconds_per_group.{method}": s for method, s in tuning.items()},
+        "captions_truncated": captions_cut,
+        **combine({run.name: run.info() for run in runs}, main),
     }
-    metrics = write_outputs(out, samples, generated, table, summary, info, store, config, per_group)
+    metrics = write_outputs(out, runs, tables, summaries, info, store, config)
     run_id = log_to_mlflow(out, metrics, config, info, tracking_uri)
     print(f"logged to MLflow run {run_id}")
     return metrics
@@ -169,7 +190,6 @@ def evaluate(
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from easyref.data.parquet import sha256_file
     from easyref.model import read_checkpoint_config
     from easyref.registry import checkpoint_sha256, git_commit
     from easyref.threads import configure_cpu_threads
@@ -177,19 +197,12 @@ def run(args: argparse.Namespace) -> int:
     configure_cpu_threads()
 
     config = config_from_args(args)
+    folder = None if args.no_dreambench else args.dreambench or config.dreambench.folder
+    sections = load_sections(args.split, Path(folder) if folder else None, args.images_root, config)
     model = read_checkpoint_config(args.checkpoint).model  # a clear error before anything is loaded
-    if args.split is not None:
-        samples = load_split(args.split, args.images_root, config.seed)
-        info: dict[str, Any] = {"split": str(args.split), "split_sha256": sha256_file(args.split)}
-    else:
-        samples = load_dreambench(args.dreambench, config.dreambench, config.seed)
-        info = {"dreambench": str(args.dreambench)}
-    if config.max_samples is not None:
-        samples = samples[: config.max_samples]
     info = {
         "checkpoint": str(args.checkpoint),
         "checkpoint_sha256": checkpoint_sha256(args.checkpoint),
-        **info,
         # the variant evaluated (what `easyref compare` labels its rows with)
         "model.aggregation": model.aggregation,
         "model.num_tokens": model.num_tokens,
@@ -197,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         "git_commit": git_commit(),
     }
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluate(args.checkpoint, samples, args.out, args.base, config, info, device, args.tracking_uri)
+    metrics = evaluate(args.checkpoint, sections, args.out, args.base, config, info, device, args.tracking_uri)
     for key in sorted(k for k in metrics if k.count(".") == 1):
         print(f"{key:28s} {metrics[key]}")
     print(f"report: {args.out / 'report.html'}")

@@ -5,27 +5,31 @@
 
 Each argument is an ``easyref evaluate`` output folder, its ``metrics.json`` (with ``evaluation.json`` beside it), or
 the id of its MLflow run (both files are read from the run's artifacts); ``NAME=`` before it names its EasyRef rows.
-Rows are grouped into sections by the evaluated split (held-in, held-out, DreamBench); each row is one method of one
-evaluation (EasyRef rows say which aggregation / token count the checkpoint has; a baseline evaluated several times
-on the same split with the same figures is shown once). Cells are ``mean [low, high]`` (the evaluation's
-intervals). The last column holds the paper's published numbers for the same method and section: they come from
-the real models on MRBench and are printed for reference only, not measured here.
+As in the paper's Table 3, the evaluated sets are column groups (held-in, held-out, then DreamBench): one
+evaluation of a split folder fills both, and separate evaluations of the same checkpoint (same variant and
+checkpoint hash) fill one row together. Each row is one method: EasyRef rows say which aggregation / token count
+the checkpoint has; a baseline is one row as long as its figures agree (another evaluation with other figures for
+the same method and section gets a row of its own). Cells are ``mean [low, high]`` (the evaluation's intervals).
+The last columns hold the paper's published numbers for the same method and section: they come from the real
+models on MRBench and are printed for reference only, not measured here.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from easyref.config import load_json_object
 from easyref.errors import UserError
+from easyref.evaluate.sections import DREAMBENCH, HELD_IN, HELD_OUT, split_keys
 
 HELP = "compare evaluations in one table (held-in / held-out, CLIP-I / CLIP-T / DINO-I) beside the paper's figures"
 COLUMNS = (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino_i", "DINO-I"))
-SECTIONS = ("held-in", "held-out", "DreamBench")
+TITLES = {HELD_IN: "held-in", HELD_OUT: "held-out", DREAMBENCH: "DreamBench"}
+SECTIONS = tuple(TITLES.values())
 PUBLISHED_LABEL = "published (paper), not ours"
 # (section, row key) -> CLIP-I / CLIP-T / DINO-I of the paper (Table 3; Table 5 = the aggregation ablation, held-out)
 PUBLISHED: dict[tuple[str, str], tuple[float, float, float] | str] = {
@@ -39,6 +43,7 @@ PUBLISHED: dict[tuple[str, str], tuple[float, float, float] | str] = {
     ("held-out", "easyref/concat"): (0.821, 0.692, 0.579),
 }
 BASELINE_LABELS = {"text": "SDXL, text only", "ip_adapter": "IP-Adapter-SDXL (mean)", "lora": "Per-group LoRA"}
+METHOD_ORDER = ("easyref", "text", "ip_adapter", "lora")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -51,18 +56,38 @@ class Evaluation:
     metrics: dict[str, Any]
     info: dict[str, Any]
 
-    @property
-    def section(self) -> str:
+    def sections(self) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """``(section title, metrics, provenance)`` of each evaluated set, prefixes removed."""
+        names = [n.strip() for n in str(self.info.get("sections", "")).split(",") if n.strip()]
+        if not names:  # an evaluation of one set, written before sections were recorded
+            return [(self._legacy_title(), self.metrics, self.info)]
+        metrics, info = split_keys(self.metrics, names), split_keys(self.info, names)
+        return [(TITLES.get(n, n), metrics[n], {**self.info, **info[n]}) for n in names]
+
+    def _legacy_title(self) -> str:
         if "dreambench" in self.info:
             return "DreamBench"
         stem = Path(str(self.info.get("split", "?"))).stem
-        return {"held_in": "held-in", "held_out": "held-out"}.get(stem, stem)
+        return TITLES.get(stem, stem)
 
-    def methods(self) -> list[str]:
-        """Methods with CLIP-I in the whole-split section, in the order the evaluation wrote them."""
-        found = [k.removesuffix(".clip_i") for k in self.metrics if k.endswith(".clip_i") and "/" not in k]
-        order = ("easyref", "text", "ip_adapter", "lora")
-        return sorted(found, key=lambda m: order.index(m) if m in order else len(order))
+
+def methods(metrics: dict[str, Any]) -> list[str]:
+    """Methods with CLIP-I in a section's whole-set metrics, EasyRef first, then the baselines."""
+    found = [k.removesuffix(".clip_i") for k in metrics if k.endswith(".clip_i") and "/" not in k]
+    return sorted(found, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+
+
+@dataclass
+class Row:
+    """One method's row: its label, the cells of each section and its wall time per group."""
+
+    label: str
+    identity: tuple[str, ...]
+    key: str
+    """What the published figures are looked up by (``easyref/<aggregation>`` or the baseline)."""
+    cells: dict[str, list[str]] = field(default_factory=dict)
+    seconds: list[tuple[float, int]] = field(default_factory=list)
+    """``(seconds per group, groups)`` of each section."""
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -133,45 +158,61 @@ def _cell(metrics: dict[str, Any], key: str) -> str:
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def table_rows(evaluations: list[Evaluation]) -> list[tuple[str, list[str]]]:
-    """``(section, cells)`` per row; cells = method, CLIP-I, CLIP-T, DINO-I, seconds per group, published."""
-    rows: list[tuple[str, list[str]]] = []
-    seen: set[tuple[str, ...]] = set()
+def _published(section: str, key: str) -> str:
+    published = PUBLISHED.get((section, key))
+    if isinstance(published, tuple):
+        return " / ".join(f"{v:.3f}".lstrip("0") for v in published)
+    return published or "–"
+
+
+def table_rows(evaluations: list[Evaluation]) -> tuple[list[str], list[Row]]:
+    """The sections present (in the paper's order) and one row per method, EasyRef rows first."""
+    rows: list[Row] = []
+    found: set[str] = set()
+    for evaluation in evaluations:
+        for section, metrics, info in evaluation.sections():
+            found.add(section)
+            for method in methods(metrics):
+                if method == "easyref_swapped":
+                    continue
+                cells = [_cell(metrics, f"{method}.{m}") for m, _ in COLUMNS]
+                label = row_label(method, evaluation)
+                identity = (method, label, str(info.get("checkpoint_sha256", ""))) if method == "easyref" else (method,)
+                same = [r for r in rows if r.identity == identity]
+                if any(r.cells.get(section) == cells for r in same):
+                    continue  # the same figures from another evaluation (a baseline run twice)
+                row = next((r for r in same if section not in r.cells), None)
+                if row is None:
+                    suffix = f" [{evaluation.name or Path(evaluation.source).name}]" if same else ""
+                    row = Row(label + suffix, identity, row_key(method, info))
+                    rows.append(row)
+                row.cells[section] = cells
+                if (seconds := info.get(f"seconds_per_group.{method}")) is not None:
+                    row.seconds.append((float(seconds), int(info.get("num_groups", 1))))
     order = {s: i for i, s in enumerate(SECTIONS)}
-    for evaluation in sorted(evaluations, key=lambda e: order.get(e.section, len(SECTIONS))):
-        section = evaluation.section
-        for method in evaluation.methods():
-            if method == "easyref_swapped":
-                continue
-            cells = [_cell(evaluation.metrics, f"{method}.{m}") for m, _ in COLUMNS]
-            label = row_label(method, evaluation)
-            if method != "easyref" and (section, label, *cells) in seen:
-                continue
-            seen.add((section, label, *cells))
-            seconds = evaluation.info.get(f"seconds_per_group.{method}")
-            published = PUBLISHED.get((section, row_key(method, evaluation.info)))
-            if isinstance(published, tuple):
-                reference = " / ".join(f"{v:.3f}".lstrip("0") for v in published)
-            else:
-                reference = published or "–"
-            rows.append((section, [label, *cells, "–" if seconds is None else f"{seconds:.1f}", reference]))
-    return rows
+    sections = sorted(found, key=lambda s: (order.get(s, len(SECTIONS)), s))
+    rows.sort(key=lambda r: METHOD_ORDER.index(r.identity[0]) if r.identity[0] in METHOD_ORDER else len(METHOD_ORDER))
+    return sections, rows
 
 
 def render(evaluations: list[Evaluation]) -> str:
-    """The comparison as a Markdown table, one bold row per section."""
-    head = ["method", *(label for _, label in COLUMNS), "s / group", f"{PUBLISHED_LABEL}: CLIP-I / CLIP-T / DINO-I"]
+    """The comparison as a Markdown table: sections as column groups, as in the paper's Table 3."""
+    sections, rows = table_rows(evaluations)
+    published = [s for s in sections if any(section == s for section, _ in PUBLISHED)]
+    head = ["method", *(f"{s} {label}" for s in sections for _, label in COLUMNS), "s / group"]
+    head += [f"{PUBLISHED_LABEL}: {s} CLIP-I / CLIP-T / DINO-I" for s in published]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    section = None
-    for row_section, cells in table_rows(evaluations):
-        if row_section != section:
-            section = row_section
-            lines.append(f"| **{section}** |" + " |" * (len(head) - 1))
+    for row in rows:
+        cells = [row.label, *(c for s in sections for c in row.cells.get(s, ["–"] * len(COLUMNS)))]
+        groups = sum(n for _, n in row.seconds)
+        cells.append(f"{sum(s * n for s, n in row.seconds) / groups:.1f}" if groups else "–")
+        cells += [_published(s, row.key) for s in published]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        f"Cells: mean [interval] over the evaluated samples. '{PUBLISHED_LABEL}': the paper's Table 3 / Table 5 "
-        "figures (real SDXL + Qwen2-VL-2B on MRBench), shown for reference; they were not measured by this project."
+        f"Cells: mean [interval] over the evaluated samples of each section; s / group: the method's wall time per "
+        f"evaluated group over its sections. '{PUBLISHED_LABEL}': the paper's Table 3 / Table 5 figures (real SDXL "
+        "+ Qwen2-VL-2B on MRBench), shown for reference; they were not measured by this project."
     )
     return "\n".join(lines)
 

@@ -61,8 +61,11 @@ class ReferenceGainConfig:
 
 @dataclass(kw_only=True)
 class DreamBenchConfig:
-    """How DreamBench prompts are filled in."""
+    """The DreamBench section: where its folder is and how its prompts are filled in."""
 
+    folder: str | None = None
+    """A DreamBench folder (``<subject>/*.jpg`` + ``prompts_and_classes.txt``) evaluated as a third section by every
+    run (``--dreambench DIR`` overrides it, ``--no-dreambench`` skips it); None = no DreamBench section."""
     unique_token: str = ""
     """Replaces ``{0}`` (DreamBooth's rare token, e.g. ``sks``); empty for zero-shot models: 'a backpack in ...'."""
     live_classes: list[str] = field(default_factory=lambda: ["cat", "dog"])
@@ -88,7 +91,7 @@ class EvaluateConfig:
     batch_size: int = 4
     """Samples per sampler call (results do not depend on it)."""
     max_samples: int | None = None
-    """Evaluate only the first N samples (None = all)."""
+    """Evaluate only the first N samples of each section (None = all)."""
     baselines: list[str] = field(default_factory=list)
     """Baselines evaluated beside the checkpoint: ``text`` or any module of ``easyref.evaluate.baselines``
     (``ip_adapter``, ``lora``)."""

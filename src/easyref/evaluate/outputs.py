@@ -7,58 +7,67 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from easyref.evaluate.report import make_grid, render_report
+from easyref.evaluate.report import ReportSection, make_grid, render_report
 from easyref.evaluate.scoring import flat_metrics
+from easyref.evaluate.sections import SectionRun, combine
 
 if TYPE_CHECKING:
     import pandas as pd
-    from PIL import Image
 
     from easyref.evaluate.config import EvaluateConfig
-    from easyref.evaluate.samples import ImageStore, Sample
+    from easyref.evaluate.samples import ImageStore
     from easyref.metrics import Summary
 
 
 def write_outputs(
     out: Path,
-    samples: Sequence[Sample],
-    generated: dict[str, list[Image.Image]],
-    table: pd.DataFrame,
-    summary: dict[str, dict[str, Summary]],
+    runs: Sequence[SectionRun],
+    tables: dict[str, pd.DataFrame],
+    summaries: dict[str, dict[str, dict[str, Summary]]],
     info: dict[str, Any],
     store: ImageStore,
     config: EvaluateConfig,
-    seconds_per_group: dict[str, float] | None = None,
-) -> dict[str, float]:
-    """Images, grids, per-sample table, metrics.json, evaluation.json and report.html under ``out``."""
+) -> dict[str, float | None]:
+    """Images, grids, per-sample table, metrics.json, evaluation.json and report.html under ``out``, one section
+    per evaluated set (images and grids under ``<section>/``; metric keys prefixed ``<section>/``, the primary
+    section's also unprefixed)."""
+    import pandas as pd
+
     from easyref.data.parquet import write_json
 
-    for method, images in generated.items():
-        folder = out / "images" / method
-        folder.mkdir(parents=True, exist_ok=True)
-        for sample, image in zip(samples, images, strict=True):
-            image.save(folder / f"{sample.slug}.png")
-    table = table.copy()
-    slugs = {s.sample_id: s.slug for s in samples}
-    table["image"] = [
-        f"images/{m}/{slugs[sid]}.png" for m, sid in zip(table["method"], table["sample_id"], strict=True)
-    ]
+    frames, sections = [], []
+    for run in runs:
+        samples = run.section.samples
+        for method, images in run.generated.items():
+            folder = out / "images" / run.name / method
+            folder.mkdir(parents=True, exist_ok=True)
+            for sample, image in zip(samples, images, strict=True):
+                image.save(folder / f"{sample.slug}.png")
+        slugs = {s.sample_id: s.slug for s in samples}
+        table = tables[run.name].assign(section=run.name)
+        table["image"] = [
+            f"images/{run.name}/{m}/{slugs[sid]}.png"
+            for m, sid in zip(table["method"], table["sample_id"], strict=True)
+        ]
+        frames.append(table)
+        grids = []
+        (out / "grids" / run.name).mkdir(parents=True, exist_ok=True)
+        for i, sample in enumerate(samples[: config.report_samples]):
+            images = {m: generated[i] for m, generated in run.generated.items()}
+            grid = make_grid(store.group(sample.references), store(sample.targets[0]), images)
+            grid.save(out / "grids" / run.name / f"{sample.slug}.png")
+            grids.append((sample.sample_id, sample.caption, grid))
+        sections.append(ReportSection(run.name, run.section.title, summaries[run.name], grids, run.per_group()))
+    table = pd.concat(frames, ignore_index=True)
+    table.insert(0, "section", table.pop("section"))
     table.to_parquet(out / "samples.parquet", index=False)
     table.to_csv(out / "samples.csv", index=False)
 
-    grids = []
-    (out / "grids").mkdir(exist_ok=True)
-    for i, sample in enumerate(samples[: config.report_samples]):
-        grid = make_grid(
-            store.group(sample.references), store(sample.targets[0]), {m: images[i] for m, images in generated.items()}
-        )
-        grid.save(out / "grids" / f"{sample.slug}.png")
-        grids.append((sample.sample_id, sample.caption, grid))
-
-    metrics = flat_metrics(summary, len(samples))
+    flat = {run.name: flat_metrics(summaries[run.name], len(run.section.samples)) for run in runs}
+    metrics = combine(flat, info["primary_section"])
     write_json(metrics, out / "metrics.json")
     write_json(info, out / "evaluation.json")
-    (out / "report.html").write_text(render_report(summary, info, grids, config.confidence, seconds_per_group))
+    (out / "report.html").write_text(render_report(sections, info, config.confidence))
     return metrics
 
 
@@ -70,24 +79,24 @@ def log_to_mlflow(
 
     from easyref.config import flatten, to_dict
     from easyref.registry import resolve_tracking_uri
+    from easyref.runs import stage_run
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    mlflow.set_experiment(config.experiment)
     params = {f"evaluate.{k}": str(v)[:500] for k, v in flatten(to_dict(config)).items()}
     params.update(
         {
             k: str(v)[:500]
             for k, v in info.items()
-            if k in ("checkpoint_sha256", "split_sha256", "split", "checkpoint") or k.startswith("model.")
+            if k.rpartition("/")[2] in ("checkpoint_sha256", "split_sha256", "split", "checkpoint", "dreambench")
+            or k.startswith("model.")
+            or k in ("sections", "primary_section")
         }
     )
-    with mlflow.start_run(run_name=f"evaluate {Path(str(info.get('checkpoint', ''))).name}") as run:
-        mlflow.set_tags(
-            {
-                "easyref.step": "evaluate",
-                **{f"easyref.{k}": str(v) for k, v in info.items() if k.endswith("sha256") or k == "git_commit"},
-            }
-        )
+    tags = {
+        "easyref.step": "evaluate",
+        **{f"easyref.{k}": str(v) for k, v in info.items() if k.endswith("sha256") or k == "git_commit"},
+    }
+    with stage_run("evaluate", config.experiment, tags) as run:
         mlflow.log_params(params)
         mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
         for name in ("metrics.json", "evaluation.json", "samples.csv", "report.html"):

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from easyref.captions import CaptionFit
+
 if TYPE_CHECKING:
     from easyref.evaluate.config import EvaluateConfig
     from easyref.evaluate.samples import ImageStore, Sample
@@ -53,7 +55,10 @@ def reference_gain(
             latents = pipe.vae.encode(target.to(device, pipe.vae.dtype)).latent_dist.mean
             latents = (latents * pipe.vae.config.scaling_factor).repeat(k, 1, 1, 1)
             text, _, pooled, _ = pipe.encode_prompt(
-                prompt=[sample.caption], device=device, num_images_per_prompt=k, do_classifier_free_guidance=False
+                prompt=CaptionFit.shared(pipe)([sample.caption]),
+                device=device,
+                num_images_per_prompt=k,
+                do_classifier_free_guidance=False,
             )
             generator = torch.Generator().manual_seed(sample.seed)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (k,), generator=generator)

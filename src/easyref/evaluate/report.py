@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from easyref.evaluate.config import METRIC_LABELS, METRICS, SWAPPED, TEXT
@@ -97,43 +98,68 @@ def _cell(s: Summary | None) -> Any:
     return Markup("{} <small>[{}, {}]</small>").format(_number(s.mean), _number(s.low), _number(s.high))
 
 
-def render_report(
-    summary: dict[str, dict[str, Summary]],
-    info: dict[str, Any],
-    grids: Sequence[tuple[str, str, Image.Image]],
-    confidence: float,
-    seconds_per_group: dict[str, float] | None = None,
-) -> str:
-    """A self-contained HTML page: the metrics table, provenance and the grids (embedded as PNG data URIs)."""
+@dataclass(frozen=True)
+class ReportSection:
+    """One evaluation set in the report: its metrics table, its timings and its sample grids."""
+
+    name: str
+    """The metric-key prefix (``held_in``, ``held_out``, ``dreambench``)."""
+    title: str
+    summary: dict[str, dict[str, Summary]]
+    grids: Sequence[tuple[str, str, Image.Image]]
+    """``(sample id, caption, grid)`` of the first ``report_samples`` samples."""
+    seconds_per_group: dict[str, float]
+
+
+def _rows(section: ReportSection) -> list[dict[str, Any]]:
+    """The metrics table of a section: one row per method, then the caption subsets' rows under a heading."""
+    labels, seconds = method_labels(), section.seconds_per_group
+    rows, subset = [], ""
+    for key, metrics in section.summary.items():
+        prefix, _, method = key.rpartition("/")
+        rows.append(
+            {
+                "subset": prefix.removeprefix("no_") if prefix != subset else "",
+                "label": labels.get(method, method),
+                "cells": [_cell(metrics.get(m)) for m in METRICS],
+                "gain": _cell(metrics.get("reference_gain")),
+                "seconds": f"{seconds[method]:.1f}" if not prefix and method in seconds else "",
+            }
+        )
+        subset = prefix
+    return rows
+
+
+def _gain(summary: dict[str, dict[str, Summary]]) -> dict[str, Any] | None:
+    easyref = summary.get("easyref", {})
+    if "reference_gain" not in easyref:
+        return None
+    return {
+        k: _cell(easyref.get(m)) for k, m in (("other", "loss_other"), ("own", "loss_own"), ("gain", "reference_gain"))
+    }
+
+
+def render_report(sections: Sequence[ReportSection], info: dict[str, Any], confidence: float) -> str:
+    """A self-contained HTML page: per section the metrics table, the reference gain and the grids (embedded as
+    PNG data URIs), then the provenance."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     env = Environment(loader=PackageLoader("easyref.evaluate", "templates"), autoescape=select_autoescape(["j2"]))
-    labels, seconds = method_labels(), seconds_per_group or {}
-    rows, section = [], ""
-    for key, metrics in summary.items():
-        prefix, _, method = key.rpartition("/")
-        row = {
-            "section": prefix.removeprefix("no_") if prefix != section else "",
-            "label": labels.get(method, method),
-            "cells": [_cell(metrics.get(m)) for m in METRICS],
-            "gain": _cell(metrics.get("reference_gain")),
-            "seconds": f"{seconds[method]:.1f}" if not prefix and method in seconds else "",
+    views = [
+        {
+            "name": section.name,
+            "title": section.title,
+            "primary": section.name == info.get("primary_section") and len(sections) > 1,
+            "rows": _rows(section),
+            "gain": _gain(section.summary),
+            "figures": [{"uri": _data_uri(img), "id": sid, "caption": text} for sid, text, img in section.grids],
         }
-        section = prefix
-        rows.append(row)
-    easyref = summary.get("easyref", {})
-    gain = None
-    if "reference_gain" in easyref:
-        gain = {
-            k: _cell(easyref.get(m))
-            for k, m in (("other", "loss_other"), ("own", "loss_own"), ("gain", "reference_gain"))
-        }
+        for section in sections
+    ]
     return env.get_template("report.html.j2").render(
         note=info.get("note", ""),
         pct=f"{confidence:.0%}",
         metric_labels=[METRIC_LABELS[m] for m in METRICS],
-        rows=rows,
-        gain=gain,
+        sections=views,
         provenance=[(k, str(v)) for k, v in info.items() if k != "note"],
-        figures=[{"uri": _data_uri(img), "id": sid, "caption": caption} for sid, caption, img in grids],
     )

@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from easyref.evaluate.samples import ImageStore, Sample
+    from easyref.metrics import ClipEmbedder, DinoEmbedder
+
+
+def load_embedders(config: EvaluateConfig, device: str) -> tuple[ClipEmbedder, DinoEmbedder]:
+    """The metrics' CLIP and DINO models (loaded once per evaluation, used for every section)."""
+    from easyref.metrics import ClipEmbedder, DinoEmbedder
+
+    m = config.metrics
+    clip = ClipEmbedder.from_pretrained(m.clip, batch_size=m.batch_size, device=device)
+    return clip, DinoEmbedder.from_pretrained(m.dino, batch_size=m.batch_size, device=device)
 
 
 def score(
@@ -25,17 +35,16 @@ def score(
     config: EvaluateConfig,
     cache_file: Path | None,
     device: str,
+    embedders: tuple[ClipEmbedder, DinoEmbedder] | None = None,
 ) -> pd.DataFrame:
     """One row per (method, sample) with CLIP-I, CLIP-T, DINO-I and colour (image metrics averaged over the
-    targets)."""
+    targets); ``embedders`` from :func:`load_embedders` (loaded here when not given)."""
     import pandas as pd
     import torch
 
-    from easyref.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, colour_similarity, cosine
+    from easyref.metrics import EmbeddingCache, colour_similarity, cosine
 
-    m = config.metrics
-    clip = ClipEmbedder.from_pretrained(m.clip, batch_size=m.batch_size, device=device)
-    dino = DinoEmbedder.from_pretrained(m.dino, batch_size=m.batch_size, device=device)
+    clip, dino = embedders or load_embedders(config, device)
     cache = EmbeddingCache(cache_file)
     targets = sorted({t for s in samples for t in s.targets})
     index = {t: i for i, t in enumerate(targets)}

@@ -6,12 +6,12 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from easyref.errors import UserError
 from easyref.registry.config import DEFAULT_TRACKING_URI, GateRule
+from easyref.runs import git_commit
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -19,14 +19,6 @@ EVALUATION_FILE = "evaluation.json"
 def resolve_tracking_uri(explicit: str | None = None) -> str:
     """``explicit``, else ``$MLFLOW_TRACKING_URI``, else the embedded default ``sqlite:///mlflow.db``."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def sha256_file(path: Path) -> str:

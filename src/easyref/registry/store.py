@@ -32,6 +32,7 @@ from easyref.registry.pyfunc import (
     model_signature,
     pip_requirements,
 )
+from easyref.runs import stage_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -113,10 +114,8 @@ def _log_and_register(client: MlflowClient, sub: Submission) -> ModelVersion:
     checkpoint, sha, metrics, tags, config = sub.checkpoint, sub.sha, sub.metrics, sub.tags, sub.config
     refs, base_artifacts, base_tags = sub.bases
     name = config.model_name
-    mlflow.set_experiment(config.experiment)
-    run_name = f"register {name} {checkpoint.name} {sha[:8]}"
     run_tags = {SHA_TAG: sha, "easyref.step": "register", "mlflow.source.git.commit": tags["git_commit"]}
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=run_name) as run:
+    with tempfile.TemporaryDirectory() as tmp, stage_run("register", config.experiment, run_tags) as run:
         code = Path(tmp) / "easyref_model.py"
         code.write_text(MODEL_CODE)
         mlflow.set_tags({**run_tags, **tags, **base_tags})

@@ -26,7 +26,7 @@ from easyref.train.config import TrainConfig
 from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset, collate
 from easyref.train.integrity import STATE_FILE, pick_checkpoint
 from easyref.train.recipe import Conditioner, DiffusionObjective, step_generator
-from easyref.train.tracking import MlflowTracker, NullTracker, git_commit, preview_grid
+from easyref.train.tracking import MlflowTracker, NullTracker, git_commit, preview_grid, record_caption_cuts
 
 
 class TrainingDiverged(UserError):
@@ -234,7 +234,7 @@ def _train(
         }
         if changes:
             tags[f"config_change_at_step_{start}"] = "; ".join(changes)[:5000]
-        tracker = MlflowTracker(config.experiment, f"{config.stage}-{out.name}", params_log, tags, run_id=run_id)
+        tracker = MlflowTracker(config.experiment, config.stage, params_log, tags, run_id=run_id)
     run_id = D.broadcast_object(tracker.run_id, env)
     previewer = Previewer(sampler, preview_dataset or dataset, config) if config.preview_every >= 0 else None
     preview_here = previewer is not None and (env.is_main or (config.fsdp and env.distributed))
@@ -327,6 +327,7 @@ def _train(
             if preview_here and (preview_now or (done == config.max_steps and config.preview_every == 0)):
                 previewer(tracker, done, dtype)
         bar.close()
+        record_caption_cuts(tracker, conditioner.captions, env, result.step)
         tensors = ckpt.trainable_state(model) if config.fsdp and env.distributed else None
         if env.is_main:
             extra = {

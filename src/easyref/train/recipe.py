@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from easyref.captions import CaptionFit
 from easyref.model import EasyRef, ReferenceProcessor
 
 
@@ -65,6 +66,7 @@ class Conditioner:
                  drops: tuple[float, float, float]):
         self.pipe, self.processor, self.scheduler, self.device = pipe, processor, scheduler, device
         self.p_text, self.p_image, self.p_both = drops
+        self.captions = CaptionFit.for_pipeline(pipe)  # the training captions' own counts (not the previews')
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False).eval()
 
@@ -86,7 +88,7 @@ class Conditioner:
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         text, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=captions, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            prompt=self.captions(captions), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return text, pooled
 

@@ -1,26 +1,21 @@
 """MLflow tracking for training: rank 0 logs, the other ranks get a no-op tracker.
 
 The run records the flattened config as params, per-step metrics, tags (git commit, stage, world size, data
-manifest hash) and preview grids as artifacts. The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else
+manifest hash), preview grids as artifacts and how many training captions were cut to the text encoders' 77 tokens
+(``captions_truncated``). The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else
 ``sqlite:///mlflow.db``. A resumed job continues the MLflow run its checkpoint names.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-from pathlib import Path
 from typing import Any
 
+from easyref.captions import CaptionFit
+from easyref.runs import end_stage_run, git_commit, start_stage_run
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def git_commit(cwd: Path | None = None) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+__all__ = ["MlflowTracker", "NullTracker", "git_commit", "preview_grid", "record_caption_cuts"]
 
 
 class NullTracker:
@@ -39,21 +34,19 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
-    """One MLflow run for one training stage (resumed by id after a restart)."""
+    """One MLflow run for one training stage (resumed by id after a restart), nested under the pipeline's run when
+    the stage runs inside one (:mod:`easyref.runs`)."""
 
-    def __init__(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
-                 run_id: str | None = None):
+    def __init__(
+        self, experiment: str, stage: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None
+    ):
         import mlflow
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+        run = start_stage_run(stage, experiment, tags, run_id=run_id)
         if run_id is None:
-            mlflow.set_experiment(experiment)
-            run = mlflow.start_run(run_name=run_name, tags=tags)
             mlflow.log_params({k: _param(v) for k, v in params.items()})
-        else:
-            run = mlflow.start_run(run_id=run_id)
-            mlflow.set_tags(tags)
         self.run_id = run.info.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -63,7 +56,25 @@ class MlflowTracker(NullTracker):
         self.mlflow.log_image(image, artifact_file=name)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        end_stage_run(status)
+
+
+def record_caption_cuts(tracker: NullTracker, captions: CaptionFit, env: Any, step: int) -> None:
+    """Every rank: sum the training captions cut to the text encoders' length over the ranks; rank 0 logs the
+    metrics ``captions_truncated`` and ``captions_encoded`` and prints one line if any were cut."""
+    import torch
+
+    from easyref.train import distributed as D
+
+    counts = torch.tensor([captions.cut, captions.seen], dtype=torch.float64, device=env.device)
+    cut, seen = (round(float(x)) for x in D.all_reduce_mean(counts, env) * env.world_size)
+    if env.is_main:
+        tracker.log_metrics({"captions_truncated": cut, "captions_encoded": seen}, step=step)
+        if cut:
+            print(
+                f"captions: {cut} of {seen} training captions were longer than the text encoders' {captions.limit} "
+                f"tokens and were cut at the last whole word that fits (MLflow metric captions_truncated)"
+            )
 
 
 def _param(value: Any) -> str:

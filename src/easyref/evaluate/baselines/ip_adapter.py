@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from easyref.captions import CaptionFit
 from easyref.errors import UserError
 from easyref.evaluate.generation import batches, seeded_generators
 
@@ -81,7 +82,7 @@ class IPAdapterBaseline:
             positive = torch.stack([self.group_embedding(store.group(s.references)) for s in batch])  # (B, 1, D)
             embeds = torch.cat([torch.zeros_like(positive), positive]) if config.guidance > 1 else positive
             images += self.pipe(
-                prompt=[s.caption for s in batch],
+                prompt=CaptionFit.shared(self.pipe)([s.caption for s in batch]),
                 negative_prompt=[config.negative_prompt] * len(batch),
                 ip_adapter_image_embeds=[embeds],
                 num_inference_steps=config.steps,

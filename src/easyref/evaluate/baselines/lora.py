@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from easyref.captions import CaptionFit
 from easyref.evaluate.generation import batches, seeded_generators
 from easyref.evaluate.samples import sample_seed
 
@@ -130,7 +131,7 @@ class LoraBaseline:
                 for chunk in batches(indices, config.batch_size):
                     batch = [samples[i] for i in chunk]
                     out = self.pipe(
-                        prompt=[s.caption for s in batch],
+                        prompt=CaptionFit.shared(self.pipe)([s.caption for s in batch]),
                         negative_prompt=[config.negative_prompt] * len(batch),
                         num_inference_steps=config.steps,
                         guidance_scale=config.guidance,
