@@ -10,7 +10,8 @@ in one process and interleaved so machine noise hits both alike:
    ours/diffusers must not exceed 1 (beyond noise);
 2. seconds to encode one group of 1, 2, 4, 8 and 16 references at the paper's ~336^2 reference resolution.
 
-Medians over ``--repeats`` runs are printed; nothing is asserted.
+Medians over ``--repeats`` runs are printed; nothing is asserted. What the sampler saves beyond diffusers (reuse,
+text-only without the MLLM, opt-in options) is measured by ``benchmarks/bench_sampler_savings.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def group(n: int, shade: int = 0) -> list[Image.Image]:
+    """``n`` distinct 400x360 reference images (``shade`` makes another group)."""
+    images = []
+    for i in range(n):
+        im = Image.new("RGB", (400, 360), ((20 * i + shade) % 255, 90, 160))
+        ImageDraw.Draw(im).rectangle((40 + 5 * i, 50, 300, 280), fill=(230, 40, 40))
+        images.append(im)
+    return images
+
+
 def bench_profile(name: str, root: Path, width: int, steps: int, repeats: int, size: int) -> None:
     from diffusers import StableDiffusionXLPipeline
 
@@ -46,14 +57,6 @@ def bench_profile(name: str, root: Path, width: int, steps: int, repeats: int, s
     sampler = EasyRefSampler.from_pretrained(base / "sdxl", base / "mllm", model_config=ModelConfig())
     pipe = StableDiffusionXLPipeline(**{**sampler.pipe.components, "unet": sampler.model.unet})
     pipe.set_progress_bar_config(disable=True)
-
-    def group(n: int) -> list[Image.Image]:
-        images = []
-        for i in range(n):
-            im = Image.new("RGB", (400, 360), (20 * i % 255, 90, 160))
-            ImageDraw.Draw(im).rectangle((40 + 5 * i, 50, 300, 280), fill=(230, 40, 40))
-            images.append(im)
-        return images
 
     prompt = "a red square on a blue background"
     refs = group(3)

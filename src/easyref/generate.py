@@ -9,6 +9,10 @@ Example (tiny models, untrained EasyRef parts):
 With ``--checkpoint`` the trained EasyRef parts of a training stage are loaded on top of the base models. Without
 it they are untrained: initialised from ``--seed`` (the same command and seed give the same image) and announced
 with a warning. Several images (``--num-images``) are written as ``NAME_0.png``, ``NAME_1.png``, ...
+
+``--scale 0`` is text-only SDXL: the reference branch is skipped, the MLLM does not run and ``--ref`` may be left
+out. ``--fuse-qkv``, ``--channels-last``, ``--compile``, ``--vae-slicing`` and ``--vae-tiling`` are opt-in speed and
+memory options (:mod:`easyref.sampler_speed`; their measured effect is in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -46,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=[],
         metavar="IMAGE",
-        required=True,
-        help="a reference image; repeat for a group",
+        help="a reference image; repeat for a group (none with --scale 0: text-only SDXL, the MLLM does not run)",
     )
     parser.add_argument("--prompt", required=True, help="the text prompt (also read by the MLLM)")
     parser.add_argument("--negative-prompt", default="", help="text of the unconditional branch (default: empty)")
@@ -62,6 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, default=1, help="images to generate (default: 1)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", type=Path, default=Path("outputs/generated.png"), help="output PNG path")
+    speed = parser.add_argument_group("speed and memory (opt-in; measured in docs/performance.md)")
+    speed.add_argument("--fuse-qkv", action="store_true", help="one q/k/v matmul per UNet self-attention")
+    speed.add_argument("--channels-last", action="store_true", help="UNet convolutions in channels_last layout")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first image compiles)")
+    speed.add_argument("--vae-slicing", action="store_true", help="decode one image at a time (less memory)")
+    speed.add_argument(
+        "--vae-tiling", action="store_true", help="decode large images in blended tiles (less memory; seams blended)"
+    )
 
 
 def load_references(paths: list[Path]) -> list:
@@ -112,6 +123,8 @@ def _check_reference_size(path: Path, width: int, height: int) -> None:
 
 def check_arguments(args: argparse.Namespace, max_steps: int) -> None:
     """Refuse values that would crash, hang or exhaust memory later, naming the flag (before any model loads)."""
+    if not args.ref and args.scale != 0:
+        raise UserError("give the reference group with --ref IMAGE (repeat it), or --scale 0 for text-only SDXL")
     if not 1 <= args.num_images <= MAX_IMAGES:
         raise UserError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
     if not 1 <= args.steps <= max_steps:
@@ -159,6 +172,18 @@ def output_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
 
 
+def speed_options(args: argparse.Namespace):
+    from easyref.sampler_speed import SpeedOptions
+
+    return SpeedOptions(
+        fuse_qkv=args.fuse_qkv,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        vae_slicing=args.vae_slicing,
+        vae_tiling=args.vae_tiling,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -177,9 +202,10 @@ def run(args: argparse.Namespace) -> int:
         print(UNTRAINED_WARNING.format(seed=args.seed), file=sys.stderr)
     torch.manual_seed(args.seed)  # the untrained parts' initialisation (and anything else drawn) follows --seed
     sampler = EasyRefSampler.from_pretrained(sdxl, mllm, checkpoint=args.checkpoint, device=device, torch_dtype=dtype)
+    sampler.speed_up(speed_options(args))
     images = sampler(
         [args.prompt],
-        [references],
+        [references] if references else None,
         negative_prompt=args.negative_prompt,
         num_images_per_prompt=args.num_images,
         num_inference_steps=args.steps,

@@ -4,6 +4,8 @@ The sampler reuses the base SDXL parts of a :class:`~easyref.base_models.BaseMod
 encoding, VAE, image post-processing, the DDIM schedule) and drives the UNet itself, so that:
 
 * the reference group of each prompt is encoded by the MLLM once per call and reused for every step and image;
+  inside :meth:`EasyRefSampler.reuse_references`, once per (group, caption) for all calls (other seeds, methods);
+* at reference scale 0 (text-only SDXL) the reference branch is skipped, so the MLLM does not run at all;
 * one joint guidance is applied: ``eps_u + w * (eps_c - eps_u)``, where the unconditional branch is the negative
   prompt plus the MLLM's encoding of (one black image, empty caption);
 * for the same seed, size, steps and negative prompt, the initial latents, timesteps and time ids are those of
@@ -12,7 +14,9 @@ encoding, VAE, image post-processing, the DDIM schedule) and drives the UNet its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +31,8 @@ from easyref.model import EasyRef, ModelConfig, ReferenceProcessor, adapter_proc
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from easyref.sampler_speed import SpeedOptions
 
 
 @dataclass(kw_only=True)
@@ -97,18 +103,71 @@ class EasyRefSampler:
         self.model.to(device)
         return self
 
+    def speed_up(self, options: SpeedOptions) -> EasyRefSampler:
+        """Apply opt-in speed / memory options (fused self-attention q/k/v, channels_last, compile, VAE slicing and
+        tiling) in place; see :mod:`easyref.sampler_speed`."""
+        from easyref.sampler_speed import apply_speed_options
+
+        apply_speed_options(self, options)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.model.unet.device
+
+    _reused: dict[tuple[tuple[str, ...], str], torch.Tensor] | None = None
+    """Reference states by (group fingerprint, caption) while :meth:`reuse_references` is active."""
+
+    @contextmanager
+    def reuse_references(self) -> Iterator[None]:
+        """Inside, every (reference group, caption) is encoded by the MLLM once and its states are reused by all
+        later calls (other seeds, other methods, the unconditional group of every call).
+
+        Each pair is encoded alone (a batch of one), so its states do not depend on which other samples share a
+        batch; outside the block a batch is encoded together, left-padded, which moves the padded samples' states
+        by float rounding (about 1e-6). Groups are recognised by their pixels, not by object identity. The
+        weights must not change inside the block (do not train in it). Nested blocks share the outer cache.
+        """
+        outer = self._reused
+        if outer is None:
+            self._reused = {}
+        try:
+            yield
+        finally:
+            self._reused = outer
 
     @torch.no_grad()
     def encode_references(
         self, references: Sequence[Sequence[Image.Image] | None], captions: Sequence[str]
     ) -> torch.Tensor:
         """MLLM group representations ``(B, num_tokens, hidden)``; ``None`` references stand for a dropped group."""
+        if self._reused is None:
+            return self._encode(references, captions)
+        if len(references) != len(captions):
+            raise ValueError(f"{len(references)} reference groups but {len(captions)} captions")
+        states = []
+        for group, caption in zip(references, captions, strict=True):
+            key = (group_fingerprint(group), caption)
+            if key not in self._reused:
+                self._reused[key] = self._encode([group], [caption])
+            states.append(self._reused[key])
+        return torch.cat(common_length(states))
+
+    def _encode(self, references: Sequence[Sequence[Image.Image] | None], captions: Sequence[str]) -> torch.Tensor:
         inputs = self.processor(references, captions)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         return self.model.encode_references(inputs)
+
+    def reference_scale_is_zero(self, scale: float | None = None) -> bool:
+        """Whether the reference branch is off for a call with ``scale`` (None = the installed scale)."""
+        if scale is not None:
+            return scale == 0
+        return all(s == 0 for p in adapter_processors(self.model.unet) for s in p.scale)
+
+    def _placeholder_states(self, n: int) -> torch.Tensor:
+        """States for a call at reference scale 0: the attention skips the branch, so their values never matter."""
+        encoder = self.model.reference_encoder
+        return encoder.ref_tokens.new_zeros(n, encoder.ref_tokens.shape[0], encoder.hidden_size)
 
     def encode_unconditional(self) -> torch.Tensor:
         """``(1, num_tokens, hidden)``: the MLLM's encoding of (one black image, empty caption)."""
@@ -138,14 +197,18 @@ class EasyRefSampler:
 
         ``references[i]`` is the group of prompt i; alternatively pass precomputed ``reference_states`` (from
         :meth:`encode_references`), and ``negative_reference_states`` (from :meth:`encode_unconditional`) to skip
-        encoding the unconditional group on every call. ``scale`` overrides the adapter scale for this call. ``output_type`` is
-        ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+        encoding the unconditional group on every call. ``scale`` overrides the adapter scale for this call; at
+        scale 0 (text-only) ``references`` may be None and the MLLM does not run. ``output_type`` is ``"pil"``,
+        ``"np"``, ``"pt"`` or ``"latent"``.
         """
         from diffusers.utils.torch_utils import randn_tensor
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         batch = len(prompts)
-        if reference_states is None:
+        text_only = self.reference_scale_is_zero(scale)
+        if text_only:  # the branch is skipped: no MLLM pass for either branch
+            reference_states, negative_reference_states = self._placeholder_states(batch), self._placeholder_states(1)
+        elif reference_states is None:
             if references is None or len(references) != batch:
                 raise UserError(
                     f"need one reference group per prompt: {batch} prompts, "
@@ -225,3 +288,14 @@ class EasyRefSampler:
         if upcast:
             vae.to(torch.float16)
         return self.pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def group_fingerprint(group: Sequence[Image.Image] | None) -> tuple[str, ...]:
+    """A reference group by its pixels: one digest per image (mode, size and bytes); ``()`` for a dropped group."""
+    digests = []
+    for image in group or ():
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{image.mode}{image.size}".encode())
+        h.update(image.tobytes())
+        digests.append(h.hexdigest())
+    return tuple(digests)

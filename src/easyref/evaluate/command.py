@@ -141,15 +141,16 @@ def evaluate(
         )
     for run in runs:
         samples = run.section.samples
-        run.timed("easyref", generate_easyref, sampler, samples, store, config)
-        others = partners(samples)
-        if config.swapped_references and all(j is not None for j in others):
-            swapped = [samples[j].references for j in others if j is not None]
-            run.generated[SWAPPED] = generate_easyref(sampler, samples, store, config, references=swapped)
-        if config.reference_gain.enabled:
-            run.gains = reference_gain(sampler, samples, store, config)
-        if TEXT in config.baselines:
-            run.timed(TEXT, partial(generate_easyref, text_only=True), sampler, samples, store, config)
+        with sampler.reuse_references():  # each (group, caption) through the MLLM once: the gain reuses both methods'
+            run.timed("easyref", generate_easyref, sampler, samples, store, config)
+            others = partners(samples)
+            if config.swapped_references and all(j is not None for j in others):
+                swapped = [samples[j].references for j in others if j is not None]
+                run.generated[SWAPPED] = generate_easyref(sampler, samples, store, config, references=swapped)
+            if config.reference_gain.enabled:
+                run.gains = reference_gain(sampler, samples, store, config)
+            if TEXT in config.baselines:
+                run.timed(TEXT, partial(generate_easyref, text_only=True), sampler, samples, store, config)
     del sampler, model
     gc.collect()
     for name in config.baselines:
