@@ -67,5 +67,9 @@ def make_group(seed: int, count: int = 3, size: tuple[int, int] = (96, 80)):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the slow end-to-end tests first: with ``pytest -n 2`` (``make test``) the two workers then share the
-    long tests early and the many short ones fill in behind them, instead of one long test ending the run alone."""
+    long tests early and the many short ones fill in behind them, instead of one long test ending the run alone.
+    Slow tests get 1500 s instead of the 600 s default of ``pyproject.toml``."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    for item in items:  # a slow end-to-end test shares the cores with the other worker: 600 s is not its limit
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(1500))
