@@ -147,6 +147,29 @@ def test_allow_config_change_logs_the_changes_and_applies_the_new_lr(work, base_
     assert "lr: 0.0001 -> 0.003" in MlflowClient().get_run(run_id).data.tags["config_change_at_step_2"]
 
 
+def test_restart_on_config_change_sets_the_old_run_aside_and_starts_at_step_zero(work, base_run, tmp_path, capsys):
+    out = copy_run(base_run, tmp_path / "run")
+    old = {p.name: p.read_bytes() for p in (out / "checkpoints" / step(out, 2).name).iterdir()}
+    assert main(train_args(work, out, "--max-steps", "3", "--lr", "0.003", "--restart-on-config-change")) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.0001 -> 0.003" in printed and "starting at step 0" in printed, printed
+    (aside,) = (out / "superseded").iterdir()  # nothing deleted: the old checkpoints, byte for byte
+    assert {p.name: p.read_bytes() for p in (aside / step(out, 2).name).iterdir()} == old
+    state = json.loads((step(out, 3) / "state.json").read_text())
+    old_state = json.loads((aside / step(out, 2).name / "state.json").read_text())
+    assert state["settings"]["lr"] == 0.003 and state["mlflow_run_id"] != old_state["mlflow_run_id"]  # a new run
+    # the same settings again: resumed, nothing set aside
+    assert main(train_args(work, out, "--max-steps", "4", "--lr", "0.003", "--restart-on-config-change")) == 0
+    assert "resuming from" in capsys.readouterr().out and len(list((out / "superseded").iterdir())) == 1
+
+
+def test_allow_and_restart_on_config_change_exclude_each_other(work, tmp_path, capsys):
+    flags = ["--max-steps", "1", "--allow-config-change", "--restart-on-config-change"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(train_args(work, tmp_path / "run", *flags))
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 def test_checkpoint_records_settings_hash_and_data_fingerprint(base_run):
     state = json.loads((step(base_run, 2) / "state.json").read_text())
     assert state["settings"]["seed"] == 0 and state["settings"]["global_batch"] == 2

@@ -34,11 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--init", type=Path, default=None, help="checkpoint of the previous stage (its OUT/final)")
     parser.add_argument("--out", type=Path, required=True, help="run folder: checkpoints/ and final/")
-    parser.add_argument(
+    on_change = parser.add_mutually_exclusive_group()
+    on_change.add_argument(
         "--allow-config-change",
         action="store_true",
         help="resume a checkpoint although settings (seed, lr, batch, data, ...) changed: prints each change and "
         "applies the new values (default: refuse)",
+    )
+    on_change.add_argument(
+        "--restart-on-config-change",
+        action="store_true",
+        help="when the checkpoints in --out were made with other settings, set them aside (OUT/superseded/<time>) "
+        "and start at step 0 instead of refusing; what a DVC stage wants after a params.yaml edit",
     )
     group = parser.add_argument_group("overrides of params.yaml")
     group.add_argument("--base", help="folder with the base models sdxl/ and mllm/")
@@ -85,5 +92,6 @@ def run(args: argparse.Namespace) -> int:
     if params is None and Path("params.yaml").is_file():
         params = Path("params.yaml")
     config = load_train_config(params, args.stage, vars(args))
-    train(config, out=args.out, init=args.init, allow_config_change=args.allow_config_change)
+    train(config, out=args.out, init=args.init, allow_config_change=args.allow_config_change,
+          restart_on_config_change=args.restart_on_config_change)
     return 0

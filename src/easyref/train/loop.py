@@ -83,12 +83,14 @@ def train(
     dataset: Dataset | None = None,
     preview_dataset: Dataset | None = None,
     allow_config_change: bool = False,
+    restart_on_config_change: bool = False,
 ) -> TrainResult:
     """Run (or resume) one stage; returns when ``config.max_steps`` optimizer steps are done.
 
     ``dataset`` overrides ``config.data`` (tests, notebooks). Holds ``out``'s lock for the whole run. Resumes
     automatically from the newest intact checkpoint in ``out/checkpoints`` when its settings are this run's (or
-    ``allow_config_change``). The process group is set up from the torchrun environment and torn down at the end.
+    ``allow_config_change``; with ``restart_on_config_change`` a checkpoint of other settings is set aside and the
+    run starts at step 0). The process group is set up from the torchrun environment and torn down at the end.
     """
     env = D.setup()
     try:
@@ -102,6 +104,7 @@ def train(
                 dataset=dataset,
                 preview_dataset=preview_dataset,
                 allow_config_change=allow_config_change,
+                restart_on_config_change=restart_on_config_change,
             )
             return trainer.run()
     finally:
@@ -127,12 +130,15 @@ class Trainer:
         dataset: Dataset | None = None,
         preview_dataset: Dataset | None = None,
         allow_config_change: bool = False,
+        restart_on_config_change: bool = False,
     ):
         self.config, self.out, self.init, self.env = config, out, init, env
         self.dataset, self.preview_dataset = dataset, preview_dataset
         self.sdxl, self.mllm = base_paths(config.base)
         self.settings = resume.run_settings(config, init, env.world_size)
-        self.latest, self.changes = resume.resume_point(out, self.settings, allow_config_change, env)
+        self.latest, self.changes = resume.resume_point(
+            out, self.settings, allow_config_change, env, restart=restart_on_config_change
+        )
         self.dtype = autocast_dtype(config, env.device)
         self.global_batch = config.global_batch(env.world_size)
         self.start, self.run_id = 0, None

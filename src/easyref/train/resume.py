@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,12 +152,29 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, config: TrainConfig)
         group["lr"], group["betas"], group["weight_decay"] = config.lr, tuple(config.betas), config.weight_decay
 
 
-def resume_point(out: Path, settings: dict, allow: bool, env: D.DistEnv) -> tuple[Path | None, list[str]]:
-    """The checkpoint to resume from (rank 0 verifies and picks it) and the settings that changed since."""
+def resume_point(
+    out: Path, settings: dict, allow: bool, env: D.DistEnv, restart: bool = False
+) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (rank 0 verifies and picks it) and the settings that changed since.
+
+    With ``restart`` (``--restart-on-config-change``, what a DVC stage wants after a params.yaml edit), checkpoints
+    whose settings differ from this run's are set aside, not resumed and not deleted: rank 0 moves ``OUT/checkpoints``
+    to ``OUT/superseded/<UTC time>`` and the run starts at step 0.
+    """
 
     def pick() -> str | None:  # verifies checksums and sets damaged checkpoints aside: one process does it
         path = pick_checkpoint(ckpt.step_folders(out))
-        return str(path) if path else None
+        if path is None or not restart:
+            return str(path) if path else None
+        changes = check_resume(path, json.loads((path / STATE_FILE).read_text()), settings, allow=True)
+        if not changes:
+            return str(path)
+        aside = out / "superseded" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.checkpoint_root(out).rename(aside)
+        print(f"{path}: its settings differ from this run's ({'; '.join(changes)}); starting at step 0, the old "
+              f"checkpoints are set aside in {aside} (delete it when not needed)")
+        return None
 
     picked = D.on_main(pick, env)
     if picked is None:
