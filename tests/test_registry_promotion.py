@@ -82,6 +82,8 @@ def test_absolute_bounds_apply_with_and_without_a_champion():
     lines = evaluate_gate({"gain": 0.0, "loss": 0.5}, None, rules)
     assert [line.passed for line in lines] == [False, True]  # no champion: only the bounds are checked
     assert lines[0].describe() == "gain: 0.0000 must be > 0.0000 -> FAIL"
+    (small,) = evaluate_gate({"gain": 1.9e-5}, None, rules[:1])
+    assert small.describe() == "gain: 1.90e-05 must be > 0.0000 -> pass"  # not "0.0000 must be > 0.0000 -> pass"
     lines = evaluate_gate({"gain": 0.01, "loss": 0.5}, {"gain": 0.5, "loss": 0.4}, rules)
     assert [(line.key, line.passed) for line in lines] == [
         ("gain.bounds", True),

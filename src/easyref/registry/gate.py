@@ -18,7 +18,10 @@ METRIC_PREFIX = "metric."
 
 
 def _fmt(value: float | None) -> str:
-    return "missing" if value is None else f"{value:.4f}"
+    """Four decimals, or three significant digits for small values (a gain bound of 1.9e-05 is not 0.0000)."""
+    if value is None:
+        return "missing"
+    return f"{value:.4f}" if value == 0 or abs(value) >= 0.001 else f"{value:.2e}"
 
 
 @dataclass
@@ -48,9 +51,9 @@ class GateLine:
 def _absolute(rule: GateRule, value: float | None) -> GateLine:
     bounds = []
     if rule.min is not None:
-        bounds.append((f"> {rule.min:.4f}", value is not None and value > rule.min))
+        bounds.append((f"> {_fmt(rule.min)}", value is not None and value > rule.min))
     if rule.max is not None:
-        bounds.append((f"< {rule.max:.4f}", value is not None and value < rule.max))
+        bounds.append((f"< {_fmt(rule.max)}", value is not None and value < rule.max))
     passed = all(ok for _, ok in bounds)
     note = f"{rule.metric}: {_fmt(value)} must be {' and '.join(text for text, _ in bounds)}"
     return GateLine(rule.metric, value, None, 0.0, passed, note=note, key=f"{rule.metric}.bounds")
