@@ -47,14 +47,14 @@ class BasePretrainConfig:
     """Seed of the demo data drawn for base pretraining (the demo itself uses seed 0)."""
     resolution: int = 64
     """Training images are resized to this square side (the UNet's native size)."""
-    vae_steps: int = 1200
+    vae_steps: int = 800
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     """Weight of the KL term per latent element (Stable Diffusion's VAE used 1e-6)."""
     initial_logvar: float = -10.0
     """Initial log-variance of the VAE posterior (a nearly deterministic encoder from the first step)."""
-    chroma_weight: float = 6.0
+    chroma_weight: float = 1.0
     """Weight of the colour (Cb, Cr) errors against the brightness (Y) error in the VAE's reconstruction loss; an
     autoencoder fits brightness first and colour last, so > 1 teaches it the colours sooner."""
     unet_steps: int = 2500
