@@ -42,14 +42,14 @@ demo: setup
 	@echo "  loss curves:        $(VENV)/bin/dvc plots show   (outputs/runs/*/loss.csv)"
 
 ## The whole test suite (slow end-to-end tests included), on TEST_WORKERS processes (pytest-xdist; the slow tests
-## are scheduled first and idle workers steal queued tests, so the run ends with short tests, not one long one).
+## are scheduled first and handed out one test at a time, so both workers share them and the run ends with short tests).
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
 ## The test suite without the slow end-to-end tests.
 test-fast: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1 -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks components pipelines
