@@ -39,9 +39,12 @@ from easyref.architectures import (  # noqa: E402
     build_easyref,
     build_image_encoder,
     count,
-    read_json,
+    image_processor,
+    profile_model_config,
+    reference_side,
+    special_token_ids,
 )
-from easyref.model import ModelConfig, ReferenceProcessor  # noqa: E402
+from easyref.model import ReferenceProcessor  # noqa: E402
 
 STAGES = {"pretrain": (["reference", "adapter"], 0), "single_ref": (["reference", "adapter", "mllm", "lora"], 128)}
 
@@ -110,24 +113,11 @@ class Setup:
         root = REAL_CONFIGS if real else tiny
         self.root = root
         tokenizer = AutoTokenizer.from_pretrained(tiny / "mllm", padding_side="left")
-        ids = {
-            k: tokenizer.convert_tokens_to_ids(t)
-            for k, t in (
-                ("image_token_id", "<|image_pad|>"),
-                ("video_token_id", "<|video_pad|>"),
-                ("vision_start_token_id", "<|vision_start|>"),
-                ("vision_end_token_id", "<|vision_end|>"),
-            )
-        }
-        self.config = (
-            ModelConfig()
-            if real
-            else ModelConfig(num_tokens=16, min_pixels=4 * 784, max_pixels=9 * 784, dropped_image_size=56)
-        )
+        self.config = profile_model_config(real)
         torch.manual_seed(0)
-        base = build_base(root, self.device, torch.float32, token_ids=ids)
+        base = build_base(root, self.device, torch.float32, token_ids=special_token_ids(tokenizer))
         self.base = base
-        self.processor = ReferenceProcessor(tokenizer, self._image_processor(root, tiny), self.config)
+        self.processor = ReferenceProcessor(tokenizer, image_processor(root, self.config), self.config)
         clip_tokenizer = AutoTokenizer.from_pretrained(tiny / "sdxl" / "tokenizer")
         self.pipe = StableDiffusionXLPipeline(
             vae=base.vae,
@@ -142,17 +132,6 @@ class Setup:
         self.noise = DDPMScheduler.from_config(base.scheduler_config)
         for module in (base.vae, base.text_encoder, base.text_encoder_2):
             module.requires_grad_(False).eval()
-
-    def _image_processor(self, root: Path, tiny: Path):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        settings = read_json(root / "mllm" / "preprocessor_config.json")
-        keep = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
-        return Qwen2VLImageProcessorPil(
-            **{k: settings[k] for k in keep if k in settings},
-            min_pixels=self.config.min_pixels,
-            max_pixels=self.config.max_pixels,
-        )
 
 
 def train_step_fn(setup: Setup, model, optimizer, batch: int, resolution: int, n_refs: int):
@@ -188,7 +167,7 @@ def planned(setup: Setup, stage: str, args: argparse.Namespace) -> dict:
     """What ``easyref plan`` estimates for this stage on one GPU, to set beside the measured figures."""
     from easyref.plan import make_plan
 
-    ref_side = int(setup.config.max_pixels**0.5) // 28 * 28
+    ref_side = reference_side(setup.config)
     plan = make_plan(
         str(setup.root),
         stage,
