@@ -154,7 +154,6 @@ def test_activation_estimate_matches_a_measured_cpu_step(tiny_models: Path):
     """The meta trace (substituted trunk output, fused-attention model, autocast emulation) against the real code
     path on CPU: bytes kept for backward by one stage-1 forward of the tiny model under bf16 autocast. Stated
     tolerance 25%: the trace follows CUDA autocast (norms in fp32), CPU autocast keeps them in bf16."""
-
     from PIL import Image
 
     import easyref.plan_measure as pm
