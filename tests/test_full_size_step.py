@@ -3,39 +3,18 @@ trainer's build_optimizer and train_step, stage 2 with LoRA and gradient checkpo
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from bench_helpers import run_benchmark
 
 from easyref.architectures import mllm_config
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_full_size_step_runs_at_tiny_size(tiny_models: Path, tmp_path: Path):
-    out = tmp_path / "step.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "full_size_step.py"),
-        "--profile",
-        str(tiny_models),
-        "--tiny",
-        str(tiny_models),
-        "--resolution",
-        "64",
-        "--threads",
-        "1",
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    tree = str(tiny_models)
+    args = ["--profile", tree, "--tiny", tree, "--resolution", "64", "--threads", "1"]
+    report, stdout = run_benchmark("full_size_step.py", args, tmp_path / "step.json")
     pretrain, single = report["stages"]["pretrain"], report["stages"]["single_ref"]
     assert math.isfinite(pretrain["loss"]) and math.isfinite(single["loss"])
 
@@ -65,4 +44,4 @@ def test_full_size_step_runs_at_tiny_size(tiny_models: Path, tmp_path: Path):
         assert stage["measured_over_plan"] == stage["above_baseline_gb"] / stage["plan"]["total_gb"]
     assert pretrain["plan"]["terms_gb"]["optimizer"] > 0 and single["plan"]["terms_gb"]["optimizer"] == 0
     assert single["frozen_released"] and single["plan"]["terms_gb"]["frozen_vae_text"] == 0
-    assert "pretrain" in result.stdout and "single_ref" in result.stdout
+    assert "pretrain" in stdout and "single_ref" in stdout

@@ -101,19 +101,17 @@ def make_plan(
     parts, rank = list(defaults["parts"]), int(defaults["lora_rank"])
     param_dtype = param_dtype or torch.float32
     size = torch.finfo(param_dtype).bits // 8
-    trace = trace_step(
-        root,
-        parts,
-        rank,
-        batch,
-        resolution,
-        references,
-        ref_side,
-        num_tokens,
-        gradient_checkpointing,
+    shape = dict(
+        batch=batch,
+        resolution=resolution,
+        references=references,
+        ref_side=ref_side,
+        num_tokens=num_tokens,
+        gradient_checkpointing=gradient_checkpointing,
         param_dtype=param_dtype,
         text_tokens=text_tokens,
     )
+    trace = trace_step(root, parts, rank, **shape)
     shard = gpus if fsdp else 1
     model_params = sum(trace.params[p] for p in PLAN_PARTS)
     trainable = sum(trace.trainable.values())
@@ -129,20 +127,7 @@ def make_plan(
     flops["total"] = sum(flops.values())
     aggregation = None
     if "mllm" not in parts and compare_aggregation:
-        alt = trace_step(
-            root,
-            [*parts, "mllm"],
-            rank,
-            batch,
-            resolution,
-            references,
-            ref_side,
-            num_tokens,
-            gradient_checkpointing=gradient_checkpointing,
-            tokens_at_layer0=True,
-            param_dtype=param_dtype,
-            text_tokens=text_tokens,
-        )
+        alt = trace_step(root, [*parts, "mllm"], rank, **shape, tokens_at_layer0=True)
         ours = flops["mllm_trunk"] + flops["mllm_head"]
         layer0 = sum(
             (alt.components[n].forward_flops + alt.components[n].backward_flops) / batch / 1e12
