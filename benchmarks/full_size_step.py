@@ -360,12 +360,14 @@ def measure(args: argparse.Namespace, tiny: Path, tmp: Path) -> dict:
             result["measured_over_plan"] = above / plan["total_gb"]
             result["within_tolerance"] = abs(above / plan["total_gb"] - 1) <= TOLERANCE
         report["tolerance"] = TOLERANCE
+        last = report["stages"][args.stages[-1]]["plan"]  # the model as it ended (with LoRA after stage 2)
+        report["params_match_plan"] = counts == last["params"]
     return report
 
 
 def format_report(report: dict) -> str:
-    plans = {s: r["plan"]["params"] for s, r in report["stages"].items() if "plan" in r}
-    plan_params = plans.get("single_ref") or plans.get("pretrain") or {}
+    plans = [r["plan"]["params"] for r in report["stages"].values() if "plan" in r]
+    plan_params = plans[-1] if plans else {}
     real = report["profile"] == "real"
     lines = [f"{'part':<16}{'params (M)':>12}{'plan (M)':>12}{'paper (M)':>12}"]
     for part, n in report["params"].items():
@@ -389,6 +391,10 @@ def format_report(report: dict) -> str:
         tail = f"{plan['total_gb']:>8.2f}{r['measured_over_plan']:>8.2f}" if plan else f"{'-':>8}{'-':>8}"
         above = r.get("above_baseline_gb", r["peak_rss_gb"] - report["memory"]["baseline_rss_gb"])
         lines.append(f"{stage:<12}{r['step_s']:>10.1f}{r['loss']:>10.4f}{r['peak_rss_gb']:>10.2f}{above:>12.2f}{tail}")
+    if "params_match_plan" in report:
+        lines.insert(
+            len(report["params"]) + 1, f"equal to the plan's meta-device counts: {report['params_match_plan']}"
+        )
     if "tolerance" in report:
         lines.append(f"(memory in GB; ratio = above base / plan, stated tolerance +-{report['tolerance']:.0%})")
     return "\n".join(lines)
