@@ -47,6 +47,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
+def _cast(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Every parameter in ``dtype``: transformers builds parts in the dtype a config names (``torch_dtype: float16``
+    in SDXL's text_encoder_2, bfloat16 in Qwen2-VL's vision config), whatever the default dtype."""
+    return module.to(dtype) if dtype is not None else module
+
+
 @contextlib.contextmanager
 def _building(device: str | torch.device, dtype: torch.dtype | None):
     """Create parameters on ``device`` in ``dtype`` (factory functions follow the default device and dtype)."""
@@ -94,7 +100,7 @@ def build_text_encoders(
     one = CLIPTextConfig(**read_json(root / "sdxl" / "text_encoder" / "config.json"))
     two = CLIPTextConfig(**read_json(root / "sdxl" / "text_encoder_2" / "config.json"))
     with _building(device, dtype):
-        return CLIPTextModel(one), CLIPTextModelWithProjection(two)
+        return _cast(CLIPTextModel(one), dtype), _cast(CLIPTextModelWithProjection(two), dtype)
 
 
 def mllm_config(root: Path, token_ids: dict[str, int] | None = None) -> Any:
@@ -115,7 +121,7 @@ def build_mllm(
     from transformers import Qwen2VLForConditionalGeneration
 
     with _building(device, dtype):
-        return Qwen2VLForConditionalGeneration(mllm_config(root, token_ids))
+        return _cast(Qwen2VLForConditionalGeneration(mllm_config(root, token_ids)), dtype)
 
 
 def build_image_encoder(root: Path, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
@@ -124,7 +130,7 @@ def build_image_encoder(root: Path, device: str | torch.device = "meta", dtype: 
 
     config = CLIPVisionConfig(**read_json(root / "ip_adapter" / "sdxl_models" / "image_encoder" / "config.json"))
     with _building(device, dtype):
-        return CLIPVisionModelWithProjection(config)
+        return _cast(CLIPVisionModelWithProjection(config), dtype)
 
 
 def build_base(

@@ -99,8 +99,7 @@ def make_plan(
     root = config_root(profile)
     defaults = STAGE_DEFAULTS[stage]
     parts, rank = list(defaults["parts"]), int(defaults["lora_rank"])
-    param_dtype = param_dtype or torch.float32
-    size = torch.finfo(param_dtype).bits // 8
+    size = torch.finfo(param_dtype or torch.float32).bits // 8
     shape = dict(
         batch=batch,
         resolution=resolution,

@@ -218,15 +218,16 @@ def trace_step(
     num_tokens: int = 64,
     gradient_checkpointing: bool = False,
     tokens_at_layer0: bool = False,
-    param_dtype: torch.dtype = torch.float32,
+    param_dtype: torch.dtype | None = None,
     text_tokens: int | None = None,
 ) -> StepTrace:
     """Trace one micro-batch of ``batch`` samples with ``references`` images each, target ``resolution``^2 px.
 
     ``tokens_at_layer0`` traces the alternative the paper's efficient aggregation avoids: the reference tokens
     enter at the MLLM's input and the whole MLLM trains (the context is then ``num_tokens`` longer in every layer).
-    ``param_dtype`` is the dtype the weights are held in (the trainer: float32, so autocast's bf16 copies of them
-    are saved for backward and counted; bf16 weights are used as they are). ``text_tokens``: the MLLM context's
+    ``param_dtype`` is the dtype every weight is held in (bf16 weights are used by autocast as they are, float32
+    ones leave bf16 copies saved for backward, which are counted); ``None``: as the config files build (float32,
+    and the dtypes some of them name). ``text_tokens``: the MLLM context's
     text tokens beside the visual ones (default :data:`TEXT_TOKENS`).
     """
     text_tokens = TEXT_TOKENS if text_tokens is None else text_tokens
@@ -238,7 +239,7 @@ def trace_step(
 
         enable_gradient_checkpointing(model)
         _recompute_under_autocast(model)
-    if "lora" in parts:
+    if "lora" in parts and param_dtype is not None:
         model.to(param_dtype)  # peft creates the LoRA weights in float32
     frozen = (build_vae(root, dtype=param_dtype), *build_text_encoders(root, dtype=param_dtype))
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", _sdpa):
