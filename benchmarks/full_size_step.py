@@ -342,12 +342,17 @@ def measure(args: argparse.Namespace, tiny: Path, tmp: Path) -> dict:
     }
     if "pretrain" in args.stages:
         report["stages"]["pretrain"] = run_pretrain(model, base, batch, args, rss, tmp)
+        print(f"pretrain: {report['stages']['pretrain']}", flush=True)
     if "single_ref" in args.stages:
         report["stages"]["single_ref"] = run_single_ref(model, base, arch, batch, args, rss, tmp)
+        print(f"single_ref: {report['stages']['single_ref']}", flush=True)
         report["structure"]["lora_layers"] = sum(1 for name, _ in model.unet.named_modules() if name.endswith("lora_A"))
     counts, _ = part_counts(model, arch.vae, (arch.text_encoder, arch.text_encoder_2))
     report["params"] = counts
     report["memory"]["lifetime_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    if args.out:  # the measurements, before the plan (a minute or more at the real size)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     if args.plan:
         del model, arch, base
         text_tokens = report["structure"]["text_tokens"]
