@@ -187,3 +187,13 @@ def test_activation_estimate_matches_a_measured_cpu_step(tiny_models: Path):
     estimate = sum(c.saved_bytes for c in trace.components.values())
     assert trace.context_tokens == inputs["input_ids"].shape[1]
     assert 0.75 * saved.total <= estimate <= 1.25 * saved.total, (estimate, saved.total)
+
+
+def test_requested_dtype_wins_over_the_dtypes_configs_name(tiny_models: Path):
+    """transformers builds a model in the dtype its config names (SDXL's text_encoder_2: float16); a build asked for
+    bf16 holds every parameter in bf16, or CPU autocast fails on mixed layer-norm dtypes."""
+    from easyref.architectures import build_base
+
+    base = build_base(tiny_models, "meta", torch.bfloat16)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "mllm"):
+        assert {p.dtype for p in getattr(base, name).parameters()} == {torch.bfloat16}, name
