@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from easyref.architectures import (  # noqa: E402
     REAL_CONFIGS,
-    build_base,
     build_easyref,
     build_image_encoder,
     count,
-    read_json,
+    profile_model_config,
+    random_base_models,
+    reference_side,
 )
-from easyref.model import ModelConfig, ReferenceProcessor  # noqa: E402
 
 STAGES = {"pretrain": (["reference", "adapter"], 0), "single_ref": (["reference", "adapter", "mllm", "lora"], 128)}
 
@@ -102,57 +102,20 @@ class Setup:
     """Random base models of the profile on the device, with the tiny tree's tokenizers and processors."""
 
     def __init__(self, args: argparse.Namespace, tiny: Path):
-        from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
-        from transformers import AutoTokenizer
+        from diffusers import EulerDiscreteScheduler
 
         self.device = torch.device(args.device)
         real = args.profile == "real"
         root = REAL_CONFIGS if real else tiny
         self.root = root
-        tokenizer = AutoTokenizer.from_pretrained(tiny / "mllm", padding_side="left")
-        ids = {
-            k: tokenizer.convert_tokens_to_ids(t)
-            for k, t in (
-                ("image_token_id", "<|image_pad|>"),
-                ("video_token_id", "<|video_pad|>"),
-                ("vision_start_token_id", "<|vision_start|>"),
-                ("vision_end_token_id", "<|vision_end|>"),
-            )
-        }
-        self.config = (
-            ModelConfig()
-            if real
-            else ModelConfig(num_tokens=16, min_pixels=4 * 784, max_pixels=9 * 784, dropped_image_size=56)
-        )
+        self.config = profile_model_config(real)
         torch.manual_seed(0)
-        base = build_base(root, self.device, torch.float32, token_ids=ids)
+        base, self.shared = random_base_models(root, tiny, self.config, self.device, torch.float32)
         self.base = base
-        self.processor = ReferenceProcessor(tokenizer, self._image_processor(root, tiny), self.config)
-        clip_tokenizer = AutoTokenizer.from_pretrained(tiny / "sdxl" / "tokenizer")
-        self.pipe = StableDiffusionXLPipeline(
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            text_encoder_2=base.text_encoder_2,
-            tokenizer=clip_tokenizer,
-            tokenizer_2=clip_tokenizer,
-            unet=base.unet,
-            scheduler=EulerDiscreteScheduler.from_config(base.scheduler_config),
-        )
+        self.processor = self.shared.processor
+        self.pipe = self.shared.pipeline(base.unet, EulerDiscreteScheduler.from_config(base.scheduler_config))
         self.pipe.set_progress_bar_config(disable=True)
-        self.noise = DDPMScheduler.from_config(base.scheduler_config)
-        for module in (base.vae, base.text_encoder, base.text_encoder_2):
-            module.requires_grad_(False).eval()
-
-    def _image_processor(self, root: Path, tiny: Path):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        settings = read_json(root / "mllm" / "preprocessor_config.json")
-        keep = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
-        return Qwen2VLImageProcessorPil(
-            **{k: settings[k] for k in keep if k in settings},
-            min_pixels=self.config.min_pixels,
-            max_pixels=self.config.max_pixels,
-        )
+        self.noise = self.shared.noise_scheduler
 
 
 def train_step_fn(setup: Setup, model, optimizer, batch: int, resolution: int, n_refs: int):
@@ -188,7 +151,7 @@ def planned(setup: Setup, stage: str, args: argparse.Namespace) -> dict:
     """What ``easyref plan`` estimates for this stage on one GPU, to set beside the measured figures."""
     from easyref.plan import make_plan
 
-    ref_side = int(setup.config.max_pixels**0.5) // 28 * 28
+    ref_side = reference_side(setup.config)
     plan = make_plan(
         str(setup.root),
         stage,
@@ -260,20 +223,13 @@ def check_sampling(setup: Setup, model, args: argparse.Namespace) -> dict:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from easyref.architectures import build_unet
-    from easyref.base_models import BaseModels
     from easyref.sampler import EasyRefSampler
 
     size, device = args.resolution, setup.device
     model.to(torch.bfloat16)
     for module in (setup.base.vae, setup.base.text_encoder, setup.base.text_encoder_2):
         module.to(torch.bfloat16)
-    parts = setup.pipe.components
-    shared = BaseModels(
-        **{k: parts[k] for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")},
-        scheduler_config=setup.base.scheduler_config,
-        processor=setup.processor,
-    )
-    sampler = EasyRefSampler(model, shared)
+    sampler = EasyRefSampler(model, setup.shared)
     prompt, refs = "a red circle on a beach", references(args.references, 0)
 
     def easyref() -> None:

@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_helpers import run_benchmark
 
 
 def test_gpu_check_runs_on_cpu_at_tiny_size(tmp_path: Path):
-    out = tmp_path / "gpu_check.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "gpu_check.py"),
-        "--device",
-        "cpu",
-        "--profile",
-        "tiny",
-        "--resolution",
-        "64",
-        "--batch",
-        "1",
-        "--steps",
-        "2",
-        "--repeats",
-        "1",
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    args = ["--device", "cpu", "--profile", "tiny", "--resolution", "64", "--batch", "1", "--steps", "2"]
+    report, _ = run_benchmark("gpu_check.py", [*args, "--repeats", "1"], tmp_path / "gpu_check.json")
     assert set(report["training"]) == {"pretrain", "single_ref"}
     for stage in report["training"].values():
         assert stage["step_s"] > 0 and stage["plan_gb"] > 0 and stage["plan_tflops_per_step"] > 0

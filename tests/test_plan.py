@@ -49,6 +49,19 @@ def test_fsdp_shards_weights_gradients_and_optimizer(tiny_models: Path):
     assert ddp.memory_gb["optimizer"] == pytest.approx(8 * trainable / 1e9)
 
 
+def test_bf16_weights_halve_the_exact_terms_and_keep_no_weight_copies(tiny_models: Path):
+    """``param_dtype=bf16`` (benchmarks/full_size_step.py's CPU run): weights, gradients and AdamW moments in 2 bytes;
+    autocast then makes no bf16 copies of the weights, so fewer bytes are saved for backward."""
+    fp32 = _tiny_plan(tiny_models, stage="single_ref", compare_aggregation=False)
+    bf16 = _tiny_plan(tiny_models, stage="single_ref", compare_aggregation=False, param_dtype=torch.bfloat16)
+    assert bf16.params == fp32.params
+    for key in ("weights", "frozen_vae_text", "gradients", "optimizer"):
+        assert bf16.memory_gb[key] == pytest.approx(fp32.memory_gb[key] / 2)
+    assert bf16.memory_gb["activations"] < fp32.memory_gb["activations"]
+    longer = _tiny_plan(tiny_models, stage="pretrain", compare_aggregation=False, text_tokens=100)
+    assert longer.context_tokens == fp32.context_tokens + 40  # the default assumes 60 text tokens
+
+
 def test_checkpointing_trades_activations_for_flops_and_aggregation_saves(tiny_models: Path):
     plain = _tiny_plan(tiny_models, stage="pretrain", batch=2)
     ckpt = _tiny_plan(tiny_models, stage="pretrain", batch=2, gradient_checkpointing=True, compare_aggregation=False)
@@ -141,8 +154,6 @@ def test_activation_estimate_matches_a_measured_cpu_step(tiny_models: Path):
     """The meta trace (substituted trunk output, fused-attention model, autocast emulation) against the real code
     path on CPU: bytes kept for backward by one stage-1 forward of the tiny model under bf16 autocast. Stated
     tolerance 25%: the trace follows CUDA autocast (norms in fp32), CPU autocast keeps them in bf16."""
-    from unittest import mock
-
     from PIL import Image
 
     import easyref.plan_measure as pm
@@ -169,8 +180,20 @@ def test_activation_estimate_matches_a_measured_cpu_step(tiny_models: Path):
             states,
         )
     image_tokens = int((inputs["input_ids"][0] == processor.image_token_id).sum())
-    with mock.patch.object(pm, "TEXT_TOKENS", inputs["input_ids"].shape[1] - image_tokens):
-        trace = pm.trace_step(tiny_models, ["reference", "adapter"], 0, batch, 64, 1, 56, num_tokens=8)
+    text_tokens = inputs["input_ids"].shape[1] - image_tokens
+    trace = pm.trace_step(
+        tiny_models, ["reference", "adapter"], 0, batch, 64, 1, 56, num_tokens=8, text_tokens=text_tokens
+    )
     estimate = sum(c.saved_bytes for c in trace.components.values())
     assert trace.context_tokens == inputs["input_ids"].shape[1]
     assert 0.75 * saved.total <= estimate <= 1.25 * saved.total, (estimate, saved.total)
+
+
+def test_requested_dtype_wins_over_the_dtypes_configs_name(tiny_models: Path):
+    """transformers builds a model in the dtype its config names (SDXL's text_encoder_2: float16); a build asked for
+    bf16 holds every parameter in bf16, or CPU autocast fails on mixed layer-norm dtypes."""
+    from easyref.architectures import build_base
+
+    base = build_base(tiny_models, "meta", torch.bfloat16)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "mllm"):
+        assert {p.dtype for p in getattr(base, name).parameters()} == {torch.bfloat16}, name

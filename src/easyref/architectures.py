@@ -7,7 +7,13 @@ ViT-L/14, DINOv2-small and the IP-Adapter SDXL image encoder (OpenCLIP ViT-bigG/
 
 On ``device="meta"`` nothing is allocated: parameter counts, FLOPs and saved-activation sizes can be computed for
 the real sizes on any laptop (``easyref plan``). On a GPU, ``dtype=torch.bfloat16`` builds the real sizes with
-random weights directly on the card (``benchmarks/gpu_check.py``).
+random weights directly on the card (``benchmarks/gpu_check.py``); on a CPU, in bf16, for one full-size training step
+(``benchmarks/full_size_step.py``).
+
+:func:`random_base_models` adds what the trainer and the sampler need besides the architectures: tokenizers and the
+reference processor. The real vocabularies are a download away, so they come from a tiny model tree (``easyref
+tiny-models``): its byte-level tokenizers give other token ids and about 3x longer text (one token per byte), which
+makes MLLM figures slightly pessimistic; the image processor follows the profile's own preprocessor config.
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ def config_root(profile: str) -> Path:
 
 def read_json(path: Path) -> dict[str, Any]:
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def _cast(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Every parameter in ``dtype``: transformers builds parts in the dtype a config names (``torch_dtype: float16``
+    in SDXL's text_encoder_2, bfloat16 in Qwen2-VL's vision config), whatever the default dtype."""
+    return module.to(dtype) if dtype is not None else module
 
 
 @contextlib.contextmanager
@@ -88,7 +100,7 @@ def build_text_encoders(
     one = CLIPTextConfig(**read_json(root / "sdxl" / "text_encoder" / "config.json"))
     two = CLIPTextConfig(**read_json(root / "sdxl" / "text_encoder_2" / "config.json"))
     with _building(device, dtype):
-        return CLIPTextModel(one), CLIPTextModelWithProjection(two)
+        return _cast(CLIPTextModel(one), dtype), _cast(CLIPTextModelWithProjection(two), dtype)
 
 
 def mllm_config(root: Path, token_ids: dict[str, int] | None = None) -> Any:
@@ -109,7 +121,7 @@ def build_mllm(
     from transformers import Qwen2VLForConditionalGeneration
 
     with _building(device, dtype):
-        return Qwen2VLForConditionalGeneration(mllm_config(root, token_ids))
+        return _cast(Qwen2VLForConditionalGeneration(mllm_config(root, token_ids)), dtype)
 
 
 def build_image_encoder(root: Path, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
@@ -118,7 +130,7 @@ def build_image_encoder(root: Path, device: str | torch.device = "meta", dtype: 
 
     config = CLIPVisionConfig(**read_json(root / "ip_adapter" / "sdxl_models" / "image_encoder" / "config.json"))
     with _building(device, dtype):
-        return CLIPVisionModelWithProjection(config)
+        return _cast(CLIPVisionModelWithProjection(config), dtype)
 
 
 def build_base(
@@ -155,3 +167,67 @@ def build_easyref(
 
 def count(params: Any) -> int:
     return sum(p.numel() for p in params)
+
+
+SPECIAL_TOKENS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+"""The MLLM config's special-token ids, replaced by the ids of the tokenizer actually used."""
+
+
+def profile_model_config(real: bool) -> ModelConfig:
+    """The model wiring of a profile: the paper's for ``real``; for a tiny tree, 16 tokens and small references."""
+    if real:
+        return ModelConfig()
+    return ModelConfig(num_tokens=16, min_pixels=4 * 784, max_pixels=9 * 784, dropped_image_size=56)
+
+
+def reference_side(config: ModelConfig) -> int:
+    """The side (multiple of 28) of the largest square reference ``config`` keeps at its size."""
+    return int(config.max_pixels**0.5) // 28 * 28
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    return {key: tokenizer.convert_tokens_to_ids(token) for key, token in SPECIAL_TOKENS.items()}
+
+
+def image_processor(root: Path, config: ModelConfig) -> Any:
+    """Qwen2-VL's image processor with the patch, merge and normalisation settings of ``root``'s MLLM and the pixel
+    limits of ``config``."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    settings = read_json(root / "mllm" / "preprocessor_config.json")
+    keep = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+    return Qwen2VLImageProcessorPil(
+        **{k: settings[k] for k in keep if k in settings}, min_pixels=config.min_pixels, max_pixels=config.max_pixels
+    )
+
+
+def random_base_models(
+    root: Path, tiny: Path, config: ModelConfig, device: str | torch.device, dtype: torch.dtype
+) -> tuple[BaseArchitectures, Any]:
+    """Random base models of ``root`` on ``device`` in ``dtype`` and the :class:`~easyref.base_models.BaseModels`
+    bundle over them (VAE, text encoders, tokenizers and reference processor from the tiny tree ``tiny``, schedules):
+    what the trainer's conditioning and the sampler take."""
+    from transformers import AutoTokenizer
+
+    from easyref.base_models import BaseModels
+    from easyref.model import ReferenceProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "mllm", padding_side="left")
+    arch = build_base(root, device, dtype, token_ids=special_token_ids(tokenizer))
+    clip_tokenizer = AutoTokenizer.from_pretrained(tiny / "sdxl" / "tokenizer")
+    bundle = BaseModels(
+        vae=arch.vae,
+        text_encoder=arch.text_encoder,
+        text_encoder_2=arch.text_encoder_2,
+        tokenizer=clip_tokenizer,
+        tokenizer_2=clip_tokenizer,
+        scheduler_config=arch.scheduler_config,
+        processor=ReferenceProcessor(tokenizer, image_processor(root, config), config),
+        torch_dtype=dtype,
+    )
+    return arch, bundle

@@ -5,7 +5,8 @@ minute on a laptop for the real profile):
 
 * parameters, total and trainable, per part, from the project's own model built at the real sizes;
 * memory per GPU: weights (fp32, as the trainer keeps them; bf16 autocast for compute), gradients (fp32) and
-  AdamW state (two fp32 moments) of the trainable parameters, sharded over the GPUs with ``--fsdp``; the frozen
+  AdamW state (two fp32 moments) of the trainable parameters (``param_dtype`` of :func:`make_plan`: in that dtype
+  instead, e.g. bf16 for ``benchmarks/full_size_step.py``, which holds bf16 weights to fit a 24 GB CPU machine), sharded over the GPUs with ``--fsdp``; the frozen
   VAE and text encoders are replicated. Activations are the bytes autograd saves for the backward pass of one
   micro-batch, traced through the step's real ops on meta tensors (see :mod:`easyref.plan_measure`); the estimate
   leaves out allocator fragmentation, the CUDA context, transient buffers and FSDP's gathered units, so a card
@@ -79,9 +80,13 @@ def make_plan(
     gradient_checkpointing: bool = False,
     compare_aggregation: bool = True,
     num_tokens: int = 64,
+    param_dtype: Any = None,
+    text_tokens: int | None = None,
 ) -> Plan:
+    import torch
+
     from easyref.architectures import config_root
-    from easyref.plan_measure import trace_step
+    from easyref.plan_measure import PLAN_PARTS, trace_step
     from easyref.train.config import STAGE_DEFAULTS
 
     for name, value in (("gpus", gpus), ("batch", batch), ("references", references)):
@@ -94,16 +99,26 @@ def make_plan(
     root = config_root(profile)
     defaults = STAGE_DEFAULTS[stage]
     parts, rank = list(defaults["parts"]), int(defaults["lora_rank"])
-    trace = trace_step(root, parts, rank, batch, resolution, references, ref_side, num_tokens, gradient_checkpointing)
-    model_parts = ("unet", "lora", "ip_kv", "projector", "mllm_head", "mllm_trunk")
+    size = torch.finfo(param_dtype or torch.float32).bits // 8
+    shape = dict(
+        batch=batch,
+        resolution=resolution,
+        references=references,
+        ref_side=ref_side,
+        num_tokens=num_tokens,
+        gradient_checkpointing=gradient_checkpointing,
+        param_dtype=param_dtype,
+        text_tokens=text_tokens,
+    )
+    trace = trace_step(root, parts, rank, **shape)
     shard = gpus if fsdp else 1
-    model_params = sum(trace.params[p] for p in model_parts)
+    model_params = sum(trace.params[p] for p in PLAN_PARTS)
     trainable = sum(trace.trainable.values())
     memory = {
-        "weights": 4 * model_params / shard / GB,
-        "frozen_vae_text": 4 * (trace.params["vae"] + trace.params["text_encoders"]) / GB,
-        "gradients": 4 * trainable / shard / GB,
-        "optimizer": 8 * trainable / shard / GB,
+        "weights": size * model_params / shard / GB,
+        "frozen_vae_text": size * (trace.params["vae"] + trace.params["text_encoders"]) / GB,
+        "gradients": size * trainable / shard / GB,
+        "optimizer": 2 * size * trainable / shard / GB,
         "activations": sum(c.saved_bytes for c in trace.components.values()) / GB,
     }
     memory["total"] = sum(memory.values())
@@ -111,18 +126,7 @@ def make_plan(
     flops["total"] = sum(flops.values())
     aggregation = None
     if "mllm" not in parts and compare_aggregation:
-        alt = trace_step(
-            root,
-            [*parts, "mllm"],
-            rank,
-            batch,
-            resolution,
-            references,
-            ref_side,
-            num_tokens,
-            gradient_checkpointing=gradient_checkpointing,
-            tokens_at_layer0=True,
-        )
+        alt = trace_step(root, [*parts, "mllm"], rank, **shape, tokens_at_layer0=True)
         ours = flops["mllm_trunk"] + flops["mllm_head"]
         layer0 = sum(
             (alt.components[n].forward_flops + alt.components[n].backward_flops) / batch / 1e12

@@ -179,6 +179,7 @@ def _trunk(
     exclude: set[int],
     comp: Component,
     extra_tokens: int = 0,
+    text_tokens: int = TEXT_TOKENS,
 ) -> torch.Tensor:
     """Vision tower + embeddings + the decoder layers before the insertion layer over the whole context."""
     from transformers.models.qwen2_vl import modeling_qwen2_vl as q
@@ -198,7 +199,7 @@ def _trunk(
                 hidden, cu_seqlens=seqlens.to(torch.int32), max_seqlen=max_seqlen, position_embeddings=rotary
             )
         image_tokens = visual.merger(hidden).reshape(batch, -1, lm.config.hidden_size)
-        text = lm.embed_tokens(torch.zeros(batch, TEXT_TOKENS + extra_tokens, dtype=torch.long, device=META))
+        text = lm.embed_tokens(torch.zeros(batch, text_tokens + extra_tokens, dtype=torch.long, device=META))
         embeds = torch.cat([image_tokens, text], dim=1)
         length = embeds.shape[1]
         positions = torch.arange(length, device=META)[None, None].expand(3, batch, length)
@@ -217,23 +218,34 @@ def trace_step(
     num_tokens: int = 64,
     gradient_checkpointing: bool = False,
     tokens_at_layer0: bool = False,
+    param_dtype: torch.dtype | None = None,
+    text_tokens: int | None = None,
 ) -> StepTrace:
     """Trace one micro-batch of ``batch`` samples with ``references`` images each, target ``resolution``^2 px.
 
     ``tokens_at_layer0`` traces the alternative the paper's efficient aggregation avoids: the reference tokens
     enter at the MLLM's input and the whole MLLM trains (the context is then ``num_tokens`` longer in every layer).
+    ``param_dtype`` is the dtype every weight is held in (bf16 weights are used by autocast as they are, float32
+    ones leave bf16 copies saved for backward, which are counted); ``None``: as the config files build (float32,
+    and the dtypes some of them name). ``text_tokens``: the MLLM context's
+    text tokens beside the visual ones (default :data:`TEXT_TOKENS`).
     """
+    text_tokens = TEXT_TOKENS if text_tokens is None else text_tokens
     config = ModelConfig(num_tokens=num_tokens, lora_rank=lora_rank if "lora" in parts else 0)
-    model = build_easyref(root, config)
+    model = build_easyref(root, config, dtype=param_dtype)
     model.set_trainable(parts)
     if gradient_checkpointing:
         from easyref.train.loop import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
         _recompute_under_autocast(model)
-    frozen = (build_vae(root), *build_text_encoders(root))
+    if "lora" in parts and param_dtype is not None:
+        model.to(param_dtype)  # peft creates the LoRA weights in float32
+    frozen = (build_vae(root, dtype=param_dtype), *build_text_encoders(root, dtype=param_dtype))
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", _sdpa):
-        return _trace(model, frozen, parts, batch, resolution, references, ref_side, num_tokens, tokens_at_layer0)
+        return _trace(
+            model, frozen, parts, batch, resolution, references, ref_side, num_tokens, tokens_at_layer0, text_tokens
+        )
 
 
 def _trace(
@@ -246,17 +258,18 @@ def _trace(
     ref_side: int,
     num_tokens: int,
     tokens_at_layer0: bool,
+    text_tokens: int,
 ) -> StepTrace:
     vae, text_encoder, text_encoder_2 = frozen
     trace = StepTrace(params={}, trainable={}, ip_layers=len(adapter_processors(model.unet)))
-    _count_params(trace, model, vae, text_encoder, text_encoder_2)
+    trace.params, trace.trainable = part_counts(model, vae, (text_encoder, text_encoder_2))
     exclude = {p.untyped_storage()._cdata for p in model.parameters()}
     comps = {name: Component() for name in ("vae", "text_encoders", "mllm_trunk", "mllm_head", "unet")}
     trace.components = comps
 
     latent = resolution // 8
     with torch.no_grad(), _measure(comps["vae"], exclude):
-        vae.encode(torch.randn(batch, 3, resolution, resolution, device=META))
+        vae.encode(torch.randn(batch, 3, resolution, resolution, device=META, dtype=vae.dtype))
     with torch.no_grad(), _measure(comps["text_encoders"], exclude):
         ids = torch.zeros(batch, 77, dtype=torch.long, device=META)
         text_encoder(ids, output_hidden_states=True)
@@ -275,6 +288,7 @@ def _trace(
             exclude,
             comps["mllm_trunk"],
             num_tokens if tokens_at_layer0 else 0,
+            text_tokens,
         )
         trace.context_tokens = context.shape[1]
         context_leaf = context.detach().requires_grad_(trunk_trained)
@@ -311,22 +325,30 @@ def _trace(
     return trace
 
 
-def _count_params(trace: StepTrace, model: EasyRef, vae, text_encoder, text_encoder_2) -> None:
-    groups: dict[str, list] = {"unet": [], "lora": [], "ip_kv": [], "projector": [], "mllm_head": [], "mllm_trunk": []}
+PLAN_PARTS = ("unet", "lora", "ip_kv", "projector", "mllm_head", "mllm_trunk")
+
+
+def plan_part(key: str) -> str:
+    """Which of :data:`PLAN_PARTS` an :class:`EasyRef` parameter name belongs to."""
+    part = EasyRef.part_of(key)
+    if part == "lora":
+        return "lora"
+    if part == "adapter":
+        return "projector" if key.startswith("unet.encoder_hid_proj.") else "ip_kv"
+    if part == "reference":
+        return "mllm_head"
+    return "mllm_trunk" if key.startswith("reference_encoder.") else "unet"
+
+
+def part_counts(model: EasyRef, vae: nn.Module, text_encoders: tuple[nn.Module, ...]) -> tuple[dict, dict]:
+    """Parameters ``(total, trainable)`` per part: the UNet's base weights, its LoRA, the IP-Adapter k/v, the
+    projector, the MLLM head (insertion layer and after, with the tokens) and trunk, the VAE and the text encoders."""
+    groups: dict[str, list] = {name: [] for name in PLAN_PARTS}
     for key, p in model.named_parameters():
-        part = model.part_of(key)
-        if part == "lora":
-            groups["lora"].append(p)
-        elif part == "adapter":
-            groups["projector" if key.startswith("unet.encoder_hid_proj.") else "ip_kv"].append(p)
-        elif part == "reference":
-            groups["mllm_head"].append(p)
-        elif key.startswith("reference_encoder."):
-            groups["mllm_trunk"].append(p)
-        else:
-            groups["unet"].append(p)
-    trace.params = {name: count(ps) for name, ps in groups.items()}
-    trace.trainable = {name: count(p for p in ps if p.requires_grad) for name, ps in groups.items()}
-    trace.params["vae"] = count(vae.parameters())
-    trace.params["text_encoders"] = count(text_encoder.parameters()) + count(text_encoder_2.parameters())
-    trace.trainable["vae"] = trace.trainable["text_encoders"] = 0
+        groups[plan_part(key)].append(p)
+    params = {name: count(ps) for name, ps in groups.items()}
+    trainable = {name: count(p for p in ps if p.requires_grad) for name, ps in groups.items()}
+    params["vae"] = count(vae.parameters())
+    params["text_encoders"] = sum(count(m.parameters()) for m in text_encoders)
+    trainable["vae"] = trainable["text_encoders"] = 0
+    return params, trainable
