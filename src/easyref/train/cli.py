@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fsdp", action="store_true", default=None, help="shard with FSDP2 instead of DDP")
     group.add_argument("--seed", type=int)
     group.add_argument("--num-workers", dest="num_workers", type=int)
+    group.add_argument("--cache-dir", dest="cache_dir", help="conditioning cache folder (empty: off)")
+    group.add_argument(
+        "--compile-unet", dest="compile_unet", action="store_true", default=None, help="torch.compile the UNet"
+    )
     group.add_argument("--experiment", help="MLflow experiment name")
     parser.add_argument(
         "--threads",

@@ -93,6 +93,11 @@ class TrainConfig:
     """Seed of the data order, the noise, the timesteps, the CFG drops and freshly initialised weights."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+    cache_dir: str = ""
+    """Folder of the conditioning cache: the targets' VAE posteriors and the captions' text states, keyed by content
+    and the base's fingerprint, shared by ranks and runs (empty = off; same losses either way)."""
+    compile_unet: bool = False
+    """``torch.compile`` the UNet (not with FSDP; needs a C++ compiler on CPU). Same loss up to float rounding."""
     parts: list[str] | None = None
     """Trainable parts (see ``easyref.model.PARTS``); default per stage."""
     lora_rank: int | None = None
@@ -127,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"drop probabilities must be >= 0 and sum to <= 1, got {probs}")
         if self.resolution < 0:
             raise ValueError(f"resolution must be >= 0, got {self.resolution}")
+        if self.compile_unet and self.fsdp:
+            raise ValueError("compile_unet does not work with fsdp (FSDP2's per-block hooks); set one of them to false")
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum * world_size

@@ -24,9 +24,17 @@ from easyref.sampler import EasyRefSampler, base_paths
 from easyref.train import checkpoint as ckpt
 from easyref.train import distributed as D
 from easyref.train import resume
+from easyref.train.cache import ConditioningCache, record_cache_counts
 from easyref.train.config import TrainConfig
 from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset, collate
-from easyref.train.recipe import Conditioner, DiffusionObjective, autocast_context, autocast_dtype, step_generator
+from easyref.train.recipe import (
+    Conditioner,
+    DiffusionObjective,
+    autocast_context,
+    autocast_dtype,
+    compile_unet,
+    step_generator,
+)
 from easyref.train.tracking import MlflowTracker, NullTracker, Previewer, git_commit, record_caption_cuts
 
 
@@ -155,7 +163,10 @@ class Trainer:
         self.model = build_model(config, self.init, self.sdxl, self.mllm).to(env.device)
         self.base = BaseModels.load(self.sdxl, self.mllm, self.model.config, device=env.device)
         self.build_data()
-        self.conditioner = Conditioner(self.base, (config.drop_text, config.drop_image, config.drop_both))
+        self.cache = ConditioningCache.open(config.cache_dir, self.base) if config.cache_dir else None
+        self.conditioner = Conditioner(
+            self.base, (config.drop_text, config.drop_image, config.drop_both), cache=self.cache
+        )
         self.build_optimizer()
 
     def build_data(self) -> None:
@@ -186,6 +197,8 @@ class Trainer:
             enable_gradient_checkpointing(model)
         model.set_trainable(config.parts)
         model.train()
+        if config.compile_unet:
+            compile_unet(model, env.device)
         self.objective: torch.nn.Module = DiffusionObjective(model)
         if config.fsdp and env.distributed:
             D.shard_fsdp(model, env, param_dtype=self.dtype)
@@ -393,6 +406,7 @@ class Trainer:
                 self.preview(result.step)
             bar.close()
             record_caption_cuts(self.tracker, self.conditioner.captions, env, result.step)
+            record_cache_counts(self.tracker, self.cache, env, result.step)
             self.save_final(result.step)
             status = "FINISHED"
             return result

@@ -22,6 +22,7 @@ from torch import nn
 
 from easyref.captions import CaptionFit
 from easyref.model import EasyRef, ReferenceProcessor
+from easyref.train.cache import ConditioningCache, caption_key, target_key
 
 if TYPE_CHECKING:
     from easyref.base_models import BaseModels
@@ -96,12 +97,17 @@ class Conditioner:
     All of them come from ``base`` (the :class:`~easyref.base_models.BaseModels` the sampler shares) and run under
     ``torch.no_grad`` on its device. ``processor`` overrides the base's reference processor (``None`` with a base
     without one: a conditioner for SDXL alone, which :meth:`encode_latents` and :meth:`encode_text` serve).
+    ``cache``: an optional :class:`~easyref.train.cache.ConditioningCache` of VAE posteriors and text states.
     """
 
     def __init__(
-        self, base: BaseModels, drops: tuple[float, float, float], processor: ReferenceProcessor | None = None
+        self,
+        base: BaseModels,
+        drops: tuple[float, float, float],
+        processor: ReferenceProcessor | None = None,
+        cache: ConditioningCache | None = None,
     ):
-        self.base, self.processor = base, processor or base.processor
+        self.base, self.processor, self.cache = base, processor or base.processor, cache
         self.scheduler, self.device = base.noise_scheduler, base.device
         self.p_text, self.p_image, self.p_both = drops
         self.captions = CaptionFit.for_pipeline(base)  # the training captions' own counts (not the previews')
@@ -109,18 +115,40 @@ class Conditioner:
     @torch.no_grad()
     def encode_latents(self, target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents sampled from the VAE posterior. The VAE runs outside any autocast the step is under, in
-        its own dtype (float32 for training, as the authors keep SDXL's VAE): bf16 encodings would drift."""
-        vae = self.base.vae
-        with torch.autocast(self.device.type, enabled=False):
-            posterior = vae.encode(target.to(self.device, vae.dtype)).latent_dist
-            eps = torch.randn(posterior.mean.shape, generator=generator).to(self.device, posterior.mean.dtype)
-            return (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
+        its own dtype (float32 for training, as the authors keep SDXL's VAE): bf16 encodings would drift. With a
+        cache, the posterior's parameters are read from it when every sample of the batch is there; the noise is
+        drawn from ``generator`` either way."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        vae, cache = self.base.vae, self.cache
+        keys = [target_key(t) for t in target] if cache is not None else []
+        found = cache.latents.lookup(keys) if cache is not None else None
+        if found is not None:
+            parameters = torch.stack([f["parameters"] for f in found]).to(self.device, vae.dtype)
+        else:
+            with torch.autocast(self.device.type, enabled=False):
+                parameters = vae.encode(target.to(self.device, vae.dtype)).latent_dist.parameters
+            for key, p in zip(keys, parameters, strict=False):
+                cache.latents.put(key, {"parameters": p})  # type: ignore[union-attr]
+        posterior = DiagonalGaussianDistribution(parameters)
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(self.device, posterior.mean.dtype)
+        return (posterior.mean + posterior.std * eps) * vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both SDXL text encoders' states and the pooled state of the captions, cut to 77 tokens (and counted);
+        with a cache, read from it when every caption of the batch is there."""
+        captions, cache = self.captions(captions), self.cache
+        keys = [caption_key(c) for c in captions] if cache is not None else []
+        found = cache.text.lookup(keys) if cache is not None else None
+        if found is not None:
+            text = torch.stack([f["text"] for f in found]).to(self.device)
+            return text, torch.stack([f["pooled"] for f in found]).to(self.device)
         text, _, pooled, _ = self.base.encode_prompt(
-            self.captions(captions), num_images_per_prompt=1, do_classifier_free_guidance=False
+            captions, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
+        for key, t, p in zip(keys, text, pooled, strict=False):
+            cache.text.put(key, {"text": t, "pooled": p})  # type: ignore[union-attr]
         return text, pooled
 
     @torch.no_grad()
@@ -152,3 +180,22 @@ class DiffusionObjective(nn.Module):
         states = self.model.encode_references(c.reference_inputs)
         eps = self.model(c.noisy_latents, c.timesteps, c.text_states, c.pooled_text, c.time_ids, states)
         return F.mse_loss(eps.float(), c.noise.float())
+
+
+def compile_unet(model: EasyRef, device: torch.device) -> None:
+    """``torch.compile`` the UNet in place (``nn.Module.compile``: the module is not wrapped, so state-dict keys get
+    no ``_orig_mod.`` prefix and checkpoints stay interchangeable with eager runs). On CPU, inductor needs a C++
+    compiler; without one this refuses before training starts."""
+    from easyref.errors import UserError
+
+    if device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as exc:
+            raise UserError(
+                f"compile_unet: torch.compile on CPU needs a C++ compiler (g++ or clang++; $CXX) and none works "
+                f"here ({exc}); install one or set compile_unet: false"
+            ) from None
+    model.unet.compile()
