@@ -42,15 +42,25 @@ def tracking_uri(workdir) -> str:
 def groups_dir(workdir) -> Path:
     root = write_groups(workdir / "groups")
     lines = [json.loads(x) for x in (root / "captions.jsonl").read_text().splitlines()]
-    (root / "captions.jsonl").write_text("".join(json.dumps(x | {"caption": x["caption"] + LONG}) + "\n" for x in lines))
+    (root / "captions.jsonl").write_text(
+        "".join(json.dumps(x | {"caption": x["caption"] + LONG}) + "\n" for x in lines)
+    )
     return root
 
 
 def _config(tiny_models: Path, groups_dir: Path, **kw):
     from easyref.train.config import TrainConfig
 
-    base = dict(base=str(tiny_models), data=str(groups_dir), resolution=RESOLUTION, batch_size=2, max_steps=STEPS,
-                save_every=0, preview_every=-1, model=ModelConfig(num_tokens=8, **SMALL_PIXELS))
+    base = dict(
+        base=str(tiny_models),
+        data=str(groups_dir),
+        resolution=RESOLUTION,
+        batch_size=2,
+        max_steps=STEPS,
+        save_every=0,
+        preview_every=-1,
+        model=ModelConfig(num_tokens=8, **SMALL_PIXELS),
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -178,8 +188,9 @@ def test_compiled_unet_keeps_its_state_dict_keys(tiny_models):
 
 
 @pytest.mark.slow
-def test_compiled_unet_trains_the_eager_loss_and_its_checkpoint_loads_eager(workdir, tiny_models, groups_dir,
-                                                                           tracking_uri):
+def test_compiled_unet_trains_the_eager_loss_and_its_checkpoint_loads_eager(
+    workdir, tiny_models, groups_dir, tracking_uri
+):
     from easyref.model import load_model
     from easyref.train.checkpoint import list_checkpoints
     from easyref.train.loop import train
