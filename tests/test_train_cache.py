@@ -173,7 +173,7 @@ def test_cache_and_compile_come_from_params_and_flags(tmp_path):
     )
     config = load_train_config(None, "pretrain", vars(args))
     assert config.cache_dir == "c" and config.compile_unet
-    with pytest.raises(UserError, match="compile_unet does not work with fsdp"):
+    with pytest.raises(UserError, match="compile_unet is not supported with fsdp"):
         load_train_config(None, "pretrain", {"compile_unet": True, "fsdp": True})
 
 

@@ -97,7 +97,7 @@ class TrainConfig:
     """Folder of the conditioning cache: the targets' VAE posteriors and the captions' text states, keyed by content
     and the base's fingerprint, shared by ranks and runs (empty = off; same losses either way)."""
     compile_unet: bool = False
-    """``torch.compile`` the UNet (not with FSDP; needs a C++ compiler on CPU). Same loss up to float rounding."""
+    """``torch.compile`` the UNet (not with ``fsdp``; needs a C++ compiler on CPU). Same loss up to float rounding."""
     parts: list[str] | None = None
     """Trainable parts (see ``easyref.model.PARTS``); default per stage."""
     lora_rank: int | None = None
@@ -133,7 +133,10 @@ class TrainConfig:
         if self.resolution < 0:
             raise ValueError(f"resolution must be >= 0, got {self.resolution}")
         if self.compile_unet and self.fsdp:
-            raise ValueError("compile_unet does not work with fsdp (FSDP2's per-block hooks); set one of them to false")
+            raise ValueError(
+                "compile_unet is not supported with fsdp (untested: FSDP2 wants each block compiled after fully_shard); "
+                "set one of them to false"
+            )
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum * world_size
