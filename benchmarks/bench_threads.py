@@ -50,6 +50,17 @@ def step_times(uri: str, experiment: str) -> list[float]:
     return [m.value for m in history][1:] or [m.value for m in history]
 
 
+def tiny_inputs(args: argparse.Namespace, tmp: Path) -> None:
+    """Write the tiny models and the demo data under ``tmp`` where ``args.base`` / ``args.data`` name none."""
+    easyref = [sys.executable, "-m", "easyref.cli"]
+    if args.base is None:
+        args.base = tmp / "models"
+        subprocess.run([*easyref, "tiny-models", "--out", str(args.base)], check=True, stdout=subprocess.DEVNULL)
+    if args.data is None:
+        args.data = tmp / "data"
+        subprocess.run([*easyref, "demo-data", "--out", str(args.data)], check=True, stdout=subprocess.DEVNULL)
+
+
 def train_once(args: argparse.Namespace, tmp: Path, mode: str, trial: int) -> float:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "EASYREF_THREADS")}
@@ -100,13 +111,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_threads_"))
-    easyref = [sys.executable, "-m", "easyref.cli"]
-    if args.base is None:
-        args.base = tmp / "models"
-        subprocess.run([*easyref, "tiny-models", "--out", str(args.base)], check=True, stdout=subprocess.DEVNULL)
-    if args.data is None:
-        args.data = tmp / "data"
-        subprocess.run([*easyref, "demo-data", "--out", str(args.data)], check=True, stdout=subprocess.DEVNULL)
+    tiny_inputs(args, tmp)
 
     load = [multiprocessing.Process(target=busy_loop, args=(args.load_seconds,), daemon=True) for _ in range(args.load)]
     for proc in load:

@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_threads import tiny_inputs  # the script's folder is on sys.path
 
 
 def step_times(uri: str, run_id: str) -> list[float]:
@@ -76,13 +76,7 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")  # a cold compile, not one from an earlier run
     os.environ.setdefault("TQDM_DISABLE", "1")
-    easyref = [sys.executable, "-m", "easyref.cli"]
-    if args.base is None:
-        args.base = tmp / "models"
-        subprocess.run([*easyref, "tiny-models", "--out", str(args.base)], check=True, stdout=subprocess.DEVNULL)
-    if args.data is None:
-        args.data = tmp / "data"
-        subprocess.run([*easyref, "demo-data", "--out", str(args.data)], check=True, stdout=subprocess.DEVNULL)
+    tiny_inputs(args, tmp)
 
     import torch
 

@@ -4,7 +4,6 @@ counts) and the compiled UNet (same loss as eager, checkpoints interchangeable).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,29 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from easyref.model import ModelConfig
+from tests import test_train
 from tests.conftest import SMALL_PIXELS
 from tests.train_fixtures import RESOLUTION, write_groups
+
+# test_train's module-scoped fixtures, a separate instance for this module: a work folder and an MLflow database
+workdir, tracking_uri = test_train.workdir, test_train.tracking_uri
 
 # longer than the text encoders' 77 tokens, so the runs cut (and count) captions
 LONG = ", drawn with a thin pen on grey paper beside a blue circle and a green triangle" * 2
 STEPS = 8  # 16 samples over 6: every sample is seen twice or more, so a cold run hits too
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("train_cache")
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(workdir) -> str:
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield uri
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 @pytest.fixture(scope="module")
