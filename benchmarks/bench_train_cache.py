@@ -4,17 +4,19 @@ Run:  .venv/bin/python benchmarks/bench_train_cache.py [--steps 40] [--threads 1
 
 It writes the tiny models and the demo data to a temporary folder (or takes ``--base`` / ``--data``) and runs the
 tiny profile's ``pretrain`` stage (params.yaml's ``train:`` settings) in this process, one thread (``--threads``,
-chosen on purpose: the 2-core dev machine gives each of the demo's two processes one), five times in a row:
+chosen on purpose: the 2-core dev machine gives each of the demo's two processes one):
 
-- ``off``: no cache, eager UNet (the reference for both comparisons);
 - ``cold``: ``cache_dir`` set to an empty folder: every sample's first visit is encoded and written;
-- ``warm``: the same run again over the filled cache: every sample is read;
-- ``compiled``: no cache, ``compile_unet: true``, with a fresh inductor cache (so the warm-up is a real compile);
-- ``off again``: the reference once more, to show the drift of the machine during the benchmark.
+- then ``--trials`` times, alternating: ``off`` (no cache, eager UNet: the reference for both comparisons) and
+  ``warm`` (the same run over the filled cache: every sample is read);
+- ``compiled``: no cache, ``compile_unet: true``, with a fresh inductor cache (so the warm-up is a real compile),
+  followed by one more ``off`` run.
+
+Then it times the frozen encoders alone (VAE + both text encoders) per batch without and with the warm cache.
 
 Steps/s are from the median of each run's MLflow ``step_time_s`` after the first ``--skip`` steps (the compile
-warm-up and first-call costs), reported separately as the extra time of those steps over the median. Prints the
-figures and ratios side by side. Nothing is asserted.
+warm-up and first-call costs), reported separately as the extra time of those steps over the median; several runs
+of one kind give the median of their figures. Prints the figures and ratios side by side. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -62,6 +64,43 @@ def run(args: argparse.Namespace, tmp: Path, name: str, **overrides: object) -> 
     return {"steps_per_s": 1 / steady, "step_ms": steady * 1000, "warmup_s": warmup, "wall_s": wall}
 
 
+def conditioning_ms(args: argparse.Namespace, cache_dir: str, batches: int = 10, reps: int = 5) -> dict[str, float]:
+    """Median ms per batch of the frozen encoders alone (VAE + both text encoders), without and with the warm
+    cache, interleaved rep by rep over the same batches (the share of a step the cache can save)."""
+    import json
+
+    from easyref.base_models import BaseModels
+    from easyref.train.cache import ConditioningCache
+    from easyref.train.config import load_train_config
+    from easyref.train.data import build_dataset, collate
+    from easyref.train.recipe import Conditioner, step_generator
+
+    config = load_train_config(args.params, "pretrain", {"base": str(args.base), "data": str(args.data)})
+    base = BaseModels.load(Path(args.base) / "sdxl", Path(args.base) / "mllm", config.model)
+    drops = (config.drop_text, config.drop_image, config.drop_both)
+    plain, cached = Conditioner(base, drops), Conditioner(base, drops, cache=ConditioningCache.open(cache_dir, base))
+    unet = json.loads((Path(args.base) / "sdxl" / "unet" / "config.json").read_text())
+    size = base.vae_scale_factor * unet["sample_size"]  # the stage's native resolution, as the trainer picks it
+    dataset = build_dataset(args.data, stage="pretrain", resolution=size, max_references=4, image_root="", seed=0)
+    data = [collate([dataset[2 * i], dataset[2 * i + 1]]) for i in range(batches)]
+    times: dict[str, list[float]] = {"encoders, no cache": [], "encoders, warm cache": []}
+
+    def frozen(conditioner: Conditioner, batch: dict) -> None:
+        conditioner.encode_latents(batch["target"], step_generator(0, 0, 0, 0))
+        conditioner.encode_text(batch["caption"])
+
+    for _ in range(reps):
+        for name, fn in (
+            ("encoders, no cache", lambda b: frozen(plain, b)),
+            ("encoders, warm cache", lambda b: frozen(cached, b)),
+        ):
+            for batch in data:
+                t0 = time.perf_counter()
+                fn(batch)
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, help="tiny models folder (default: written to a temporary folder)")
@@ -70,6 +109,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
     parser.add_argument("--skip", type=int, default=3, help="first steps left out of the median (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the demo's ranks)")
+    parser.add_argument("--trials", type=int, default=3, help="off and warm runs, alternating (default 3)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled run")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_cache_"))
@@ -82,29 +123,38 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cache = str(tmp / "cache")
-    results = {
-        "off": run(args, tmp, "off"),
-        "cold": run(args, tmp, "cold", cache_dir=cache),
-        "warm": run(args, tmp, "warm", cache_dir=cache),
-        "compiled": run(args, tmp, "compiled", compile_unet=True),
-        "off again": run(args, tmp, "off_again"),
-    }
+    trials: dict[str, list[dict[str, float]]] = {"off": [], "cold": [], "warm": []}
+    trials["cold"].append(run(args, tmp, "cold", cache_dir=cache))
+    for trial in range(args.trials):  # off and warm alternate, so a change of machine load hits both
+        trials["off"].append(run(args, tmp, f"off_{trial}"))
+        trials["warm"].append(run(args, tmp, f"warm_{trial}", cache_dir=cache))
+    if args.compile:
+        trials["compiled"] = [run(args, tmp, "compiled", compile_unet=True)]
+        trials["off"].append(run(args, tmp, f"off_{args.trials}"))
+    results = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in trials.items()}
     size = sum(p.stat().st_size for p in Path(cache).rglob("*.safetensors"))
     entries = len(list(Path(cache).rglob("*.safetensors")))
     print(
         f"\n{args.steps} stage-1 steps per run, tiny profile ({args.params}), {args.threads} thread(s), "
         f"median of steps {args.skip + 1}..{args.steps}"
     )
-    print(f"{'run':>10} {'steps/s':>8} {'ms/step':>8} {'warm-up s':>10} {'wall s':>7}")
+    print(f"{'run':>10} {'runs':>5} {'steps/s':>8} {'ms/step':>8} {'warm-up s':>10} {'wall s':>7}")
     for name, r in results.items():
-        print(f"{name:>10} {r['steps_per_s']:8.2f} {r['step_ms']:8.1f} {r['warmup_s']:10.2f} {r['wall_s']:7.1f}")
-    off = statistics.mean([results["off"]["steps_per_s"], results["off again"]["steps_per_s"]])
+        print(
+            f"{name:>10} {len(trials[name]):5d} {r['steps_per_s']:8.2f} {r['step_ms']:8.1f} {r['warmup_s']:10.2f} "
+            f"{r['wall_s']:7.1f}"
+        )
     print(
-        f"steps/s ratio to off (mean of both off runs): cold {results['cold']['steps_per_s'] / off:.2f}x, "
-        f"warm {results['warm']['steps_per_s'] / off:.2f}x, compiled UNet {results['compiled']['steps_per_s'] / off:.2f}x "
-        f"(compile warm-up {results['compiled']['warmup_s']:.1f} s)"
+        "each off/warm pair, steps/s ratio warm/off: "
+        + ", ".join(
+            f"{w['steps_per_s'] / o['steps_per_s']:.2f}" for o, w in zip(trials["off"], trials["warm"], strict=False)
+        )
     )
+    ratios = ", ".join(f"{k} {results[k]['steps_per_s'] / results['off']['steps_per_s']:.2f}x" for k in results)
+    print(f"steps/s ratio to off (medians): {ratios}")
     print(f"cache: {entries} entries, {size / 2**20:.2f} MiB on disk")
+    parts = conditioning_ms(args, cache)
+    print("per batch of 2, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
 
 
 if __name__ == "__main__":
