@@ -14,9 +14,11 @@ chosen on purpose: the 2-core dev machine gives each of the demo's two processes
 
 Then it times the frozen encoders alone (VAE + both text encoders) per batch without and with the warm cache.
 
-Steps/s are from the median of each run's MLflow ``step_time_s`` after the first ``--skip`` steps (the compile
-warm-up and first-call costs), reported separately as the extra time of those steps over the median; several runs
-of one kind give the median of their figures. Prints the figures and ratios side by side. Nothing is asserted.
+Each run goes through the Trainer's own steps (``build``, then ``train_step``; no MLflow, no checkpoints) and times
+every step in wall-clock and in this process's CPU time. Steps/s are from the median CPU time per step after the
+first ``--skip`` steps (the compile warm-up and first-call costs): with one thread, CPU time is what the other jobs
+of a shared machine change least (wall-clock is printed too). The warm-up is the wall-clock time of the first
+``--skip`` steps over the median; several runs of one kind give the median of their figures. Prints the figures and ratios side by side. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -31,37 +33,40 @@ from pathlib import Path
 from bench_threads import tiny_inputs  # the script's folder is on sys.path
 
 
-def step_times(uri: str, run_id: str) -> list[float]:
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(uri).get_metric_history(run_id, "step_time_s")
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
-
-
 def run(args: argparse.Namespace, tmp: Path, name: str, **overrides: object) -> dict[str, float]:
+    """One stage-1 run through the Trainer's own steps (build, then ``train_step``), each step timed in wall-clock
+    and in this process's CPU time (what other jobs on the machine change least)."""
+    from easyref.train import distributed as D
     from easyref.train.config import load_train_config
-    from easyref.train.loop import train
+    from easyref.train.loop import Trainer
 
     config = load_train_config(
         args.params,
         "pretrain",
-        {
-            "base": str(args.base),
-            "data": str(args.data),
-            "max_steps": args.steps,
-            "save_every": 0,
-            "preview_every": -1,
-            "experiment": f"bench-train-cache-{name}",
-            **overrides,
-        },
+        {"base": str(args.base), "data": str(args.data), "max_steps": args.steps, "save_every": 0, **overrides},
     )
-    t0 = time.perf_counter()
-    result = train(config, out=tmp / "runs" / name)
-    wall = time.perf_counter() - t0
-    times = step_times(os.environ["MLFLOW_TRACKING_URI"], result.run_id)
-    steady = statistics.median(times[args.skip :])
-    warmup = sum(times[: args.skip]) - args.skip * steady
-    return {"steps_per_s": 1 / steady, "step_ms": steady * 1000, "warmup_s": warmup, "wall_s": wall}
+    env = D.setup()
+    try:
+        trainer = Trainer(config, tmp / "runs" / name, None, env)
+        trainer.build()
+        batches = trainer.batches()
+        wall, cpu = [], []
+        for step in range(config.max_steps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            trainer.train_step(step, batches)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    finally:
+        D.teardown()
+    steady_wall, steady_cpu = statistics.median(wall[args.skip :]), statistics.median(cpu[args.skip :])
+    hits = trainer.cache.counts()["cache_hits"] if trainer.cache is not None else 0
+    return {
+        "cpu_ms": steady_cpu * 1000,
+        "wall_ms": steady_wall * 1000,
+        "steps_per_s": 1 / steady_cpu,
+        "warmup_s": sum(wall[: args.skip]) - args.skip * steady_wall,
+        "hits": hits,
+    }
 
 
 def conditioning_ms(args: argparse.Namespace, cache_dir: str, batches: int = 10, reps: int = 5) -> dict[str, float]:
@@ -114,9 +119,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_cache_"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")  # a cold compile, not one from an earlier run
-    os.environ.setdefault("TQDM_DISABLE", "1")
     tiny_inputs(args, tmp)
 
     import torch
@@ -136,22 +139,21 @@ def main() -> None:
     entries = len(list(Path(cache).rglob("*.safetensors")))
     print(
         f"\n{args.steps} stage-1 steps per run, tiny profile ({args.params}), {args.threads} thread(s), "
-        f"median of steps {args.skip + 1}..{args.steps}"
+        f"median of steps {args.skip + 1}..{args.steps}; cache hits in the cold run {results['cold']['hits']:.0f}"
     )
-    print(f"{'run':>10} {'runs':>5} {'steps/s':>8} {'ms/step':>8} {'warm-up s':>10} {'wall s':>7}")
+    print(f"{'run':>10} {'runs':>5} {'CPU ms/step':>12} {'steps/s (CPU)':>14} {'wall ms/step':>13} {'warm-up s':>10}")
     for name, r in results.items():
         print(
-            f"{name:>10} {len(trials[name]):5d} {r['steps_per_s']:8.2f} {r['step_ms']:8.1f} {r['warmup_s']:10.2f} "
-            f"{r['wall_s']:7.1f}"
+            f"{name:>10} {len(trials[name]):5d} {r['cpu_ms']:12.1f} {r['steps_per_s']:14.2f} {r['wall_ms']:13.1f} "
+            f"{r['warmup_s']:10.2f}"
         )
+    pairs = zip(trials["off"], trials["warm"], strict=False)
     print(
-        "each off/warm pair, steps/s ratio warm/off: "
-        + ", ".join(
-            f"{w['steps_per_s'] / o['steps_per_s']:.2f}" for o, w in zip(trials["off"], trials["warm"], strict=False)
-        )
+        "each off/warm pair, CPU steps/s ratio warm/off: "
+        + ", ".join(f"{w['steps_per_s'] / o['steps_per_s']:.2f}" for o, w in pairs)
     )
     ratios = ", ".join(f"{k} {results[k]['steps_per_s'] / results['off']['steps_per_s']:.2f}x" for k in results)
-    print(f"steps/s ratio to off (medians): {ratios}")
+    print(f"steps/s ratio to off (medians, CPU time): {ratios}")
     print(f"cache: {entries} entries, {size / 2**20:.2f} MiB on disk")
     parts = conditioning_ms(args, cache)
     print("per batch of 2, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
