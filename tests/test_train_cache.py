@@ -195,3 +195,17 @@ def test_compiled_unet_trains_the_eager_loss_and_its_checkpoint_loads_eager(
     state, want = eager.state_dict(), reference.state_dict()
     for key in saved:
         assert torch.allclose(state[key], saved[key]) and torch.allclose(state[key], want[key], rtol=1e-3, atol=1e-5)
+
+
+def test_compile_without_a_cpp_compiler_on_cpu_is_refused(tiny_models, monkeypatch):
+    from torch._inductor import config as inductor
+
+    from easyref.errors import UserError
+    from easyref.model import load_model
+    from easyref.train.recipe import compile_unet
+
+    model = load_model(tiny_models / "sdxl", tiny_models / "mllm", config=ModelConfig(num_tokens=8, **SMALL_PIXELS))
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler-for-easyref",))
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
+        compile_unet(model, torch.device("cpu"))
+    assert not hasattr(model.unet, "_compiled_call_impl") or model.unet._compiled_call_impl is None
