@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from easyref.train import checkpoint as ckpt
 from easyref.train import distributed as D
 from easyref.train import resume
 from easyref.train.config import TrainConfig
-from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset, collate
+from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset
 from easyref.train.recipe import Conditioner, DiffusionObjective, autocast_context, autocast_dtype, step_generator
 from easyref.train.tracking import MlflowTracker, NullTracker, Previewer, git_commit, record_caption_cuts
 
@@ -252,9 +253,12 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------------------------
 
     def batches(self) -> Iterator[dict]:
-        """This rank's micro-batches from the start step on, in the global order (a pure function of seed and step);
-        the loader is started at the first ``next``."""
+        """This rank's micro-batches from the start step on, in the global order (a pure function of seed and step),
+        decoded, drop-drawn and MLLM-processed by ``num_workers`` worker processes (or this one with 0) and pinned for
+        a GPU; the loader is started at the first ``next``."""
         config, env = self.config, self.env
+        if config.num_workers:  # the tokenizers' own thread pool does not survive the fork into the workers
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.order = GlobalOrderSampler(
             len(self.dataset),
             seed=config.seed,
@@ -269,8 +273,9 @@ class Trainer:
             EpochIndexed(self.dataset),
             batch_size=config.batch_size,
             sampler=self.order,
-            collate_fn=collate,
+            collate_fn=self.conditioner.prepare(config.seed, env.rank),
             num_workers=config.num_workers,
+            pin_memory=env.device.type == "cuda",
             drop_last=False,
         )
         return _infinite(loader)

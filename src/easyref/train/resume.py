@@ -172,8 +172,10 @@ def resume_point(
         aside = out / "superseded" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         aside.parent.mkdir(parents=True, exist_ok=True)
         ckpt.checkpoint_root(out).rename(aside)
-        print(f"{path}: its settings differ from this run's ({'; '.join(changes)}); starting at step 0, the old "
-              f"checkpoints are set aside in {aside} (delete it when not needed)")
+        print(
+            f"{path}: its settings differ from this run's ({'; '.join(changes)}); starting at step 0, the old "
+            f"checkpoints are set aside in {aside} (delete it when not needed)"
+        )
         return None
 
     picked = D.on_main(pick, env)
