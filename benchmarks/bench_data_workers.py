@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from tiny_inputs import tiny_inputs
 
 
 def build_trainer(args: argparse.Namespace, workers: int, out: Path):
@@ -85,13 +84,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_workers_"))
-    easyref = [sys.executable, "-m", "easyref.cli"]
-    if args.base is None:
-        args.base = tmp / "models"
-        subprocess.run([*easyref, "tiny-models", "--out", str(args.base)], check=True, stdout=subprocess.DEVNULL)
-    if args.data is None:
-        args.data = tmp / "data"
-        subprocess.run([*easyref, "demo-data", "--out", str(args.data)], check=True, stdout=subprocess.DEVNULL)
+    args.base, args.data = tiny_inputs(tmp, args.base, args.data)
 
     settings = (0, args.workers)
     trainers = {w: build_trainer(args, w, tmp / f"out{w}") for w in settings}

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tiny_inputs import tiny_inputs
+
 from easyref.threads import available_cores
 
 
@@ -100,13 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_threads_"))
-    easyref = [sys.executable, "-m", "easyref.cli"]
-    if args.base is None:
-        args.base = tmp / "models"
-        subprocess.run([*easyref, "tiny-models", "--out", str(args.base)], check=True, stdout=subprocess.DEVNULL)
-    if args.data is None:
-        args.data = tmp / "data"
-        subprocess.run([*easyref, "demo-data", "--out", str(args.data)], check=True, stdout=subprocess.DEVNULL)
+    args.base, args.data = tiny_inputs(tmp, args.base, args.data)
 
     load = [multiprocessing.Process(target=busy_loop, args=(args.load_seconds,), daemon=True) for _ in range(args.load)]
     for proc in load:
