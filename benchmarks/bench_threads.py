@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tiny_inputs import tiny_inputs
+
 from easyref.threads import available_cores
 
 
@@ -48,17 +50,6 @@ def step_times(uri: str, experiment: str) -> list[float]:
     )[0]
     history = sorted(client.get_metric_history(run.info.run_id, "step_time_s"), key=lambda m: m.step)
     return [m.value for m in history][1:] or [m.value for m in history]
-
-
-def tiny_inputs(args: argparse.Namespace, tmp: Path) -> None:
-    """Write the tiny models and the demo data under ``tmp`` where ``args.base`` / ``args.data`` name none."""
-    easyref = [sys.executable, "-m", "easyref.cli"]
-    if args.base is None:
-        args.base = tmp / "models"
-        subprocess.run([*easyref, "tiny-models", "--out", str(args.base)], check=True, stdout=subprocess.DEVNULL)
-    if args.data is None:
-        args.data = tmp / "data"
-        subprocess.run([*easyref, "demo-data", "--out", str(args.data)], check=True, stdout=subprocess.DEVNULL)
 
 
 def train_once(args: argparse.Namespace, tmp: Path, mode: str, trial: int) -> float:
@@ -111,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_threads_"))
-    tiny_inputs(args, tmp)
+    args.base, args.data = tiny_inputs(tmp, args.base, args.data)
 
     load = [multiprocessing.Process(target=busy_loop, args=(args.load_seconds,), daemon=True) for _ in range(args.load)]
     for proc in load:

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_threads import tiny_inputs  # the script's folder is on sys.path
+from tiny_inputs import tiny_inputs  # the script's folder is on sys.path
 
 
 def run(args: argparse.Namespace, tmp: Path, name: str, **overrides: object) -> dict[str, float]:
@@ -120,7 +120,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_cache_"))
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor")  # a cold compile, not one from an earlier run
-    tiny_inputs(args, tmp)
+    args.base, args.data = tiny_inputs(tmp, args.base, args.data)
 
     import torch
 

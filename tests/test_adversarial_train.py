@@ -275,3 +275,13 @@ def test_truncated_init_exits_2_with_one_line_naming_the_file(work, base_run, tm
     (init / "easyref_config.json").write_text("[1, 2]")
     assert main([*args, "--out", str(tmp_path / "never")]) == 2
     assert "easyref_config.json: expected a JSON object" in capsys.readouterr().err
+
+
+def test_two_set_asides_within_one_second_get_distinct_names(tmp_path):
+    from easyref.train.resume import set_aside_name
+
+    names = []
+    for _ in range(3):  # faster than the clock's second: without a suffix the 2nd rename would hit the 1st folder
+        names.append(set_aside_name(tmp_path / "superseded"))
+        names[-1].mkdir()
+    assert len(set(names)) == 3 and all(n.parent == tmp_path / "superseded" for n in names)

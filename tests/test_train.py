@@ -114,7 +114,7 @@ def test_global_order_is_independent_of_world_size_and_resumable():
     from easyref.train.data import GlobalOrderSampler
 
     def order(world, start, accum=1, batch=2):
-        per_rank = [[i for _, i in GlobalOrderSampler(7, seed=3, batch_size=batch, grad_accum=accum, rank=r, world_size=world,
+        per_rank = [[k.index for k in GlobalOrderSampler(7, seed=3, batch_size=batch, grad_accum=accum, rank=r, world_size=world,
                                             start_step=start, max_steps=6)] for r in range(world)]
         steps = []
         for s in range(6 - start):  # interleave ranks micro-batch by micro-batch, as the global order defines

@@ -96,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
     if params is None and Path("params.yaml").is_file():
         params = Path("params.yaml")
     config = load_train_config(params, args.stage, vars(args))
-    train(config, out=args.out, init=args.init, allow_config_change=args.allow_config_change,
-          restart_on_config_change=args.restart_on_config_change)
+    train(
+        config,
+        out=args.out,
+        init=args.init,
+        allow_config_change=args.allow_config_change,
+        restart_on_config_change=args.restart_on_config_change,
+    )
     return 0

@@ -8,7 +8,9 @@ read into its time ids as SDXL was trained (without them: the target size and (0
 
 The data order is a pure function of ``(seed, step)``: optimizer step ``s`` consumes global positions
 ``[s * G, (s + 1) * G)`` (``G`` = global batch) of an endless sequence of per-epoch permutations. A resumed run
-therefore continues the exact order from its checkpoint's step, whatever the world size.
+therefore continues the exact order from its checkpoint's step, whatever the world size. Each key the sampler
+yields also says which optimizer step and micro-step it belongs to, so the collate function (in a DataLoader worker)
+can draw that micro-step's CFG drops and prepare the MLLM inputs (:class:`easyref.train.recipe.PrepareBatch`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -26,7 +28,17 @@ from easyref.errors import UserError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class GlobalOrderSampler(Sampler[tuple[int, int]]):
+class SampleKey(NamedTuple):
+    """Where a sample sits in the global order: which epoch's permutation, which dataset index, and the optimizer step
+    and micro-step that read it."""
+
+    epoch: int
+    index: int
+    step: int
+    micro: int
+
+
+class GlobalOrderSampler(Sampler[SampleKey]):
     """The dataset indices one rank reads from ``start_step`` to ``max_steps``, micro-batch by micro-batch.
 
     Within a step, micro-step ``m`` of rank ``r`` takes positions ``base + (m * W + r) * B + [0, B)``.
@@ -62,20 +74,22 @@ class GlobalOrderSampler(Sampler[tuple[int, int]]):
             self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._perms[epoch][offset]
 
-    def keys_for_step(self, step: int) -> list[tuple[int, int]]:
-        """This rank's ``(epoch, index)`` pairs of optimizer step ``step``, micro-batch after micro-batch."""
+    def keys_for_step(self, step: int) -> list[SampleKey]:
+        """This rank's keys of optimizer step ``step``, micro-batch after micro-batch."""
         base = step * self.global_batch
         out = []
         for m in range(self.accum):
             first = base + (m * self.world + self.rank) * self.batch
-            out.extend((p // self.n, self.position_index(p)) for p in range(first, first + self.batch))
+            out.extend(
+                SampleKey(p // self.n, self.position_index(p), step, m) for p in range(first, first + self.batch)
+            )
         return out
 
     def indices_for_step(self, step: int) -> list[int]:
-        return [index for _, index in self.keys_for_step(step)]
+        return [key.index for key in self.keys_for_step(step)]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        """``(epoch, index)`` pairs; :class:`EpochIndexed` turns them into samples of that epoch."""
+    def __iter__(self) -> Iterator[SampleKey]:
+        """Keys in reading order; :class:`EpochIndexed` turns them into samples of that epoch."""
         for step in range(self.start_step, self.max_steps):
             yield from self.keys_for_step(step)
 
@@ -94,7 +108,8 @@ class GlobalOrderSampler(Sampler[tuple[int, int]]):
 
 
 class EpochIndexed(Dataset):
-    """Reads ``(epoch, index)`` keys: sets the epoch of datasets whose sampling depends on it, then indexes."""
+    """Reads :class:`SampleKey` keys: sets the epoch of datasets whose sampling depends on it, indexes, and records
+    the key's ``(step, micro)`` in the sample as ``position``."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -102,11 +117,10 @@ class EpochIndexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key
+    def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-        return self.dataset[index]
+            self.dataset.set_epoch(key.epoch)
+        return {**self.dataset[key.index], "position": (key.step, key.micro)}
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

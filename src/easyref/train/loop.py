@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from easyref.train import distributed as D
 from easyref.train import resume
 from easyref.train.cache import ConditioningCache, record_cache_counts
 from easyref.train.config import TrainConfig
-from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset, collate
+from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset
 from easyref.train.recipe import (
     Conditioner,
     DiffusionObjective,
@@ -265,9 +266,12 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------------------------
 
     def batches(self) -> Iterator[dict]:
-        """This rank's micro-batches from the start step on, in the global order (a pure function of seed and step);
-        the loader is started at the first ``next``."""
+        """This rank's micro-batches from the start step on, in the global order (a pure function of seed and step),
+        decoded, drop-drawn and MLLM-processed by ``num_workers`` worker processes (or this one with 0) and pinned for
+        a GPU; the loader is started at the first ``next``."""
         config, env = self.config, self.env
+        if config.num_workers:  # the tokenizers' own thread pool does not survive the fork into the workers
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.order = GlobalOrderSampler(
             len(self.dataset),
             seed=config.seed,
@@ -282,8 +286,9 @@ class Trainer:
             EpochIndexed(self.dataset),
             batch_size=config.batch_size,
             sampler=self.order,
-            collate_fn=collate,
+            collate_fn=self.conditioner.prepare(config.seed, env.rank),
             num_workers=config.num_workers,
+            pin_memory=env.device.type == "cuda",
             drop_last=False,
         )
         return _infinite(loader)

@@ -7,6 +7,13 @@ model's DDPM schedule at ``t ~ U{0..999}``, and the model predicts the noise.
 
 All randomness of a micro-step comes from one generator seeded by ``(seed, step, micro-step, rank)``, so a resumed
 run draws exactly what the uninterrupted run drew.
+
+The work is split by where it runs. :class:`PrepareBatch` is the CPU half, the DataLoader's collate function (so in
+its worker processes with ``num_workers > 0``): it stacks the decoded samples, draws each sample's drop (the first
+draw of the micro-step's generator) and runs the MLLM processor (image resize and patchify, chat template,
+tokenisation) on what was kept. :class:`Conditioner` is the frozen-model half on the training device: it repeats the
+drop draw from the same generator (so the draws after it are the ones it always made, and a batch prepared for
+another micro-step is refused), then encodes the target and the captions and noises the latents.
 """
 
 from __future__ import annotations
@@ -62,6 +69,40 @@ def draw_drops(
     return text, image
 
 
+def apply_drops(
+    references: list[Any], captions: list[str], drop_text: list[bool], drop_image: list[bool]
+) -> tuple[list[Any], list[str]]:
+    """Dropped references become ``None`` (the processor's black image), dropped captions ``""``."""
+    groups = [None if d else g for g, d in zip(references, drop_image, strict=True)]
+    return groups, ["" if d else c for c, d in zip(captions, drop_text, strict=True)]
+
+
+class PrepareBatch:
+    """The DataLoader's collate function: samples (with the ``position`` :class:`~easyref.train.data.EpochIndexed`
+    records) to a batch whose references are already MLLM inputs (``reference_inputs``), with the drops drawn.
+
+    Runs in the DataLoader workers when there are any; pickled into them, so it holds only the processor and numbers.
+    """
+
+    def __init__(self, processor: ReferenceProcessor, drops: tuple[float, float, float], seed: int, rank: int):
+        self.processor, self.drops, self.seed, self.rank = processor, drops, seed, rank
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        from easyref.train.data import collate
+
+        positions = {tuple(s["position"]) for s in samples}
+        if len(positions) != 1:
+            raise ValueError(f"one micro-batch holds samples of several micro-steps {sorted(positions)}")
+        (step, micro) = positions.pop()
+        batch = collate(samples)
+        generator = step_generator(self.seed, step, micro, self.rank)
+        drop_text, drop_image = draw_drops(len(samples), *self.drops, generator)
+        groups, captions = apply_drops(batch.pop("references"), batch["caption"], drop_text, drop_image)
+        batch["reference_inputs"] = dict(self.processor(groups, captions))
+        batch["drops"] = (drop_text, drop_image)
+        return batch
+
+
 def sdxl_time_ids(batch: dict[str, Any]) -> torch.Tensor:
     """``(B, 6)`` SDXL micro-conditioning: original size (h, w), crop top-left (top, left), target size (h, w).
 
@@ -109,8 +150,12 @@ class Conditioner:
     ):
         self.base, self.processor, self.cache = base, processor or base.processor, cache
         self.scheduler, self.device = base.noise_scheduler, base.device
-        self.p_text, self.p_image, self.p_both = drops
+        self.drops = drops
         self.captions = CaptionFit.for_pipeline(base)  # the training captions' own counts (not the previews')
+
+    def prepare(self, seed: int, rank: int) -> PrepareBatch:
+        """The collate function that does this conditioner's CPU half (with its processor and drop rates)."""
+        return PrepareBatch(self.processor, self.drops, seed, rank)
 
     @torch.no_grad()
     def encode_latents(self, target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -153,10 +198,21 @@ class Conditioner:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> Conditioned:
+        """``batch``: from :class:`PrepareBatch` (references already MLLM inputs) or raw (``references`` as PIL
+        groups, processed here); ``generator``: the micro-step's :func:`step_generator`."""
         n = len(batch["caption"])
-        drop_text, drop_image = draw_drops(n, self.p_text, self.p_image, self.p_both, generator)
-        captions = ["" if d else c for c, d in zip(batch["caption"], drop_text, strict=True)]
-        groups = [None if d else g for g, d in zip(batch["references"], drop_image, strict=True)]
+        drop_text, drop_image = draw_drops(n, *self.drops, generator)
+        if "reference_inputs" in batch:
+            if tuple(batch["drops"]) != (drop_text, drop_image):
+                raise RuntimeError(
+                    "this batch was prepared for another micro-step (its CFG drops differ from this step's draw); "
+                    "the loader and the step generator are out of step"
+                )
+            captions = ["" if d else c for c, d in zip(batch["caption"], drop_text, strict=True)]
+            inputs = batch["reference_inputs"]
+        else:
+            groups, captions = apply_drops(batch["references"], batch["caption"], drop_text, drop_image)
+            inputs = self.processor(groups, captions)
         target = batch["target"]
         latents = self.encode_latents(target, generator)
         text, pooled = self.encode_text(captions)
@@ -165,7 +221,7 @@ class Conditioner:
         timesteps = torch.randint(0, steps, (n,), generator=generator).to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         time_ids = sdxl_time_ids(batch).to(self.device, text.dtype)
-        inputs = {k: v.to(self.device) for k, v in self.processor(groups, captions).items()}
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         return Conditioned(inputs, noisy, timesteps, text, pooled, time_ids, noise)
 
 

@@ -152,6 +152,14 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, config: TrainConfig)
         group["lr"], group["betas"], group["weight_decay"] = config.lr, tuple(config.betas), config.weight_decay
 
 
+def set_aside_name(folder: Path) -> Path:
+    """A new ``folder/<UTC time>`` name (``-2``, ``-3``, ... when one of that second exists); ``folder`` is created."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    candidates = (folder / (stamp if n == 1 else f"{stamp}-{n}") for n in range(1, 10_000))
+    return next(c for c in candidates if not c.exists())
+
+
 def resume_point(
     out: Path, settings: dict, allow: bool, env: D.DistEnv, restart: bool = False
 ) -> tuple[Path | None, list[str]]:
@@ -159,7 +167,7 @@ def resume_point(
 
     With ``restart`` (``--restart-on-config-change``, what a DVC stage wants after a params.yaml edit), checkpoints
     whose settings differ from this run's are set aside, not resumed and not deleted: rank 0 moves ``OUT/checkpoints``
-    to ``OUT/superseded/<UTC time>`` and the run starts at step 0.
+    to ``OUT/superseded/<UTC time>`` (suffixed ``-2``, ... within one second) and the run starts at step 0.
     """
 
     def pick() -> str | None:  # verifies checksums and sets damaged checkpoints aside: one process does it
@@ -169,11 +177,12 @@ def resume_point(
         changes = check_resume(path, json.loads((path / STATE_FILE).read_text()), settings, allow=True)
         if not changes:
             return str(path)
-        aside = out / "superseded" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside.parent.mkdir(parents=True, exist_ok=True)
+        aside = set_aside_name(out / "superseded")
         ckpt.checkpoint_root(out).rename(aside)
-        print(f"{path}: its settings differ from this run's ({'; '.join(changes)}); starting at step 0, the old "
-              f"checkpoints are set aside in {aside} (delete it when not needed)")
+        print(
+            f"{path}: its settings differ from this run's ({'; '.join(changes)}); starting at step 0, the old "
+            f"checkpoints are set aside in {aside} (delete it when not needed)"
+        )
         return None
 
     picked = D.on_main(pick, env)
