@@ -168,6 +168,8 @@ class ConditioningCache:
         self.root = root
         self.latents = EntryStore(root / "latents" / latent_fp, names=("parameters",))
         self.text = EntryStore(root / "text" / text_fp, names=("text", "pooled"))
+        self.files_hashed = 0
+        """Base files :meth:`open` read to fingerprint them (0 when every hash came from the memo)."""
 
     @classmethod
     def open(cls, root: str | Path, base: Any) -> ConditioningCache:
