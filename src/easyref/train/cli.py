@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--compile-unet", dest="compile_unet", action="store_true", default=None, help="torch.compile the UNet"
     )
+    group.add_argument(
+        "--compile-backend", dest="compile_backend", help="its backend (default inductor; aot_eager: capture only)"
+    )
     group.add_argument("--experiment", help="MLflow experiment name")
     parser.add_argument(
         "--threads",

@@ -98,6 +98,9 @@ class TrainConfig:
     and the base's fingerprint, shared by ranks and runs (empty = off; same losses either way)."""
     compile_unet: bool = False
     """``torch.compile`` the UNet (not with ``fsdp``; needs a C++ compiler on CPU). Same loss up to float rounding."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend of ``compile_unet``: ``inductor`` generates fused kernels (the speed-up);
+    ``aot_eager`` only captures the graphs and runs them with the eager kernels (checks a model compiles, in seconds)."""
     parts: list[str] | None = None
     """Trainable parts (see ``easyref.model.PARTS``); default per stage."""
     lora_rank: int | None = None

@@ -199,7 +199,7 @@ class Trainer:
         model.set_trainable(config.parts)
         model.train()
         if config.compile_unet:
-            compile_unet(model, env.device)
+            compile_unet(model, env.device, config.compile_backend)
         self.objective: torch.nn.Module = DiffusionObjective(model)
         if config.fsdp and env.distributed:
             D.shard_fsdp(model, env, param_dtype=self.dtype)

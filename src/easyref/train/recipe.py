@@ -238,13 +238,18 @@ class DiffusionObjective(nn.Module):
         return F.mse_loss(eps.float(), c.noise.float())
 
 
-def compile_unet(model: EasyRef, device: torch.device) -> None:
+def compile_unet(model: EasyRef, device: torch.device, backend: str = "inductor") -> None:
     """``torch.compile`` the UNet in place (``nn.Module.compile``: the module is not wrapped, so state-dict keys get
     no ``_orig_mod.`` prefix and checkpoints stay interchangeable with eager runs). On CPU, inductor needs a C++
     compiler; without one this refuses before training starts."""
     from easyref.errors import UserError
 
-    if device.type == "cpu":
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserError(
+            f"compile_backend: {backend!r} is not a torch.compile backend; choose from "
+            f"{', '.join(torch._dynamo.list_backends())}"
+        )
+    if device.type == "cpu" and backend == "inductor":
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler
 
@@ -254,4 +259,4 @@ def compile_unet(model: EasyRef, device: torch.device) -> None:
                 f"compile_unet: torch.compile on CPU needs a C++ compiler (g++ or clang++; $CXX) and none works "
                 f"here ({exc}); install one or set compile_unet: false"
             ) from None
-    model.unet.compile()
+    model.unet.compile(backend=backend)
