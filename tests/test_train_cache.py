@@ -159,6 +159,10 @@ def test_cache_and_compile_come_from_params_and_flags(tmp_path):
     )
     config = load_train_config(None, "pretrain", vars(args))
     assert config.cache_dir == "c" and config.compile_unet
+    args = build_parser("train").parse_args(
+        ["train", "--stage", "pretrain", "--out", "x", "--compile-backend", "aot_eager"]
+    )
+    assert load_train_config(None, "pretrain", vars(args)).compile_backend == "aot_eager"
     with pytest.raises(UserError, match="compile_unet is not supported with fsdp"):
         load_train_config(None, "pretrain", {"compile_unet": True, "fsdp": True})
 
@@ -171,6 +175,10 @@ def test_compiled_unet_keeps_its_state_dict_keys(tiny_models):
     keys = list(model.state_dict())
     compile_unet(model, torch.device("cpu"))
     assert list(model.state_dict()) == keys  # no `_orig_mod.` prefix: checkpoints load into an eager model
+    from easyref.errors import UserError
+
+    with pytest.raises(UserError, match="'inductr' is not a torch.compile backend; choose from .*inductor"):
+        compile_unet(model, torch.device("cpu"), backend="inductr")
 
 
 @pytest.mark.slow
