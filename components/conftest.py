@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from components.testing import TINY_TRAIN, build_workspace, component_env, easyref
+from components.testing import TINY_TRAIN, build_workspace, component_env, easyref, mlflow_store
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def kfp_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     for key, value in component_env().items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))

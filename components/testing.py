@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,6 @@ def build_workspace(root: Path, groups: int = 12) -> dict[str, Path]:
 def _keep_groups(raw: Path, groups: int) -> None:
     """Trim the demo dataset to its first ``groups`` groups (fewer images = faster tests)."""
     import json
-    import shutil
 
     folders = sorted(p for p in raw.iterdir() if p.is_dir())
     for folder in folders[groups:]:
@@ -62,8 +62,6 @@ def _keep_groups(raw: Path, groups: int) -> None:
 
 def fresh_copy(dst: Path) -> Path:
     """The repository's files (tracked + untracked, not ignored) copied to ``dst`` as a new one-commit git repo."""
-    import shutil
-
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for rel in filter(None, listed):
@@ -78,11 +76,49 @@ def fresh_copy(dst: Path) -> Path:
     return dst
 
 
+_TEMPLATES: dict[str, Path] = {}
+
+
+def _mlflow_template() -> Path:
+    """This process's empty, migrated MLflow store (built once, in a temp folder removed at exit)."""
+    if "store" not in _TEMPLATES or not _TEMPLATES["store"].is_file():
+        import atexit
+        import tempfile
+
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        folder = Path(tempfile.mkdtemp(prefix="easyref-mlflow-template-"))
+        atexit.register(shutil.rmtree, folder, True)
+        store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "mlruns"))
+        store.engine.dispose()
+        _TEMPLATES["store"] = folder / "mlflow.db"
+    return _TEMPLATES["store"]
+
+
+def mlflow_store(db: Path, artifact_root: str | None = None) -> str:
+    """``sqlite:///DB``: a new, empty MLflow store at ``db`` (kept if it already exists). Opening a new store runs
+    MLflow's ~50 schema migrations, 5-10 s of CPU in whichever process opens it first; the tests open dozens, so the
+    migrations run once per test process and each store is a copy. The copy is what MLflow would have created: the
+    same schema, no runs, and the Default experiment's artifacts under ``artifact_root`` (default: ``mlruns`` beside
+    the store, as for a process started in its folder; a server passes its ``--default-artifact-root``)."""
+    import sqlite3
+    from contextlib import closing
+
+    db = Path(db)
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_mlflow_template(), db)
+        root = (artifact_root or str(db.parent.resolve() / "mlruns")).rstrip("/")
+        with closing(sqlite3.connect(db)) as con, con:
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (f"{root}/0",))
+    return f"sqlite:///{db}"
+
+
 def tool_env(tmp: Path) -> dict[str, str]:
     """Environment for `dvc` / `easyref` subprocesses: this venv first on PATH, MLflow in ``tmp``, no telemetry."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    env["MLFLOW_TRACKING_URI"] = mlflow_store(tmp / "mlflow.db")
     env["DVC_NO_ANALYTICS"] = "1"
     return env
 

@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from components.testing import mlflow_store
 from easyref.errors import UserError
 from easyref.model import ModelConfig
 from tests.conftest import SMALL_PIXELS, make_group
@@ -30,7 +31,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tracking_uri(workdir) -> str:
     """One MLflow database for the module (creating its tables takes seconds)."""
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    uri = mlflow_store(workdir / "mlflow.db")
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     yield uri
