@@ -6,7 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,10 +33,15 @@ def component_env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
+def workspace_paths(root: Path) -> dict[str, Path]:
+    """Where :func:`build_workspace` puts the tiny models, the demo data, its ingestion and its split."""
+    return {"models": root / "models" / "tiny", "raw": root / "data" / "raw",
+            "ingested": root / "data" / "ingested", "split": root / "data" / "split"}
+
+
 def build_workspace(root: Path, groups: int = 12) -> dict[str, Path]:
     """Tiny models, demo data (``groups`` groups of 4-5 images), its ingestion and split, under ``root``."""
-    paths = {"models": root / "models" / "tiny", "raw": root / "data" / "raw",
-             "ingested": root / "data" / "ingested", "split": root / "data" / "split"}
+    paths = workspace_paths(root)
     from easyref.tiny_models import write_tiny_models
 
     write_tiny_models(paths["models"], seed=0)
@@ -44,6 +51,30 @@ def build_workspace(root: Path, groups: int = 12) -> dict[str, Path]:
     easyref("split", "--manifest", str(paths["ingested"] / "manifest.parquet"), "--out", str(paths["split"]),
             "--held-out-groups", "2", "--held-in-groups", "2")
     return paths
+
+
+def built_once(tmp_path_factory: Any, name: str, build: Callable[[Path], object]) -> Path:
+    """A folder ``name`` that ``build(folder)`` fills once per test run, shared by the pytest-xdist workers.
+
+    A session-scoped fixture runs once per worker, and ``make test`` has two: inputs that take half a minute (a
+    workspace, a trained checkpoint) were built twice. The workers of one run share the parent of their temp
+    folders; the first worker to get here builds under a file lock, the others wait for it and reuse the folder.
+    A failed build leaves no mark, so the next worker tries again (and fails the same way). Without xdist: the
+    session's temp folder, once per session. Use it only for what the tests read and never change."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / "built-once" / name
+    done = folder.with_name(f"{name}.done")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.with_name(f"{name}.lock"))):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
 
 
 def _keep_groups(raw: Path, groups: int) -> None:
