@@ -32,8 +32,9 @@ def pretrained(workspace: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     def train(run: Path) -> None:
         params = run / "params.yaml"
         params.write_text(yaml.safe_dump({"train": TINY_TRAIN}))
+        mlflow_store(run / "mlflow.db")  # the default tracking URI, sqlite:///mlflow.db, is in the cwd: run
         easyref("train", "--stage", "pretrain", "--params", str(params), "--base", str(workspace["models"]),
-                "--data", str(workspace["raw"]), "--out", str(run), "--max-steps", "1")
+                "--data", str(workspace["raw"]), "--out", str(run), "--max-steps", "1", cwd=run)
 
     return built_once(tmp_path_factory, "component-pretrained", train) / "final"
 
