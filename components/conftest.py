@@ -6,26 +6,37 @@ from pathlib import Path
 
 import pytest
 
-from components.testing import TINY_TRAIN, build_workspace, component_env, easyref
+from components.testing import (
+    TINY_TRAIN,
+    build_workspace,
+    built_once,
+    component_env,
+    easyref,
+    mlflow_store,
+    workspace_paths,
+)
 
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny models, 12 demo groups, ingested and split (about 10 s)."""
-    return build_workspace(tmp_path_factory.mktemp("workspace"))
+    """Tiny models, 12 demo groups, ingested and split (about 10 s quiet, 40 s loaded): once per test run."""
+    return workspace_paths(built_once(tmp_path_factory, "component-workspace", build_workspace))
 
 
 @pytest.fixture(scope="session")
 def pretrained(workspace: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-step pretraining checkpoint (trained on the demo folder with the plain CLI, not a component)."""
+    """A one-step pretraining checkpoint (trained on the demo folder with the plain CLI, not a component): once
+    per test run."""
     import yaml
 
-    run = tmp_path_factory.mktemp("pretrain")
-    params = run / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": TINY_TRAIN}))
-    easyref("train", "--stage", "pretrain", "--params", str(params), "--base", str(workspace["models"]),
-            "--data", str(workspace["raw"]), "--out", str(run), "--max-steps", "1")
-    return run / "final"
+    def train(run: Path) -> None:
+        params = run / "params.yaml"
+        params.write_text(yaml.safe_dump({"train": TINY_TRAIN}))
+        mlflow_store(run / "mlflow.db")  # the default tracking URI, sqlite:///mlflow.db, is in the cwd: run
+        easyref("train", "--stage", "pretrain", "--params", str(params), "--base", str(workspace["models"]),
+                "--data", str(workspace["raw"]), "--out", str(run), "--max-steps", "1", cwd=run)
+
+    return built_once(tmp_path_factory, "component-pretrained", train) / "final"
 
 
 @pytest.fixture()
@@ -35,7 +46,7 @@ def kfp_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     for key, value in component_env().items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "kfp"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +33,15 @@ def component_env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
+def workspace_paths(root: Path) -> dict[str, Path]:
+    """Where :func:`build_workspace` puts the tiny models, the demo data, its ingestion and its split."""
+    return {"models": root / "models" / "tiny", "raw": root / "data" / "raw",
+            "ingested": root / "data" / "ingested", "split": root / "data" / "split"}
+
+
 def build_workspace(root: Path, groups: int = 12) -> dict[str, Path]:
     """Tiny models, demo data (``groups`` groups of 4-5 images), its ingestion and split, under ``root``."""
-    paths = {"models": root / "models" / "tiny", "raw": root / "data" / "raw",
-             "ingested": root / "data" / "ingested", "split": root / "data" / "split"}
+    paths = workspace_paths(root)
     from easyref.tiny_models import write_tiny_models
 
     write_tiny_models(paths["models"], seed=0)
@@ -45,10 +53,33 @@ def build_workspace(root: Path, groups: int = 12) -> dict[str, Path]:
     return paths
 
 
+def built_once(tmp_path_factory: Any, name: str, build: Callable[[Path], object]) -> Path:
+    """A folder ``name`` that ``build(folder)`` fills once per test run, shared by the pytest-xdist workers.
+
+    A session-scoped fixture runs once per worker, and ``make test`` has two: inputs that take half a minute (a
+    workspace, a trained checkpoint) were built twice. The workers of one run share the parent of their temp
+    folders; the first worker to get here builds under a file lock, the others wait for it and reuse the folder.
+    A failed build leaves no mark, so the next worker tries again (and fails the same way). Without xdist: the
+    session's temp folder, once per session. Use it only for what the tests read and never change."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / "built-once" / name
+    done = folder.with_name(f"{name}.done")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.with_name(f"{name}.lock"))):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 def _keep_groups(raw: Path, groups: int) -> None:
     """Trim the demo dataset to its first ``groups`` groups (fewer images = faster tests)."""
     import json
-    import shutil
 
     folders = sorted(p for p in raw.iterdir() if p.is_dir())
     for folder in folders[groups:]:
@@ -62,8 +93,6 @@ def _keep_groups(raw: Path, groups: int) -> None:
 
 def fresh_copy(dst: Path) -> Path:
     """The repository's files (tracked + untracked, not ignored) copied to ``dst`` as a new one-commit git repo."""
-    import shutil
-
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for rel in filter(None, listed):
@@ -78,11 +107,49 @@ def fresh_copy(dst: Path) -> Path:
     return dst
 
 
+_TEMPLATES: dict[str, Path] = {}
+
+
+def _mlflow_template() -> Path:
+    """This process's empty, migrated MLflow store (built once, in a temp folder removed at exit)."""
+    if "store" not in _TEMPLATES or not _TEMPLATES["store"].is_file():
+        import atexit
+        import tempfile
+
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        folder = Path(tempfile.mkdtemp(prefix="easyref-mlflow-template-"))
+        atexit.register(shutil.rmtree, folder, True)
+        store = SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "mlruns"))
+        store.engine.dispose()
+        _TEMPLATES["store"] = folder / "mlflow.db"
+    return _TEMPLATES["store"]
+
+
+def mlflow_store(db: Path, artifact_root: str | None = None) -> str:
+    """``sqlite:///DB``: a new, empty MLflow store at ``db`` (kept if it already exists). Opening a new store runs
+    MLflow's ~50 schema migrations, 5-10 s of CPU in whichever process opens it first; the tests open dozens, so the
+    migrations run once per test process and each store is a copy. The copy is what MLflow would have created: the
+    same schema, no runs, and the Default experiment's artifacts under ``artifact_root`` (default: ``mlruns`` beside
+    the store, as for a process started in its folder; a server passes its ``--default-artifact-root``)."""
+    import sqlite3
+    from contextlib import closing
+
+    db = Path(db)
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_mlflow_template(), db)
+        root = (artifact_root or str(db.parent.resolve() / "mlruns")).rstrip("/")
+        with closing(sqlite3.connect(db)) as con, con:
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (f"{root}/0",))
+    return f"sqlite:///{db}"
+
+
 def tool_env(tmp: Path) -> dict[str, str]:
     """Environment for `dvc` / `easyref` subprocesses: this venv first on PATH, MLflow in ``tmp``, no telemetry."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    env["MLFLOW_TRACKING_URI"] = mlflow_store(tmp / "mlflow.db")
     env["DVC_NO_ANALYTICS"] = "1"
     return env
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny models are built once per test session (a few seconds) into a temp folder."""
+"""Shared fixtures: the tiny models are built once per test run (a few seconds) into a temp folder."""
 
 from __future__ import annotations
 
@@ -36,9 +36,13 @@ def _restore_mlflow_tracking_uri():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models, written once per test run and shared by the xdist workers (tests only read them)."""
+    from components.testing import built_once
     from easyref.tiny_models import write_tiny_models
 
-    return write_tiny_models(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+    return (
+        built_once(tmp_path_factory, "tiny-models", lambda folder: write_tiny_models(folder / "tiny", seed=0)) / "tiny"
+    )
 
 
 @pytest.fixture()

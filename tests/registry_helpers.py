@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from components.testing import mlflow_store
 from tests.conftest import SMALL_PIXELS
 
 GOOD = {"easyref.clip_i": 0.80, "easyref.clip_t": 0.70, "easyref.dino_i": 0.60, "num_samples": 3}
@@ -33,7 +34,8 @@ def write_metrics(path: Path, checkpoint: Path, evaluation: dict | None = None, 
 
 
 def sqlite_uri(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    """A new MLflow store in ``tmp_path`` (a copy of a migrated empty one: components.testing.mlflow_store)."""
+    return mlflow_store(tmp_path / "mlflow.db")
 
 
 def aliases(uri: str, name: str) -> dict[str, str]:

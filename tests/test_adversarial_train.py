@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from components.testing import mlflow_store
 from easyref.cli import main
 from easyref.locking import HOLDER_NAME, output_lock
 from tests.train_fixtures import copy_run, easyref_process, easyref_run, message_lines, write_groups, write_params
@@ -24,7 +25,7 @@ def work(tmp_path_factory, tiny_models) -> Path:
     write_groups(root / "groups")
     write_params(root / "params.yaml", tiny_models, root / "groups")
     old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_store(root / "mlflow.db")
     yield root
     if old is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from components.testing import mlflow_store
 from easyref.captions import CaptionFit
 from tests.conftest import make_group
 
@@ -88,7 +89,7 @@ def test_training_records_the_number_of_cut_captions(tiny_models, tmp_path, monk
     from easyref.train.distributed import DistEnv
     from easyref.train.tracking import MlflowTracker, record_caption_cuts
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("EASYREF_PIPELINE_RUN", raising=False)
     from transformers import CLIPTokenizer

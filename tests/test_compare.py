@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from components.testing import mlflow_store
 from easyref.cli import main
 
 
@@ -118,7 +119,7 @@ def test_compare_reads_an_mlflow_run_of_easyref_evaluate(tmp_path, capsys):
     from mlflow import MlflowClient
 
     folder = write_evaluation(tmp_path / "ev", "held_out", "concat", {"easyref": 0.5})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri)
     experiment = client.create_experiment("easyref-evaluate", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client.create_run(experiment)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from components.testing import mlflow_store
 from easyref.errors import UserError
 from easyref.evaluate import (
     Sample,
@@ -173,7 +174,7 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
             "--baseline",
             "lora",
             "--tracking-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
+            mlflow_store(root / "mlflow.db"),
         ]
     )
     assert code == 0

@@ -277,9 +277,12 @@ def test_mlflow_server_answers_the_in_cluster_host_and_refuses_others(tmp_path: 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # what only the cluster has is replaced: the stores by local ones, the listen address by loopback
+    from components.testing import mlflow_store
+
+    # what only the cluster has is replaced: the stores by local ones, the listen address by loopback. The store is
+    # a new one already migrated (as on a cluster whose database has run once): the migrations are not under test.
     local = {
-        "--backend-store-uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--backend-store-uri": mlflow_store(tmp_path / "mlflow.db", artifact_root="mlflow-artifacts:/"),
         "--artifacts-destination": str(tmp_path),
         "--host": "127.0.0.1",
         "--port": str(port),
@@ -294,6 +297,10 @@ def test_mlflow_server_answers_the_in_cluster_host_and_refuses_others(tmp_path: 
     for arg in container["args"]:
         name = arg.split("=", 1)[0]
         args.append(f"{name}={local[name]}" if name in local else _expand(arg, env))
+    # One worker instead of the default four: each worker loads the app and the auth app (migrating auth.db), which
+    # costs a minute of CPU on a loaded 2-core machine; the host check runs in every worker alike.
+    assert not any(a.startswith(("--workers", "-w")) for a in args), "the manifest sets workers: keep its value"
+    args.append("--workers=1")
     (tmp_path / "auth.ini").write_text(
         "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
         f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\nadmin_password = s3cret-Pass-1\n"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from components.testing import mlflow_store
 from easyref.errors import UserError
 from easyref.registry import (
     CHALLENGER,
@@ -281,7 +282,7 @@ def s3_server(tmp_path, monkeypatch):
             "--port",
             str(mlflow_port),
             "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
+            mlflow_store(tmp_path / "server.db", artifact_root="s3://mlflow/art"),
             "--default-artifact-root",
             "s3://mlflow/art",
             "--no-serve-artifacts",

@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from components.testing import built_once, mlflow_store
 from easyref.errors import UserError
 from easyref.model import ModelConfig
 from tests.conftest import SMALL_PIXELS, make_group
@@ -30,7 +31,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tracking_uri(workdir) -> str:
     """One MLflow database for the module (creating its tables takes seconds)."""
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    uri = mlflow_store(workdir / "mlflow.db")
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     yield uri
@@ -42,8 +43,11 @@ def tracking_uri(workdir) -> str:
 
 @pytest.fixture(scope="module")
 def groups_dir(workdir) -> Path:
+    return write_groups_dir(workdir / "groups")
+
+
+def write_groups_dir(root: Path) -> Path:
     """Three groups of three images in the demo-data folder layout."""
-    root = workdir / "groups"
     lines = []
     for g in range(3):
         (root / f"group{g}").mkdir(parents=True)
@@ -60,6 +64,10 @@ LONG = ", drawn with a thin pen on grey paper beside a blue circle and a green t
 
 @pytest.fixture(scope="module")
 def params_file(workdir, tiny_models, groups_dir) -> Path:
+    return write_params_file(workdir / "params.yaml", tiny_models, groups_dir)
+
+
+def write_params_file(path: Path, tiny_models: Path, groups_dir: Path) -> Path:
     params = {
         "model": {"num_tokens": 8, **SMALL_PIXELS},
         "train": {
@@ -67,7 +75,6 @@ def params_file(workdir, tiny_models, groups_dir) -> Path:
             "preview_steps": 2, "preview_samples": 2, "preview_every": -1, "lora_rank": 4,
         },
     }
-    path = workdir / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
 
@@ -287,12 +294,18 @@ def _torchrun(params_file: Path, out: Path, tracking_uri: str, *extra: str) -> s
 
 
 @pytest.fixture(scope="module")
-def ddp_reference(workdir, params_file, tracking_uri) -> Path:
-    out = workdir / "ddp"
-    proc = _torchrun(params_file, out, tracking_uri)
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log[-4000:]
-    return out
+def ddp_reference(tmp_path_factory, tiny_models) -> Path:
+    """The uninterrupted two-process run, once per test run: both xdist workers used to train it (40 s each on a
+    loaded machine). Its inputs are written as every worker writes its own (the same tiny models, the same groups,
+    the same settings), so the sigkill test's run in a worker's folder can be compared with it."""
+
+    def run(folder: Path) -> None:
+        params = write_params_file(folder / "params.yaml", tiny_models, write_groups_dir(folder / "groups"))
+        proc = _torchrun(params, folder / "ddp", mlflow_store(folder / "mlflow.db"))
+        log, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, log[-4000:]
+
+    return built_once(tmp_path_factory, "train-ddp-reference", run) / "ddp"
 
 
 def test_torchrun_two_processes_finishes(ddp_reference):
