@@ -150,7 +150,7 @@ def train_vae(vae: Any, images: Any, config: BasePretrainConfig, generator: Any)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     vae.eval().requires_grad_(False)
     return losses
@@ -212,7 +212,7 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[str], c
         loss.backward()
         opt.step()
         warmup.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     for m in modules:
         m.eval().requires_grad_(False)
