@@ -109,3 +109,14 @@ def test_dreambench_layout_gives_subject_times_prompt_samples(tmp_path):
 def test_dreambench_without_prompts_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="prompts_and_classes.txt"):
         load_dreambench(tmp_path, DreamBenchConfig())
+
+
+def test_max_samples_takes_the_groups_in_turn(tmp_path):
+    """DreamBench has many prompts per subject: the first N rows would all be the first subject's."""
+    dreambench = write_dreambench(tmp_path / "db", subjects=3)
+    (section,) = load_sections(None, dreambench, None, EvaluateConfig(max_samples=4))
+    everything = load_sections(None, dreambench, None, EvaluateConfig())[0].samples
+    assert len({s.group for s in everything[:4]}) < 3  # what a plain cut would evaluate
+    groups = [s.group for s in section.samples]
+    assert len(groups) == 4 and len(set(groups)) == 3 and groups[3] == groups[0]  # each subject, then the first again
+    assert section.samples[3] == next(s for s in everything if s.group == groups[0] and s != section.samples[0])

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="DDIM steps (default 30)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance weight (default 7.5)")
     parser.add_argument("--seed", type=int, help="base seed of the per-sample seeds (default 0)")
-    parser.add_argument("--max-samples", type=int, help="evaluate only the first N samples of each section")
+    parser.add_argument("--max-samples", type=int, help="evaluate at most N samples of each section, from its groups in turn")
     parser.add_argument("--batch-size", type=int, help="samples per sampler call (default 4)")
     parser.add_argument("--no-reference-gain", action="store_true", help="skip the reference-gain check")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")

@@ -91,7 +91,7 @@ class EvaluateConfig:
     batch_size: int = 4
     """Samples per sampler call (results do not depend on it)."""
     max_samples: int | None = None
-    """Evaluate only the first N samples of each section (None = all)."""
+    """Evaluate at most N samples of each section, taken from its groups in turn (None = all)."""
     baselines: list[str] = field(default_factory=list)
     """Baselines evaluated beside the checkpoint: ``text`` or any module of ``easyref.evaluate.baselines``
     (``ip_adapter``, ``lora``)."""

@@ -13,6 +13,7 @@ Metric keys: every section's keys are prefixed with its name (``held_in/easyref.
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 import time
@@ -127,6 +128,20 @@ def _has_targets(split_file: Path) -> bool:
     return bool((roles == "target").any())
 
 
+def spread_over_groups(samples: list[Sample], limit: int | None) -> list[Sample]:
+    """At most ``limit`` samples (``None``: all, in their order), taken from the groups in turn: the first sample
+    of every group, then the second of every group, and so on, groups in their order of appearance. A limit below
+    the set's size thus covers as many groups as it can (the first N rows would all be the first group's when a
+    group has many targets, as DreamBench's 25 prompts per subject)."""
+    if limit is None or limit >= len(samples):
+        return samples
+    by_group: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_group.setdefault(sample.group, []).append(sample)
+    turns = (group[i] for i in range(max(map(len, by_group.values()))) for group in by_group.values() if i < len(group))
+    return list(itertools.islice(turns, limit))
+
+
 def load_sections(
     split: Path | None, dreambench: Path | None, images_root: Path | None, config: EvaluateConfig
 ) -> list[Section]:
@@ -142,12 +157,13 @@ def load_sections(
                 continue
             samples = load_split(file, images_root, config.seed)
             source = {"split": str(file), "split_sha256": sha256_file(file)}
-            sections.append(Section(section_name(file), samples[: config.max_samples], source))
+            sections.append(Section(section_name(file), spread_over_groups(samples, config.max_samples), source))
         if not sections:
             raise UserError(f"{split}: no target rows in {' or '.join(f.name for f in files)}: nothing to evaluate")
     if dreambench is not None:
         samples = load_dreambench(dreambench, config.dreambench, config.seed)
-        sections.append(Section(DREAMBENCH, samples[: config.max_samples], {"dreambench": str(dreambench)}))
+        limited = spread_over_groups(samples, config.max_samples)
+        sections.append(Section(DREAMBENCH, limited, {"dreambench": str(dreambench)}))
     if not sections:
         raise UserError("nothing to evaluate: pass --split (a split folder or file) and/or --dreambench DIR")
     names = [s.name for s in sections]
