@@ -57,8 +57,8 @@ def _step_cost(base: Path, insertion_layer: int, parts: list[str], batch: int, r
 
     from easyref.base_models import BaseModels
     from easyref.model import ModelConfig
+    from easyref.train.build import build_model
     from easyref.train.config import TrainConfig
-    from easyref.train.loop import build_model
     from easyref.train.recipe import Conditioner, DiffusionObjective, step_generator
 
     config = TrainConfig(base=str(base), parts=parts, model=ModelConfig(insertion_layer=insertion_layer, **SMALL))

@@ -168,7 +168,7 @@ def planned(setup: Setup, stage: str, args: argparse.Namespace) -> dict:
 
 
 def check_training(setup: Setup, args: argparse.Namespace) -> tuple[dict, object]:
-    from easyref.train.loop import enable_gradient_checkpointing
+    from easyref.train.build import enable_gradient_checkpointing
 
     results = {}
     model = build_easyref(

@@ -169,7 +169,7 @@ def test_cache_and_compile_come_from_params_and_flags(tmp_path):
 
 def test_compiled_unet_keeps_its_state_dict_keys(tiny_models):
     from easyref.model import load_model
-    from easyref.train.recipe import compile_unet
+    from easyref.train.build import compile_unet
 
     model = load_model(tiny_models / "sdxl", tiny_models / "mllm", config=ModelConfig(num_tokens=8, **SMALL_PIXELS))
     keys = list(model.state_dict())
@@ -219,7 +219,7 @@ def test_compile_without_a_cpp_compiler_on_cpu_is_refused(tiny_models, monkeypat
 
     from easyref.errors import UserError
     from easyref.model import load_model
-    from easyref.train.recipe import compile_unet
+    from easyref.train.build import compile_unet
 
     model = load_model(tiny_models / "sdxl", tiny_models / "mllm", config=ModelConfig(num_tokens=8, **SMALL_PIXELS))
     monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler-for-easyref",))

@@ -235,7 +235,7 @@ def trace_step(
     model = build_easyref(root, config, dtype=param_dtype)
     model.set_trainable(parts)
     if gradient_checkpointing:
-        from easyref.train.loop import enable_gradient_checkpointing
+        from easyref.train.build import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
         _recompute_under_autocast(model)

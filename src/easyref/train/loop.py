@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import sys
@@ -20,11 +19,11 @@ from tqdm.auto import tqdm
 from easyref.base_models import BaseModels
 from easyref.config import flatten, to_dict
 from easyref.errors import UserError
-from easyref.model import EasyRef, load_model
 from easyref.sampler import EasyRefSampler, base_paths
 from easyref.train import checkpoint as ckpt
 from easyref.train import distributed as D
 from easyref.train import resume
+from easyref.train.build import build_model, compile_unet, enable_gradient_checkpointing
 from easyref.train.cache import ConditioningCache, record_cache_counts
 from easyref.train.config import TrainConfig
 from easyref.train.data import EpochIndexed, GlobalOrderSampler, build_dataset
@@ -33,7 +32,6 @@ from easyref.train.recipe import (
     DiffusionObjective,
     autocast_context,
     autocast_dtype,
-    compile_unet,
     step_generator,
 )
 from easyref.train.tracking import MlflowTracker, NullTracker, Previewer, git_commit, record_caption_cuts
@@ -57,27 +55,6 @@ class TrainResult:
     """Mean loss over all ranks of each step run by this call."""
     run_id: str | None = None
     """MLflow run id (rank 0)."""
-
-
-def build_model(config: TrainConfig, init: Path | None, sdxl: Path, mllm: Path) -> EasyRef:
-    """Base models + the init checkpoint's trained parts (or fresh, seeded ones), LoRA added if the stage trains it."""
-    torch.manual_seed(config.seed)
-    model = load_model(sdxl, mllm, checkpoint=init, config=config.model)
-    if "lora" in config.parts and not model.config.lora_rank:
-        model.add_lora(config.lora_rank)
-    return model
-
-
-def enable_gradient_checkpointing(model: EasyRef) -> None:
-    """Recompute UNet blocks and the (trainable) MLLM decoder layers in the backward pass."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    model.unet.enable_gradient_checkpointing()
-    fn = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    for module in model.reference_encoder.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module.gradient_checkpointing = True
-            module._gradient_checkpointing_func = fn
 
 
 def _infinite(loader: DataLoader):

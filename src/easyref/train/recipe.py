@@ -236,27 +236,3 @@ class DiffusionObjective(nn.Module):
         states = self.model.encode_references(c.reference_inputs)
         eps = self.model(c.noisy_latents, c.timesteps, c.text_states, c.pooled_text, c.time_ids, states)
         return F.mse_loss(eps.float(), c.noise.float())
-
-
-def compile_unet(model: EasyRef, device: torch.device, backend: str = "inductor") -> None:
-    """``torch.compile`` the UNet in place (``nn.Module.compile``: the module is not wrapped, so state-dict keys get
-    no ``_orig_mod.`` prefix and checkpoints stay interchangeable with eager runs). On CPU, inductor needs a C++
-    compiler; without one this refuses before training starts."""
-    from easyref.errors import UserError
-
-    if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise UserError(
-            f"compile_backend: {backend!r} is not a torch.compile backend; choose from "
-            f"{', '.join(torch._dynamo.list_backends())}"
-        )
-    if device.type == "cpu" and backend == "inductor":
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-
-            get_cpp_compiler()
-        except Exception as exc:
-            raise UserError(
-                f"compile_unet: torch.compile on CPU needs a C++ compiler (g++ or clang++; $CXX) and none works "
-                f"here ({exc}); install one or set compile_unet: false"
-            ) from None
-    model.unet.compile(backend=backend)
