@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from easyref.data.parquet import sha256_file
 from easyref.errors import UserError
 from easyref.registry.config import DEFAULT_TRACKING_URI, GateRule
 from easyref.runs import git_commit
@@ -19,14 +20,6 @@ EVALUATION_FILE = "evaluation.json"
 def resolve_tracking_uri(explicit: str | None = None) -> str:
     """``explicit``, else ``$MLFLOW_TRACKING_URI``, else the embedded default ``sqlite:///mlflow.db``."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_sha256(checkpoint: str | Path) -> str:

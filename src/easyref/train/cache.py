@@ -32,20 +32,13 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from easyref.data.parquet import sha256_file
 from easyref.errors import UserError
 
 FORMAT = "1"
 LATENT_PARTS = ("vae",)
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 HASH_MEMO = "file_hashes.json"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -77,11 +70,15 @@ class FileHashes:
         st = path.stat()
         key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in self.table:
-            self.table[key] = _sha256_file(path)
+            self.table[key] = sha256_file(path)
             self.hashed += 1
-            with contextlib.suppress(OSError):  # a read-only cache folder still works, only slower
-                _atomic_write_bytes(self.memo, json.dumps(self.table, indent=0, sort_keys=True).encode())
         return self.table[key]
+
+    def save(self) -> None:
+        """Write the memo when this instance hashed anything (a read-only cache folder still works, only slower)."""
+        if self.hashed:
+            with contextlib.suppress(OSError):
+                _atomic_write_bytes(self.memo, json.dumps(self.table, indent=0, sort_keys=True).encode())
 
 
 def fingerprint(base: Path, parts: tuple[str, ...], dtype: Any, device_type: str, hashes: FileHashes) -> str:
@@ -97,6 +94,7 @@ def fingerprint(base: Path, parts: tuple[str, ...], dtype: Any, device_type: str
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over each named tensor's name, shape, dtype and bytes."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -107,10 +105,7 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def target_key(target: torch.Tensor) -> str:
     """The latent key of one target: its pixel bytes, shape and dtype."""
-    t = target.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return _tensor_digest({"target": target})
 
 
 def caption_key(caption: str) -> str:
@@ -184,6 +179,7 @@ class ConditioningCache:
         hashes, sdxl, device = FileHashes(root / HASH_MEMO), Path(base.sdxl), base.device.type
         latent_fp = fingerprint(sdxl, LATENT_PARTS, base.vae.dtype, device, hashes)
         text_fp = fingerprint(sdxl, TEXT_PARTS, base.text_encoder.dtype, device, hashes)
+        hashes.save()
         cache = cls(root, latent_fp, text_fp)
         cache.files_hashed = hashes.hashed
         return cache
@@ -204,9 +200,8 @@ def record_cache_counts(tracker: Any, cache: ConditioningCache | None, env: Any,
         return
     from easyref.train import distributed as D
 
-    names = list(cache.counts())
-    local = torch.tensor([cache.counts()[n] for n in names], dtype=torch.float64, device=env.device)
-    total = {n: round(float(x)) for n, x in zip(names, D.all_reduce_mean(local, env) * env.world_size, strict=True)}
+    counts = cache.counts()
+    total = dict(zip(counts, D.sum_counts(list(counts.values()), env), strict=True))
     if env.is_main:
         tracker.log_metrics(total, step=step)
         print(

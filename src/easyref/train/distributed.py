@@ -87,6 +87,12 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return out
 
 
+def sum_counts(counts: list[int], env: DistEnv) -> list[int]:
+    """Integer counts summed over ranks (every rank gets the totals)."""
+    local = torch.tensor(counts, dtype=torch.float64, device=env.device)
+    return [round(float(x)) for x in all_reduce_mean(local, env) * env.world_size]
+
+
 def broadcast_object(obj: object, env: DistEnv) -> object:
     """Rank 0's ``obj`` on every rank."""
     if not env.distributed:

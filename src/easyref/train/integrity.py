@@ -12,25 +12,17 @@ the checksum file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
+from easyref.data.parquet import sha256_file
 from easyref.errors import UserError
 
 CHECKSUMS = "checksums.sha256"
 STATE_FILE = "state.json"
 DAMAGED_PREFIX = "damaged_"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fsync_path(path: Path) -> None:

@@ -69,12 +69,9 @@ class MlflowTracker(NullTracker):
 def record_caption_cuts(tracker: NullTracker, captions: CaptionFit, env: Any, step: int) -> None:
     """Every rank: sum the training captions cut to the text encoders' length over the ranks; rank 0 logs the
     metrics ``captions_truncated`` and ``captions_encoded`` and prints one line if any were cut."""
-    import torch
-
     from easyref.train import distributed as D
 
-    counts = torch.tensor([captions.cut, captions.seen], dtype=torch.float64, device=env.device)
-    cut, seen = (round(float(x)) for x in D.all_reduce_mean(counts, env) * env.world_size)
+    cut, seen = D.sum_counts([captions.cut, captions.seen], env)
     if env.is_main:
         tracker.log_metrics({"captions_truncated": cut, "captions_encoded": seen}, step=step)
         if cut:
