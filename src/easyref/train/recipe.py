@@ -202,16 +202,15 @@ class Conditioner:
         groups, processed here); ``generator``: the micro-step's :func:`step_generator`."""
         n = len(batch["caption"])
         drop_text, drop_image = draw_drops(n, *self.drops, generator)
+        groups, captions = apply_drops(batch.get("references", [None] * n), batch["caption"], drop_text, drop_image)
         if "reference_inputs" in batch:
             if tuple(batch["drops"]) != (drop_text, drop_image):
                 raise RuntimeError(
                     "this batch was prepared for another micro-step (its CFG drops differ from this step's draw); "
                     "the loader and the step generator are out of step"
                 )
-            captions = ["" if d else c for c, d in zip(batch["caption"], drop_text, strict=True)]
             inputs = batch["reference_inputs"]
         else:
-            groups, captions = apply_drops(batch["references"], batch["caption"], drop_text, drop_image)
             inputs = self.processor(groups, captions)
         target = batch["target"]
         latents = self.encode_latents(target, generator)
