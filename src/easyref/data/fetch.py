@@ -62,7 +62,7 @@ class FetchConfig:
 def fetch(location: Location, config: FetchConfig) -> bytes:
     """The bytes at ``location``."""
     if location.scheme == "file":
-        return _read_file(location.target, config.max_bytes)
+        return _read_file(location.target, config.max_bytes, location.identity)
     if location.scheme == "s3":
         return _read_s3(location.target, config)
     from easyref.data.fetch_http import http_get
@@ -70,8 +70,10 @@ def fetch(location: Location, config: FetchConfig) -> bytes:
     return http_get(location.target, config)
 
 
-def _read_file(path: str, max_bytes: int) -> bytes:
-    """A regular file's bytes; opened non-blocking, so that a FIFO or device cannot hang the read."""
+def _read_file(path: str, max_bytes: int, identity: tuple[int, int] | None = None) -> bytes:
+    """A regular file's bytes; opened non-blocking, so that a FIFO or device cannot hang the read. With
+    ``identity`` (``(st_dev, st_ino)`` when the path was listed and checked), another file found at the path now (a
+    symlink swapped in) is refused."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
@@ -79,8 +81,13 @@ def _read_file(path: str, max_bytes: int) -> bytes:
     except OSError as exc:
         raise Rejection(Reason.UNREADABLE, f"cannot read {path}: {exc.strerror or exc}") from None
     with open(fd, "rb", closefd=True) as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise Rejection(Reason.UNREADABLE, f"{path} is not a regular file (a FIFO, device or socket)")
+        if identity is not None and (info.st_dev, info.st_ino) != tuple(identity):
+            raise Rejection(
+                Reason.PATH_ESCAPE, f"{path} is not the file that was listed and checked (replaced since); re-run"
+            )
         try:
             data = f.read(max_bytes + 1)
         except OSError as exc:

@@ -182,6 +182,9 @@ def ingest(sources: list[str], out: str | Path, config: IngestConfig, *, progres
 
     if len(set(sources)) != len(sources):
         raise UserError(f"a source is named twice: {' '.join(sources)}")
+    from easyref.data.ingest_out import refuse_out_over_sources
+
+    refuse_out_over_sources(sources, Path(out))
     try:
         with output_lock(out, "ingest"):
             return _ingest_locked(sources, Path(out), config, progress)
@@ -192,6 +195,7 @@ def ingest(sources: list[str], out: str | Path, config: IngestConfig, *, progres
 def _ingest_locked(sources: list[str], out: Path, config: IngestConfig, progress: bool) -> IngestResult:
     from easyref.data import commit
     from easyref.data.groups import reject_duplicates, resolve_collisions
+    from easyref.data.ingest_out import remove_orphans
     from easyref.data.sources import read_source
 
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -219,7 +223,7 @@ def _ingest_locked(sources: list[str], out: Path, config: IngestConfig, progress
     commit.begin(out, "ingest")
     _write_outputs(out, manifest, rejected, _row_notes(rows, collisions))
     _save_cache(out, {**cache, **fresh}, set(keys))
-    _remove_orphans(out, {o.path for o in outcomes if o.path})
+    remove_orphans(out, {o.path for o in outcomes if o.path}, rows)
     commit.finish(out, "ingest", list(OUTPUT_FILES))
 
     reasons = dict(sorted(Counter(rejected["reason"].to_pylist()).items()))
@@ -394,14 +398,6 @@ def _save_cache(out: Path, outcomes: dict[str, Outcome], keys: set[str | None]) 
     columns = ("key", *(f.name for f in dataclasses.fields(Outcome)))
     (out / CACHE_FILE).parent.mkdir(exist_ok=True)
     write_parquet(_arrow(records, columns), out / CACHE_FILE)
-
-
-def _remove_orphans(out: Path, keep: set[str]) -> None:
-    """Delete stored images no current row refers to (left over from sources no longer ingested, or temp files of a
-    killed run). Only called under the folder's lock, so no other run's files are in flight."""
-    for path in (out / "images").glob("*/*"):
-        if path.relative_to(out).as_posix() not in keep:
-            path.unlink()
 
 
 def _override(obj: Any, **changes: Any) -> Any:

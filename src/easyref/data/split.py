@@ -121,11 +121,14 @@ def _run_locked(args: argparse.Namespace, config: SplitConfig) -> dict[str, Any]
     pins = None
     if previous is not None:
         config, pins = load_pins(previous, config)
-        for name in ("seed", "min_group_size"):
+        for name in ("seed", "min_group_size", "held_out_groups", "held_in_groups"):
             flag = getattr(args, name)
             if flag is not None and flag != getattr(config, name):
                 fix = "drop one of them" if args.previous is not None else "or pass --fresh for a new split"
-                raise UserError(f"--{name.replace('_', '-')} {flag} contradicts {previous}; {fix}")
+                raise UserError(
+                    f"--{name.replace('_', '-')} {flag} contradicts {previous} ({name} {getattr(config, name)}), "
+                    f"which this split is pinned to; {fix}"
+                )
     return split_manifest(args.manifest, args.out, config, pins=pins)
 
 
@@ -203,6 +206,8 @@ def split_manifest(
         "previous": pins.source if pins else None,
         "seed": config.seed,
         "min_group_size": config.min_group_size,
+        "held_out_groups": config.held_out_groups,
+        "held_in_groups": config.held_in_groups,
         "targets_per_group": config.targets_per_group,
         "thresholds": {"held_out": f"{thresholds.held_out:#018x}", "held_in": f"{thresholds.held_in:#018x}"},
         "groups": {

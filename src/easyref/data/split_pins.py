@@ -72,6 +72,8 @@ def load_pins(path: Path, config: SplitConfig) -> tuple[SplitConfig, Pins]:
             held_out=int(previous["thresholds"]["held_out"], 16), held_in=int(previous["thresholds"]["held_in"], 16)
         )
         pinned = {k: int(previous[k]) for k in ("seed", "min_group_size")}
+        for name in ("held_out", "held_in"):  # the counts the thresholds were cut for (older files: the groups held)
+            pinned[f"{name}_groups"] = int(previous.get(f"{name}_groups", previous["groups"][name]))
         targets = {name: dict(previous["targets"][name]) for name in ("held_in", "held_out")}
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise UserError(
