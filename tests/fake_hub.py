@@ -8,8 +8,10 @@ Endpoints (those ``huggingface_hub`` calls for ``snapshot_download`` / ``list_re
 * ``HEAD|GET /{repo}/resolve/{rev}/{path}``: the file, with ``X-Repo-Commit``, ``ETag`` (sha256 for LFS files,
   blob sha1 otherwise), ``Content-Length``, ``Accept-Ranges`` and ``Range`` support (206 + ``Content-Range``).
 
-Faults for tests: ``drop_once`` (paths whose first GET sends half the body and closes the connection) and
-``fail_once`` (paths whose first GET answers 500). ``requests`` records ``(method, path, range header)``.
+Faults for tests: ``drop_once`` (paths whose first GET sends half the body and closes the connection),
+``fail_once`` (paths whose first GET answers 500), ``corrupt`` (paths whose GET sends zeros of the right length while
+the listing and HEAD still advertise the true hashes) and ``extra_files`` (``{name: bytes}`` listed in every
+repository, e.g. a hostile ``../x.json``). ``requests`` records ``(method, path, range header)``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class FakeHub:
         self.repos: dict[tuple[str, str], Path] = {}
         self.drop_once: set[str] = set()
         self.fail_once: set[str] = set()
+        self.corrupt: set[str] = set()
+        self.extra_files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
         hub = self
@@ -98,7 +102,7 @@ class FakeHub:
             folder = self.repos.get((repo, rev))
             if folder is None:
                 return self._not_found(h, head)
-            files = [f for f in self._files(folder) if f.startswith(sub)]
+            files = [f for f in [*self._files(folder), *self.extra_files] if f.startswith(sub)]
             if kind == "revision":
                 return self._json(h, {"id": repo, "sha": rev, "siblings": [{"rfilename": f} for f in files]}, head)
             return self._json(h, [self._entry(folder, f) for f in files], head)
@@ -111,7 +115,7 @@ class FakeHub:
         return self._not_found(h, head)
 
     def _entry(self, folder: Path, name: str) -> dict:
-        data = (folder / name).read_bytes()
+        data = self.extra_files[name] if name in self.extra_files else (folder / name).read_bytes()
         entry = {"type": "file", "path": name, "size": len(data), "oid": _blob_sha1(data)}
         if name.endswith(".safetensors"):
             entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
@@ -136,7 +140,7 @@ class FakeHub:
             start = int(range_header[len("bytes=") :].split("-")[0])
             status = 206
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        body = data[start:]
+        body = bytes(len(data) - start) if name in self.corrupt else data[start:]
         if drop:  # announce the whole body, send half of it, hang up
             h.send_response(status)
             for k, v in headers.items():

@@ -134,6 +134,36 @@ def test_an_interrupted_download_resumes(hub, tmp_path: Path):
     assert (out / ".complete").is_file()
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])  # an LFS sha256 and a git blob id
+def test_bytes_that_differ_from_the_hubs_recorded_hash_are_refused_and_refetched(hub, tmp_path: Path, name: str):
+    out = tmp_path / "real"
+    hub.corrupt.add(name)  # zeros of the right length; the listing and HEAD still advertise the true hash
+    first = _run(hub, out, tmp_path, "--parts", "dino")
+    assert first.returncode == 2, first.stderr
+    err = first.stderr.strip().splitlines()[-1]  # after huggingface_hub's progress bars
+    assert err.startswith("easyref base-models: error:") and "Traceback" not in first.stderr
+    assert f"dino: {name} of facebook/dinov2-small" in err and "the hub records" in err
+    assert not (out / "dino").exists() and not (out / ".hub" / "dino" / name).exists()
+    hub.corrupt.clear()
+    second = _run(hub, out, tmp_path, "--parts", "dino")
+    assert second.returncode == 0, second.stderr
+    assert (out / "dino" / name).read_bytes() == (hub.repos[_dino_key()] / name).read_bytes()
+
+
+def test_a_listed_name_that_leads_out_of_the_folder_is_one_line_naming_it(hub, tmp_path: Path):
+    hub.extra_files["../escape.json"] = b"{}"
+    result = _run(hub, tmp_path / "real", tmp_path, "--parts", "dino")
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert "\n" not in err and "Traceback" not in err and "'../escape.json'" in err and err.startswith("easyref")
+    assert not (tmp_path / "escape.json").exists() and not list(tmp_path.rglob("escape.json"))
+
+
+def _dino_key() -> tuple[str, str]:
+    dino = load_real_models(PARAMS)["dino"]
+    return dino.repo, dino.revision
+
+
 def test_an_unknown_revision_names_the_params_key(hub, tmp_path: Path):
     params = tmp_path / "params.yaml"
     params.write_text(

@@ -100,19 +100,21 @@ def select_files(repo_files: list[str], model: HubModel) -> dict[str, str]:
 
 def fetch_part(name: str, model: HubModel, out: Path, workers: int = 8) -> Path:
     """Download one part into ``out/.hub/name`` and link it into ``out/name``; returns ``out/name``."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import snapshot_download
 
     target, staging = out / name, out / ".hub" / name
     record = {"repo": model.repo, "revision": model.revision, "files": model.files, "variant": model.variant}
     if (target / STAMP).is_file() and json.loads((target / STAMP).read_text()) == record:
         return target
-    repo_files = HfApi().list_repo_files(model.repo, revision=model.revision)
-    files = select_files(repo_files, model)
+    listing = repo_listing(name, model)
+    files = select_files(sorted(listing), model)
     if not files:
         raise UserError(f"{name}: none of the files {model.files} exist in {model.repo}@{model.revision[:12]}")
     snapshot_download(
         model.repo, revision=model.revision, local_dir=staging, allow_patterns=sorted(files), max_workers=workers
     )
+    for source in sorted(files):
+        verify_file(name, model, staging / source, listing[source])
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for source, dest in files.items():
@@ -126,6 +128,50 @@ def fetch_part(name: str, model: HubModel, out: Path, workers: int = 8) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def repo_listing(name: str, model: HubModel) -> dict[str, Any]:
+    """``{path: RepoFile}`` of the files at the pinned revision, with the hashes the hub records (``lfs.sha256`` for
+    LFS files, the git blob id for the others); a name that would lead out of the download folder is refused."""
+    from huggingface_hub import HfApi, RepoFile
+
+    listing = {
+        entry.path: entry
+        for entry in HfApi().list_repo_tree(model.repo, revision=model.revision, recursive=True)
+        if isinstance(entry, RepoFile)
+    }
+    for path in sorted(listing):
+        segments = path.replace("\\", "/").split("/")
+        if path.startswith("/") or "\0" in path or any(s in ("", ".", "..") for s in segments):
+            raise UserError(
+                f"{name}: {model.repo}@{model.revision[:12]} lists a file named {path!r}, which would lead out of the "
+                f"download folder; nothing was fetched (check the repository, and HF_ENDPOINT if you use a mirror)"
+            )
+    return listing
+
+
+def verify_file(name: str, model: HubModel, path: Path, entry: Any) -> None:
+    """Refuse a downloaded file whose bytes differ from the hub's recorded hash (the revision is a commit, so the
+    record is fixed); the file is deleted, so that the next run fetches it again."""
+    import hashlib
+
+    from easyref.data.parquet import sha256_file
+
+    if entry.lfs is not None:
+        kind, expected, got = "sha256", str(entry.lfs.sha256), sha256_file(path)
+    else:  # a git blob id: sha1 over "blob <size>\0" + the bytes
+        digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size, usedforsecurity=False)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        kind, expected, got = "git blob id", str(entry.blob_id), digest.hexdigest()
+    if got != expected:
+        path.unlink()
+        raise UserError(
+            f"{name}: {entry.path} of {model.repo}@{model.revision[:12]} has {kind} {got}, but the hub records "
+            f"{expected}; the file was deleted: run the same command again (if it repeats, the hub, a mirror or a "
+            f"proxy serves other bytes than the commit holds)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
