@@ -139,3 +139,65 @@ def test_compare_errors_name_the_argument(tmp_path, capsys):
     (tmp_path / "bad/evaluation.json").write_text("{}")
     assert main(["compare", str(tmp_path / "bad")]) == 2
     assert "no easyref.clip_i" in capsys.readouterr().err
+
+
+def markdown_cells(line: str) -> list[str]:
+    """The cells of a Markdown table row as GitHub reads them: ``\\|`` is a literal bar, ``\\\\`` a backslash."""
+    cells, cell, chars = [], "", iter(line.strip()[1:])
+    for char in chars:
+        if char == "\\":
+            cell += next(chars)
+        elif char == "|":
+            cells.append(cell.strip())
+            cell = ""
+        else:
+            cell += char
+    return cells
+
+
+def test_run_names_with_bars_newlines_and_backslashes_stay_in_their_cells(tmp_path, capsys):
+    a = write_evaluation(tmp_path / "a", "held_out", "tokens", {"easyref": 0.5})
+    b = write_evaluation(tmp_path / "b", "held_out", "mean", {"easyref": 0.4})
+    c = write_evaluation(tmp_path / "c", "held_out", "concat", {"easyref": 0.3})
+    names = ["x | y", "two\nlines", "back\\|slash"]
+    args = [f"{names[0]}={a}", f"{names[1]}={b}", f"{names[2]}={c}", "--out", str(tmp_path / "t.md")]
+    assert main(["compare", *args]) == 0
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    table = lines[: lines.index("")]
+    width = len(markdown_cells(table[0]))
+    assert len(table) == 2 + 3 and all(len(markdown_cells(line)) == width for line in table), table
+    labels = [markdown_cells(line)[0] for line in table[2:]]
+    assert labels == [
+        "EasyRef x | y (aggregation=tokens, tokens=16, layer=-1)",
+        "EasyRef two lines (aggregation=mean, tokens=16, layer=-1)",
+        "EasyRef back\\|slash (aggregation=concat, tokens=16, layer=-1)",
+    ]
+
+
+def test_an_out_under_a_file_is_one_line_before_anything_is_read(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    evaluation = write_evaluation(tmp_path / "ev", "held_out", "tokens", {"easyref": 0.5})
+    assert main(["compare", str(evaluation), "--out", str(tmp_path / "file" / "x.md")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert f"--out {tmp_path / 'file' / 'x.md'}: cannot create its folder" in captured.err
+    assert main(["compare", str(evaluation), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_run_id_on_an_unreachable_tracking_server_fails_fast_naming_it(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://user:secret@127.0.0.1:{port}"
+    command = [sys.executable, "-m", "easyref.cli", "compare", "0" * 32, "--tracking-uri", uri]
+    # MLflow's own retries take about four minutes here; a hang fails the test at the timeout
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert "\n" not in err and f"tracking server http://127.0.0.1:{port} does not answer" in err
+    assert "secret" not in err

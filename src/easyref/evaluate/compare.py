@@ -17,7 +17,10 @@ models on MRBench and are printed for reference only, not measured here.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,16 +125,61 @@ def _download_run(run_id: str, tracking_uri: str | None) -> Path:
     from easyref.registry import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
     folder = Path(tempfile.mkdtemp(prefix="easyref-compare-"))
     try:
-        for name in ("metrics.json", "evaluation.json"):
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=name, dst_path=str(folder), tracking_uri=uri
-            )
+        with few_http_retries():
+            for name in ("metrics.json", "evaluation.json"):
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=name, dst_path=str(folder), tracking_uri=uri
+                )
     except MlflowException as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"MLflow run {run_id} at {uri}: cannot read its evaluation artifacts ({first})") from exc
     return folder
+
+
+PROBE_SECONDS = 5.0
+FAST_FAILING = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+"""MLflow's HTTP settings for compare's reads where the user set none (MLflow's defaults retry for minutes)."""
+
+
+def check_reachable(uri: str) -> None:
+    """Refuse an http(s) tracking URI whose host does not accept a connection within :data:`PROBE_SECONDS`."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # no credentials in the message
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=PROBE_SECONDS).close()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise UserError(
+            f"tracking server {shown} does not answer ({reason}); start it, or pass --tracking-uri "
+            f"(or MLFLOW_TRACKING_URI) with one that does"
+        ) from None
+
+
+@contextmanager
+def few_http_retries() -> Iterator[None]:
+    """MLflow's HTTP retries and timeout cut to :data:`FAST_FAILING` for the block, unless set in the environment."""
+    added = [name for name in FAST_FAILING if name not in os.environ]
+    os.environ.update({name: FAST_FAILING[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell: backslashes and ``|`` escaped, line breaks as spaces."""
+    text = text.replace("\\", "\\\\").replace("|", "\\|")
+    return " ".join(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
 
 
 def row_key(method: str, info: dict[str, Any]) -> str:
@@ -201,13 +249,13 @@ def render(evaluations: list[Evaluation]) -> str:
     published = [s for s in sections if any(section == s for section, _ in PUBLISHED)]
     head = ["method", *(f"{s} {label}" for s in sections for _, label in COLUMNS), "s / group"]
     head += [f"{PUBLISHED_LABEL}: {s} CLIP-I / CLIP-T / DINO-I" for s in published]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(map(markdown_cell, head)) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row.label, *(c for s in sections for c in row.cells.get(s, ["–"] * len(COLUMNS)))]
         groups = sum(n for _, n in row.seconds)
         cells.append(f"{sum(s * n for s, n in row.seconds) / groups:.1f}" if groups else "–")
         cells += [_published(s, row.key) for s in published]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(map(markdown_cell, cells)) + " |")
     lines.append("")
     lines.append(
         f"Cells: mean [interval] over the evaluated samples of each section; s / group: the method's wall time per "
@@ -231,9 +279,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        _check_out(args.out)  # before any run is read or downloaded
     table = render([load_evaluation(a, args.tracking_uri) for a in args.evaluations])
     print(table)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+        try:
+            args.out.write_text(table + "\n")
+        except OSError as exc:
+            raise UserError(f"--out {args.out}: cannot write it ({exc.strerror or exc}); choose another path") from None
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """``--out``'s folder created (or refused in one line: a file in its path, no permission) and not a folder."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"--out {out}: cannot create its folder {out.parent} ({exc.strerror or exc}; a file in the path?); "
+            f"choose another path"
+        ) from None
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name a Markdown file, e.g. {out / 'compare.md'}")
