@@ -15,6 +15,11 @@ hard-linked into place. An interrupted run is resumed by running the same comman
 are checked (one HEAD request each) and not fetched again, and a connection dropped in the middle of a file is
 resumed with an HTTP range request. ``HF_ENDPOINT`` points at a mirror, ``HF_TOKEN`` at your credentials.
 
+Nothing is trusted beyond the pinned commit: every fetched file is checked against the hash the hub's listing
+records for that commit (the LFS SHA-256 for weights, the git blob id for the rest); a file with other bytes is
+deleted and the run stops in one line (the next run fetches it again). A listed file name that would lead out of
+the download folder (``../``, absolute) stops the run before anything is fetched, naming the file.
+
   easyref base-models --profile real --out models/real
 """
 
