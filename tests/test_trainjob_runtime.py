@@ -15,8 +15,15 @@ from test_infra import ROOT, kustomize_build
 from test_trainjob import CRDS, FORMS, policies, render, selects, strict
 
 VERSIONS = sorted({v for vs in FORMS.values() for v in vs})
-MERGE_KEYS = {"volumes", "containers", "initContainers", "volumeMounts", "env", "replicatedJobs"}
-"""Lists that a strategic merge patch merges by ``name`` (their patchMergeKey in the Kubernetes and JobSet types)."""
+MERGE_KEYS = {
+    "volumes": "name",
+    "containers": "name",
+    "initContainers": "name",
+    "env": "name",
+    "replicatedJobs": "name",
+    "volumeMounts": "mountPath",
+}
+"""Lists that a strategic merge patch merges item by item, and their patchMergeKey (Kubernetes' core/v1 types)."""
 STOCK = {
     "apiVersion": "trainer.kubeflow.org/v1alpha1",
     "kind": "ClusterTrainingRuntime",
@@ -62,14 +69,15 @@ def runtime_errors(version: str, runtime: dict) -> list[str]:
 
 def merge(base: Any, patch: Any) -> Any:
     """A strategic merge patch as Trainer applies the TrainJob's overrides (k8s.io/apimachinery strategicpatch):
-    mappings merge key by key, the named lists above merge item by item by ``name``, other values are replaced."""
+    mappings merge key by key, the lists above merge item by item by their merge key, other values are replaced."""
     if isinstance(base, dict) and isinstance(patch, dict):
         out = copy.deepcopy(base)
         for key, value in patch.items():
             if key in MERGE_KEYS and isinstance(value, list) and isinstance(out.get(key), list):
-                items = {item["name"]: item for item in out[key]}
+                by = MERGE_KEYS[key]
+                items = {item[by]: item for item in out[key]}
                 for item in value:
-                    items[item["name"]] = merge(items[item["name"]], item) if item["name"] in items else item
+                    items[item[by]] = merge(items[item[by]], item) if item[by] in items else item
                 out[key] = list(items.values())
             else:
                 out[key] = merge(out.get(key), value) if key in out else copy.deepcopy(value)
