@@ -107,15 +107,17 @@ def test_a_drifted_example_is_caught() -> None:
 
 
 def test_defaults_are_the_installed_namespace_and_runtime() -> None:
-    """With no --namespace, --runtime, --runtime-kind a TrainJob lands where infra/k8s put the runtime; the
-    pipeline's StageRequest and params.yaml agree."""
+    """With no --namespace, --mount-path, --runtime, --runtime-kind a TrainJob lands where infra/k8s put the
+    runtime, with the volume where the pipeline mounts it; the pipeline's StageRequest and params.yaml agree."""
     from components.training import StageRequest
-    from easyref.train.launch import NAMESPACE, RUNTIME, RUNTIME_KIND
+    from easyref.train.launch import MOUNT_PATH, NAMESPACE, PVC, RUNTIME, RUNTIME_KIND
 
-    args = parse("easyref launch --stage pretrain --image i --out /mnt/easyref/o --pvc easyref-shared")
+    args = parse(f"easyref launch --stage pretrain --image i --out {MOUNT_PATH}/o --pvc {PVC}")
     assert (args.namespace, args.runtime, args.runtime_kind) == (NAMESPACE, RUNTIME, RUNTIME_KIND)
-    assert not [p for p in problems(args) if "namespace" in p or "runtime" in p]
+    assert args.mount_path == MOUNT_PATH
+    left = problems(args)  # only what a command must name itself: MLflow's address and credentials
+    assert left and all(p.startswith("MLFLOW_TRACKING_") for p in left), left
     cluster = yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]
-    assert cluster["namespace"] == NAMESPACE
+    assert (cluster["namespace"], cluster["shared_pvc"], cluster["mount_path"]) == (NAMESPACE, PVC, MOUNT_PATH)
     assert StageRequest.__dataclass_fields__["namespace"].default == NAMESPACE
     assert urlparse(cluster["mlflow_tracking_uri"]).hostname == f"mlflow.{NAMESPACE}.svc.cluster.local"

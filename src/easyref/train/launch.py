@@ -52,8 +52,8 @@ a sidecar keeps a finished Job's pod running, and its istio-init container needs
 refuses (docs/orchestration.md, "Istio")."""
 POD_LABELS = {"app.kubernetes.io/part-of": "easyref", "app.kubernetes.io/component": "trainjob-node", **ISTIO_OPT_OUT}
 """Labels of every TrainJob pod (infra/k8s/networkpolicy.yaml selects them, with JobSet's jobset-name label)."""
-NAMESPACE = "easyref"
-"""The namespace infra/k8s creates (kustomization.yaml; params.yaml cluster.namespace)."""
+NAMESPACE, PVC, MOUNT_PATH = "easyref", "easyref-shared", "/mnt/easyref"
+"""The namespace and shared volume infra/k8s creates (params.yaml cluster.namespace, shared_pvc, mount_path)."""
 RUNTIME, RUNTIME_KIND = "easyref-torch-distributed", "TrainingRuntime"
 """The runtime infra/k8s/trainingruntime.yaml ships into that namespace."""
 RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
@@ -97,7 +97,7 @@ class LaunchConfig:
     """Size limit of the memory-backed /dev/shm."""
     pvc: str = ""
     """PersistentVolumeClaim with the data, base models and run folders (empty = none)."""
-    mount_path: str = "/mnt"
+    mount_path: str = MOUNT_PATH
     """Where the PVC is mounted."""
     env: dict[str, str] = field(default_factory=dict)
     """Plain environment variables."""
@@ -249,8 +249,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", default="", help="CPU per node, e.g. 32")
     parser.add_argument("--memory", default="", help="memory per node, e.g. 512Gi")
     parser.add_argument("--shm-size", default="64Gi", help="size of /dev/shm (default 64Gi)")
-    parser.add_argument("--pvc", default="", help="PersistentVolumeClaim holding data, models and runs")
-    parser.add_argument("--mount-path", default="/mnt", help="where the PVC is mounted (default /mnt)")
+    parser.add_argument("--pvc", default="", help=f"PersistentVolumeClaim holding data, models and runs ({PVC})")
+    parser.add_argument("--mount-path", default=MOUNT_PATH, help=f"where the PVC is mounted (default {MOUNT_PATH})")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable")
     parser.add_argument(
         "--secret-env",
