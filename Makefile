@@ -39,7 +39,9 @@ demo: setup
 	@cat outputs/register.txt
 	@echo "  registered model:   models:/easyref@champion   (outputs/register.txt)"
 	@echo "  MLflow UI:          $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000; experiment easyref-pipeline: one run per make demo, the stages nested)"
-	@echo "  loss curves:        $(VENV)/bin/dvc plots show   (outputs/runs/*/loss.csv)"
+	@echo "  loss curves:        $(VENV)/bin/dvc plots show   (outputs/runs/*/loss.csv; offline: outputs/runs/*/loss.png)"
+	@echo "  keep this result:   git add dvc.lock && git commit -m 'demo result'   (and $(VENV)/bin/dvc push with a remote)"
+	@echo "  the commands:       source $(VENV)/bin/activate   (or call them as $(VENV)/bin/easyref, $(VENV)/bin/dvc, ...)"
 
 ## The whole test suite (slow end-to-end tests included), on TEST_WORKERS processes (pytest-xdist; the slow tests
 ## are scheduled first and handed out one test at a time, so both workers share them and the run ends with short tests).

@@ -152,3 +152,29 @@ def test_run_stage_rejects_an_unknown_launcher(tmp_path: Path) -> None:
     req.launcher = "slurm"
     with pytest.raises(ValueError, match="launcher"):
         training.run_stage(req)
+
+
+def test_trainjob_nodes_request_and_limit_cpu_and_memory(tmp_path: Path) -> None:
+    """params.yaml cluster.node_resources reaches the TrainJob: the launch command, parsed by `easyref launch`'s own
+    parser, renders resourcesPerNode with CPU and memory requests = limits beside the GPUs."""
+    import argparse
+
+    import yaml
+
+    from easyref.train.launch import add_arguments, config_from_args, render_trainjob
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    node = params["cluster"]["node_resources"]
+    req = make_inputs(tmp_path)
+    req.node_cpu, req.node_memory = str(node["cpu"]), str(node["memory"])
+    split, stage_dir = tmp_path / "split", tmp_path / "stage"
+    cmd = training.launch_command(req, "easyref-single-ref-x", stage_dir / "params.yaml", split, stage_dir, None)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(cmd[cmd.index("launch") + 1:])
+    resources = render_trainjob(config_from_args(args))["spec"]["trainer"]["resourcesPerNode"]
+    expected = {"cpu": str(node["cpu"]), "memory": str(node["memory"]), "nvidia.com/gpu": 8}
+    assert resources == {"limits": expected, "requests": expected}
+    req.node_cpu = req.node_memory = ""  # unset: GPUs only, as before
+    cmd = training.launch_command(req, "easyref-single-ref-x", stage_dir / "params.yaml", split, stage_dir, None)
+    assert "--cpu" not in cmd and "--memory" not in cmd

@@ -57,6 +57,10 @@ class StageRequest:
     """TrainJob nodes."""
     gpus_per_node: int = 8
     """TrainJob GPUs (and processes) per node."""
+    node_cpu: str = ""
+    """TrainJob CPU per node, request = limit (params.yaml ``cluster.node_resources``; empty = unset)."""
+    node_memory: str = ""
+    """TrainJob memory per node, request = limit (empty = unset)."""
     image: str = ""
     """TrainJob image."""
     namespace: str = "easyref"
@@ -249,6 +253,10 @@ def launch_command(req: StageRequest, name: str, params: Path, split: Path, run_
            "--namespace", req.namespace, "--image", req.image, "--nodes", str(req.nodes),
            "--gpus-per-node", str(req.gpus_per_node), "--pvc", req.pvc, "--mount-path", req.mount_path,
            "--out", str(run_dir / "run"), "--params", str(params), "--label", "app.kubernetes.io/part-of=easyref"]
+    if req.node_cpu:
+        cmd += ["--cpu", req.node_cpu]
+    if req.node_memory:
+        cmd += ["--memory", req.node_memory]
     if init is not None:
         cmd += ["--init", str(init)]
     for name, value in tracking_env(req).items():

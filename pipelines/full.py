@@ -34,8 +34,13 @@ PIPELINE_NAME = "easyref-full"
 TRAINING_TASKS = ("pretrain", "finetune-single-ref", "finetune-multi-ref")
 SHM_SIZE = "64Gi"
 LAUNCHERS = ("trainjob", "torchrun")
-POD_LABELS = {"app.kubernetes.io/part-of": "easyref", "app.kubernetes.io/component": "pipeline-task"}
-"""Labels of every task pod: infra/k8s/networkpolicy.yaml selects them."""
+POD_LABELS = {
+    "app.kubernetes.io/part-of": "easyref",
+    "app.kubernetes.io/component": "pipeline-task",
+    "sidecar.istio.io/inject": "false",
+}
+"""Labels of every task pod: infra/k8s/networkpolicy.yaml selects them; the last keeps Istio's sidecar out in a
+Kubeflow profile namespace (as KFP's own default annotation does; docs/orchestration.md, "Istio")."""
 REGISTRY_LOCK_DIR = "locks/registry"
 """Where, under the shared volume's mount path, the register task takes the registry lock (``register.lock_dir``):
 every pod that registers sees the same lock, so registrations from several pods are serialised."""
@@ -174,6 +179,7 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
             nproc=pod_gpus,
             nodes=nodes,
             gpus_per_node=gpus_per_node,
+            node_resources=dict(cluster["node_resources"]),
             image=image,
             namespace=namespace,
             pvc=shared_pvc,

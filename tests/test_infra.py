@@ -54,8 +54,11 @@ def test_every_manifest_validates_against_the_kubernetes_schema() -> None:
         "RoleBinding",
         "NetworkPolicy",
         "Secret",
+        "TrainingRuntime",
     } <= kinds
     for doc in docs:
+        if doc["apiVersion"].startswith("trainer.kubeflow.org/"):
+            continue  # a custom resource: tests/test_trainjob_runtime.py validates it against the Trainer CRDs
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         assert doc["metadata"].get("namespace", "easyref") == "easyref" or doc["kind"] == "Namespace"
 
@@ -126,6 +129,24 @@ def test_every_container_is_restricted_with_limits_and_no_password_in_its_argume
             text = " ".join(c.get("command", []) + c.get("args", []))
             # Kubernetes expands $(VAR) into the process's command line (visible in /proc/PID/cmdline)
             assert not [v for v in secret_vars if f"$({v})" in text], c["name"]
+
+
+def test_every_pod_of_the_project_stays_out_of_the_istio_mesh() -> None:
+    """Kubeflow profile namespaces inject Istio sidecars (istio-injection: enabled): MLflow, PostgreSQL and the
+    TrainJob nodes opt out by the pod label, so every project pod talks plain TCP fenced by the NetworkPolicies
+    (sidecar-less TrainJob and KFP pods could not reach a meshed MLflow under STRICT mTLS, and istio-init's
+    NET_ADMIN is refused by `restricted`)."""
+    from easyref.train.launch import ISTIO_OPT_OUT
+
+    templates = [d["spec"]["template"] for d in workloads()]
+    runtimes = [d for d in kustomize_build() if d["kind"] == "TrainingRuntime"]
+    for runtime in runtimes:
+        templates += [
+            job["template"]["spec"]["template"] for job in runtime["spec"]["template"]["spec"]["replicatedJobs"]
+        ]
+    assert len(templates) >= 3
+    for template in templates:
+        assert ISTIO_OPT_OUT.items() <= template["metadata"]["labels"].items(), template["metadata"]
 
 
 def test_mlflow_server_has_postgres_backend_s3_artifacts_and_auth() -> None:

@@ -144,6 +144,7 @@ def test_every_task_has_limits_labels_a_non_root_user_and_transient_steps_retry(
         assert k8s[name]["podMetadata"]["labels"] == {
             "app.kubernetes.io/part-of": "easyref",
             "app.kubernetes.io/component": "pipeline-task",
+            "sidecar.istio.io/inject": "false",  # out of the Istio mesh in a Kubeflow profile namespace
         }
         context = k8s[name]["securityContext"]
         assert context["runAsNonRoot"] is True and int(context["runAsUser"]) != 0, name
@@ -189,6 +190,9 @@ def test_trainjob_launcher_settings_reach_the_training_tasks(package: tuple[dict
         }.items():
             assert inputs[key]["componentInputParameter"] == source, (name, key)
         assert inputs["launcher"]["runtimeValue"]["constant"] == "trainjob"
+        cluster = yaml.safe_load((ROOT / "params.yaml").read_text())["cluster"]
+        assert inputs["node_resources"]["runtimeValue"]["constant"] == cluster["node_resources"]
+        assert {"cpu", "memory"} <= set(cluster["node_resources"])
         assert inputs["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
         secret_env = inputs["secret_env"]["runtimeValue"]["constant"]
         assert any(s.startswith("MLFLOW_TRACKING_PASSWORD=") for s in secret_env)

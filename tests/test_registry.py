@@ -84,6 +84,35 @@ def test_registering_twice_gives_one_version_with_challenger(registry):
     assert aliases(uri, "demo") == {CHALLENGER: "1"}
 
 
+def test_a_version_carries_only_the_headline_metrics_as_tags(checkpoints, tiny_models, tmp_path):
+    """An evaluation writes a few hundred numbers (sections, slices, baselines, confidence bounds): the version's
+    ``metric.*`` tags keep EasyRef's primary scores and what the gate reads; its run keeps every metric."""
+    from mlflow import MlflowClient
+
+    sections = ("held_in/", "held_out/", "held_out/no_colour/", "")
+    methods = ("easyref", "easyref_swapped", "text", "ip_adapter")
+    many = {
+        f"{section}{method}.{name}{bound}": 0.5
+        for section in sections
+        for method in methods
+        for name in ("clip_i", "clip_t", "dino_i", "colour", "reference_gain")
+        for bound in ("", ".ci_low", ".ci_high")
+        if section or method != "easyref"
+    }
+    assert len(many) > 200
+    headline = {"easyref.clip_i.ci_low": 0.7, "easyref.clip_i.ci_high": 0.9, "easyref.reference_gain.ci_low": 0.01}
+    uri = sqlite_uri(tmp_path)
+    metrics = write_metrics(tmp_path / "m/metrics.json", checkpoints[1], **many, **headline)
+    config = RegisterConfig(model_name="headline")
+    result = register(checkpoints[1], metrics, config, base=tiny_models, tracking_uri=uri, promote_=True)
+    client = MlflowClient(uri)
+    version = client.get_model_version("headline", result.version)
+    tagged = {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
+    assert tagged == {**GOOD, **headline}
+    assert result.promoted and aliases(uri, "headline")["champion"] == result.version  # the gate read the tags
+    assert set(client.get_run(version.run_id).data.metrics) == set(many) | set(GOOD) | set(headline)
+
+
 def test_pyfunc_model_loads_by_alias_and_generates(registry):
     import mlflow
 

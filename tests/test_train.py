@@ -155,31 +155,34 @@ def test_trainjob_manifest_structure():
 
     args = build_parser("launch").parse_args([
         "launch", "--stage", "single_ref", "--image", "registry/easyref:1", "--nodes", "4", "--gpus-per-node", "8",
-        "--pvc", "easyref-runs", "--env", "MLFLOW_TRACKING_URI=http://mlflow:5000",
-        "--secret-env", "AWS_SECRET_ACCESS_KEY=s3-credentials:secret", "--init", "/mnt/runs/pretrain/final",
-        "--out", "/mnt/runs/single_ref", "--", "--max-steps", "80000",
+        "--pvc", "easyref-shared", "--mount-path", "/mnt/easyref", "--env", "MLFLOW_TRACKING_URI=http://mlflow:5000",
+        "--secret-env", "AWS_SECRET_ACCESS_KEY=easyref-s3:secret_access_key",
+        "--init", "/mnt/easyref/runs/pretrain/final", "--out", "/mnt/easyref/runs/single_ref",
+        "--", "--max-steps", "80000",
     ])
     job = render_trainjob(config_from_args(args))
     assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
     assert job["metadata"]["name"] == "easyref-single-ref"
     spec = job["spec"]
-    assert spec["runtimeRef"]["name"] == "torch-distributed"
+    assert spec["runtimeRef"]["name"] == "easyref-torch-distributed" and job["metadata"]["namespace"] == "easyref"
     trainer = spec["trainer"]
     assert trainer["numNodes"] == 4 and trainer["image"] == "registry/easyref:1"
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
     assert trainer["command"][:4] == ["torchrun", "-m", "easyref.cli", "train"]
-    assert trainer["command"][-2:] == ["--max-steps", "80000"] and "/mnt/runs/pretrain/final" in trainer["command"]
+    assert trainer["command"][-2:] == ["--max-steps", "80000"]
+    assert "/mnt/easyref/runs/pretrain/final" in trainer["command"]
     env = {e["name"]: e for e in trainer["env"]}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-credentials", "key": "secret"}
+    secret = env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]
+    assert secret == {"name": "easyref-s3", "key": "secret_access_key"}
     assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
     patch = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     assert patch["name"] == "node"
     pod = patch["template"]["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
-    assert volumes["runs"]["persistentVolumeClaim"]["claimName"] == "easyref-runs"
+    assert volumes["runs"]["persistentVolumeClaim"]["claimName"] == "easyref-shared"
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    assert {"/dev/shm", "/mnt"} <= mounts and pod["containers"][0]["name"] == "node"
+    assert {"/dev/shm", "/mnt/easyref"} <= mounts and pod["containers"][0]["name"] == "node"
 
 
 # -- in-process training ------------------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ def test_custom_resources_of_the_pipeline_have_the_trainer_structure() -> None:
     """The TrainJob the training components create (through `easyref launch`) is a well-formed custom resource."""
     job = render()
     assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
-    assert job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert job["spec"]["runtimeRef"] == {
+        "name": "easyref-torch-distributed", "apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime"
+    }
     trainer = job["spec"]["trainer"]
     assert trainer["numNodes"] == 2 and trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 8
     pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]

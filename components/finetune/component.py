@@ -21,6 +21,7 @@ def finetune(
     nproc: int = 2,
     nodes: int = 1,
     gpus_per_node: int = 8,
+    node_resources: dict = {},  # noqa: B006
     image: str = "",
     namespace: str = "easyref",
     pvc: str = "",
@@ -43,6 +44,7 @@ def finetune(
         nproc: Processes of the local torchrun.
         nodes: TrainJob nodes.
         gpus_per_node: TrainJob GPUs per node.
+        node_resources: TrainJob CPU and memory per node (``{cpu, memory}``, request = limit; empty = unset).
         image: TrainJob container image.
         namespace: TrainJob namespace.
         pvc: Shared PersistentVolumeClaim.
@@ -64,7 +66,8 @@ def finetune(
     info = run_stage(StageRequest(
         stage=stage, split_dir=split.path, ingested_dir=ingested.path, base_models=base_models,
         train_config=config, out_dir=checkpoint.path, init_dir=init.path, max_steps=max_steps, launcher=launcher,
-        nproc=nproc, nodes=nodes, gpus_per_node=gpus_per_node, image=image, namespace=namespace, pvc=pvc,
+        nproc=nproc, nodes=nodes, gpus_per_node=gpus_per_node, node_cpu=str(node_resources.get("cpu", "")),
+        node_memory=str(node_resources.get("memory", "")), image=image, namespace=namespace, pvc=pvc,
         mount_path=mount_path, secret_env=list(secret_env), run_id=run_id,
     ))
     checkpoint.metadata.update(info)

@@ -19,6 +19,7 @@ def pretrain(
     nproc: int = 2,
     nodes: int = 1,
     gpus_per_node: int = 8,
+    node_resources: dict = {},  # noqa: B006
     image: str = "",
     namespace: str = "easyref",
     pvc: str = "",
@@ -39,6 +40,7 @@ def pretrain(
         nproc: Processes of the local torchrun (GPUs of this pod; 2 CPU processes locally).
         nodes: TrainJob nodes.
         gpus_per_node: TrainJob GPUs (and processes) per node.
+        node_resources: TrainJob CPU and memory per node (``{cpu, memory}``, request = limit; empty = unset).
         image: TrainJob container image (the project image).
         namespace: TrainJob namespace.
         pvc: Shared PersistentVolumeClaim of this task and the TrainJob.
@@ -58,8 +60,9 @@ def pretrain(
     info = run_stage(StageRequest(
         stage="pretrain", split_dir=split.path, ingested_dir=ingested.path, base_models=base_models,
         train_config=config, out_dir=checkpoint.path, max_steps=max_steps, launcher=launcher, nproc=nproc,
-        nodes=nodes, gpus_per_node=gpus_per_node, image=image, namespace=namespace, pvc=pvc, mount_path=mount_path,
-        secret_env=list(secret_env), run_id=run_id,
+        nodes=nodes, gpus_per_node=gpus_per_node, node_cpu=str(node_resources.get("cpu", "")),
+        node_memory=str(node_resources.get("memory", "")), image=image, namespace=namespace, pvc=pvc,
+        mount_path=mount_path, secret_env=list(secret_env), run_id=run_id,
     ))
     checkpoint.metadata.update(info)
     for key, value in tracked_metrics(info).items():

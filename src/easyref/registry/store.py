@@ -109,6 +109,14 @@ class Submission:
     config: RegisterConfig
 
 
+def headline_metrics(metrics: dict[str, float], config: RegisterConfig) -> dict[str, float]:
+    """The metrics a version carries as ``metric.*`` tags: EasyRef's scores on the primary section (unprefixed
+    ``easyref.*``: means and confidence bounds), ``num_samples`` and every metric a gate rule names. The other
+    sections, slices and baselines (a few hundred numbers) stay in the version's run (its ``run_id`` tag)."""
+    gate = {rule.metric for rule in config.gate}
+    return {k: v for k, v in metrics.items() if k in gate or k == "num_samples" or k.startswith("easyref.")}
+
+
 def _log_and_register(client: MlflowClient, sub: Submission) -> ModelVersion:
     """Log the pyfunc model in a run, check it serves, create the version with its tags, mark it ready."""
     checkpoint, sha, metrics, tags, config = sub.checkpoint, sub.sha, sub.metrics, sub.tags, sub.config
@@ -137,7 +145,7 @@ def _log_and_register(client: MlflowClient, sub: Submission) -> ModelVersion:
             raise RuntimeError(f"the logged model failed to load or predict on its input example: {exc}") from exc
         run_id = run.info.run_id
     version_tags = {SHA_TAG: sha, "run_id": run_id, **tags, **base_tags}
-    version_tags.update({f"{METRIC_PREFIX}{k}": repr(v) for k, v in metrics.items()})
+    version_tags.update({f"{METRIC_PREFIX}{k}": repr(v) for k, v in headline_metrics(metrics, config).items()})
     version = mlflow.register_model(info.model_uri, name, await_registration_for=300, tags=version_tags)
     client.update_model_version(name, version.version, description=_describe(checkpoint, sha, metrics, refs, tags))
     client.set_model_version_tag(name, version.version, STATUS_TAG, READY)

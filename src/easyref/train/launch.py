@@ -1,22 +1,30 @@
 """Render (--dry-run) or create (--submit) a Kubeflow Trainer v2 TrainJob that runs `easyref train` on N nodes.
 
-The job uses the cluster's `torch-distributed` ClusterTrainingRuntime: the Trainer starts one pod per node and sets
-torchrun's PET_* variables, so the container runs `torchrun -m easyref.cli train ...` and the entry point reads
-RANK / WORLD_SIZE / LOCAL_RANK like everywhere else. Secrets reach the container as environment variables
-(secretKeyRef), the run folder lives on a PersistentVolumeClaim shared by all nodes (checkpoints must be visible to
-every rank for resume), and /dev/shm is a memory-backed emptyDir for the data-loader workers and NCCL.
+The job runs on the `easyref-torch-distributed` TrainingRuntime that infra/k8s ships into the namespace (a copy of
+Trainer's `torch-distributed` with the restricted securityContext, the pod labels the NetworkPolicies select, the
+Istio opt-out, /tmp and /dev/shm): the Trainer starts one pod per node and sets torchrun's PET_* variables, so the
+container runs `torchrun -m easyref.cli train ...` and the entry point reads RANK / WORLD_SIZE / LOCAL_RANK like
+everywhere else. Secrets reach the container as environment variables (secretKeyRef), the run folder lives on a
+PersistentVolumeClaim shared by all nodes (checkpoints must be visible to every rank for resume), and /dev/shm is a
+memory-backed emptyDir for the data-loader workers and NCCL. The names below are the ones infra/k8s creates
+(tests/test_cluster_defaults.py keeps them in step):
 
   easyref launch --stage pretrain --nodes 2 --gpus-per-node 8 --image ghcr.io/org/easyref:0.1 \\
-      --pvc easyref-runs --secret-env MLFLOW_TRACKING_PASSWORD=mlflow-auth:password \\
-      --env MLFLOW_TRACKING_URI=http://mlflow.mlflow:5000 --out /mnt/runs/pretrain --dry-run
+      --pvc easyref-shared --mount-path /mnt/easyref --out /mnt/easyref/runs/pretrain --cpu 32 --memory 256Gi \\
+      --env MLFLOW_TRACKING_URI=http://mlflow.easyref.svc.cluster.local:5000 \\
+      --secret-env MLFLOW_TRACKING_USERNAME=easyref-mlflow:username \\
+      --secret-env MLFLOW_TRACKING_PASSWORD=easyref-mlflow:password --dry-run
   ... --submit            # create it through the Kubernetes API (kubeconfig, or in-cluster service account)
 
-Volumes, mounts, pod labels and the restricted securityContext go through `runtimePatches` (Trainer >= 2.2).
-Older Trainers take another form (`--api`): `pod-template-overrides` renders `podTemplateOverrides[].spec` and
-`.metadata` (Trainer 2.1), `pod-spec-overrides` renders `podSpecOverrides[]` (Trainer 2.0). Neither of those accepts
-a securityContext (their CRD schemas have none): there the namespace's Pod Security Admission (`restricted`) and the
-runtime's own template must provide it, and 2.0 cannot label the pods either. Every form is validated against the
-TrainJob CRD schema of its Trainer version (tests/data/trainer-crds). Arguments after `--` go to `easyref train`.
+Volumes, mounts, pod labels and the restricted securityContext also go through `runtimePatches` (Trainer >= 2.2),
+so that form runs on the stock `torch-distributed` ClusterTrainingRuntime too (`--runtime torch-distributed
+--runtime-kind ClusterTrainingRuntime`). Older Trainers take another form (`--api`): `pod-template-overrides`
+renders `podTemplateOverrides[].spec` and `.metadata` (Trainer 2.1), `pod-spec-overrides` renders
+`podSpecOverrides[]` (Trainer 2.0). Neither accepts a securityContext (their CRD schemas have none) and 2.0 cannot
+label the pods: there the shipped runtime provides both (the namespace's Pod Security Admission `restricted`
+refuses the stock runtime's pods). Every form is validated against the TrainJob CRD schema of its Trainer version,
+the runtime against the TrainingRuntime schemas (tests/data/trainer-crds). Arguments after `--` go to `easyref
+train`.
 """
 
 from __future__ import annotations
@@ -38,8 +46,17 @@ API_FORMS = {
     "pod-template-overrides": "Trainer 2.1",
     "pod-spec-overrides": "Trainer 2.0",
 }
-POD_LABELS = {"app.kubernetes.io/part-of": "easyref", "app.kubernetes.io/component": "trainjob-node"}
+ISTIO_OPT_OUT = {"sidecar.istio.io/inject": "false"}
+"""Pod label that keeps Istio's sidecar out (Kubeflow profile namespaces are labelled ``istio-injection: enabled``):
+a sidecar keeps a finished Job's pod running, and its istio-init container needs NET_ADMIN, which ``restricted``
+refuses (docs/orchestration.md, "Istio")."""
+POD_LABELS = {"app.kubernetes.io/part-of": "easyref", "app.kubernetes.io/component": "trainjob-node", **ISTIO_OPT_OUT}
 """Labels of every TrainJob pod (infra/k8s/networkpolicy.yaml selects them, with JobSet's jobset-name label)."""
+NAMESPACE, PVC, MOUNT_PATH = "easyref", "easyref-shared", "/mnt/easyref"
+"""The namespace and shared volume infra/k8s creates (params.yaml cluster.namespace, shared_pvc, mount_path)."""
+RUNTIME, RUNTIME_KIND = "easyref-torch-distributed", "TrainingRuntime"
+"""The runtime infra/k8s/trainingruntime.yaml ships into that namespace."""
+RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
 RUN_AS = 10001  # the image's user (infra/Dockerfile; params.yaml cluster.run_as_user)
 POD_SECURITY = {
     "runAsNonRoot": True,
@@ -62,8 +79,8 @@ class LaunchConfig:
 
     name: str
     """TrainJob name (RFC 1035 label, at most 63 characters)."""
-    namespace: str = "default"
-    """Namespace of the TrainJob (and of its Secrets and PVC)."""
+    namespace: str = NAMESPACE
+    """Namespace of the TrainJob (and of its Secrets, PVC and TrainingRuntime)."""
     image: str
     """Container image with the easyref package installed (infra/)."""
     command: list[str]
@@ -80,14 +97,16 @@ class LaunchConfig:
     """Size limit of the memory-backed /dev/shm."""
     pvc: str = ""
     """PersistentVolumeClaim with the data, base models and run folders (empty = none)."""
-    mount_path: str = "/mnt"
+    mount_path: str = MOUNT_PATH
     """Where the PVC is mounted."""
     env: dict[str, str] = field(default_factory=dict)
     """Plain environment variables."""
     secret_env: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Environment variables from Secrets: NAME -> (secret name, key)."""
-    runtime: str = "torch-distributed"
-    """ClusterTrainingRuntime to run on."""
+    runtime: str = RUNTIME
+    """Training runtime to run on."""
+    runtime_kind: str = RUNTIME_KIND
+    """``TrainingRuntime`` (in the TrainJob's namespace) or ``ClusterTrainingRuntime``."""
     api: str = "runtime-patches"
     """How the pod is patched: ``runtime-patches`` (Trainer >= 2.2), ``pod-template-overrides`` (2.1) or
     ``pod-spec-overrides`` (2.0)."""
@@ -101,6 +120,8 @@ class LaunchConfig:
             raise UserError(f"need --nodes >= 1 and --gpus-per-node >= 0, got {self.nodes}, {self.gpus_per_node}")
         if self.api not in API_FORMS:
             raise UserError(f"--api must be one of {', '.join(API_FORMS)}, got {self.api!r}")
+        if self.runtime_kind not in RUNTIME_KINDS:
+            raise UserError(f"--runtime-kind must be one of {', '.join(RUNTIME_KINDS)}, got {self.runtime_kind!r}")
 
 
 def render_trainjob(cfg: LaunchConfig) -> dict[str, Any]:
@@ -133,7 +154,7 @@ def render_trainjob(cfg: LaunchConfig) -> dict[str, Any]:
         volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": cfg.pvc}})
         mounts.append({"name": "runs", "mountPath": cfg.mount_path})
     spec: dict[str, Any] = {
-        "runtimeRef": {"name": cfg.runtime, "apiGroup": GROUP, "kind": "ClusterTrainingRuntime"},
+        "runtimeRef": {"name": cfg.runtime, "apiGroup": GROUP, "kind": cfg.runtime_kind},
         "trainer": trainer,
     }
     container: dict[str, Any] = {"name": NODE, "volumeMounts": mounts}
@@ -221,15 +242,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", help="previous stage's final checkpoint inside the pod")
     parser.add_argument("--params", help="parameters file inside the pod (default: the image's params.yaml)")
     parser.add_argument("--name", help="TrainJob name (default: easyref-<stage>)")
-    parser.add_argument("--namespace", default="default")
+    parser.add_argument("--namespace", default=NAMESPACE, help=f"namespace of the TrainJob (default {NAMESPACE})")
     parser.add_argument("--image", required=True, help="container image with easyref installed")
     parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= processes) per node (default 8)")
     parser.add_argument("--cpu", default="", help="CPU per node, e.g. 32")
     parser.add_argument("--memory", default="", help="memory per node, e.g. 512Gi")
     parser.add_argument("--shm-size", default="64Gi", help="size of /dev/shm (default 64Gi)")
-    parser.add_argument("--pvc", default="", help="PersistentVolumeClaim holding data, models and runs")
-    parser.add_argument("--mount-path", default="/mnt", help="where the PVC is mounted (default /mnt)")
+    parser.add_argument("--pvc", default="", help=f"PersistentVolumeClaim holding data, models and runs ({PVC})")
+    parser.add_argument("--mount-path", default=MOUNT_PATH, help=f"where the PVC is mounted (default {MOUNT_PATH})")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment variable")
     parser.add_argument(
         "--secret-env",
@@ -239,8 +260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="environment variable from a Secret's key",
     )
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="extra metadata label")
+    parser.add_argument("--runtime", default=RUNTIME, help=f"training runtime (default {RUNTIME}, infra/k8s)")
     parser.add_argument(
-        "--runtime", default="torch-distributed", help="ClusterTrainingRuntime (default torch-distributed)"
+        "--runtime-kind", default=RUNTIME_KIND, choices=RUNTIME_KINDS, help=f"its kind (default {RUNTIME_KIND})"
     )
     parser.add_argument(
         "--api",
@@ -276,6 +298,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         env=_pairs(args.env, "--env"),
         secret_env=secrets,
         runtime=args.runtime,
+        runtime_kind=args.runtime_kind,
         api=args.api,
         labels=_pairs(args.label, "--label"),
     )
