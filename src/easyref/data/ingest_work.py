@@ -98,9 +98,7 @@ def process_all(
     from tqdm import tqdm
 
     locations = [location for _, location in todo]
-    size = max(
-        1, min(BATCH_PER_REQUEST * config.fetch.concurrency, len(locations) // (BATCHES_PER_WORKER * config.workers))
-    )
+    size = batch_size(len(locations), config.workers, config.fetch.concurrency)
     batches = [locations[i : i + size] for i in range(0, len(locations), size)]
     outcomes: list[Outcome] = []
     with tqdm(total=len(locations), unit="img", desc="ingest", disable=not progress or not locations) as bar:
@@ -115,6 +113,13 @@ def process_all(
                     outcomes += done
                     bar.update(len(done))
     return {key: outcome for (key, _), outcome in zip(todo, outcomes, strict=True)}
+
+
+def batch_size(images: int, workers: int, concurrency: int) -> int:
+    """Images per batch: enough for ``concurrency`` requests in flight, small enough that every worker gets
+    ``BATCHES_PER_WORKER`` batches, at most ``BATCH_PER_REQUEST x concurrency``."""
+    least = min(concurrency, -(-images // workers))
+    return max(1, least, min(BATCH_PER_REQUEST * concurrency, images // (BATCHES_PER_WORKER * workers)))
 
 
 def _fetch(location: Location, config: IngestConfig) -> bytes | Rejection:
