@@ -61,6 +61,7 @@ def slow_server(tmp_path: Path):
     for i in range(IMAGES):
         save(noise_image(100 + i), served / f"{i}.png")
     save(noise_image(99), served / "busy.png")
+    (served / "bad.png").write_text("not an image")  # Pillow's message names a memory address: must not leak
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: _Slow(*a, directory=str(served), **k))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -70,7 +71,7 @@ def slow_server(tmp_path: Path):
 
 
 def _table(tmp_path: Path, port: int) -> Path:
-    names = [f"{i}.png" for i in range(IMAGES)] + ["busy.png", "missing.png"]
+    names = [f"{i}.png" for i in range(IMAGES)] + ["busy.png", "missing.png", "bad.png"]
     uris = [f"http://127.0.0.1:{port}/{name}" for name in names]
     uris.append(uris[0])  # the same URL twice: fetched once, the second row a duplicate
     table = tmp_path / "urls.csv"
@@ -113,6 +114,7 @@ def test_requests_overlap_and_outputs_equal_the_serial_run(tmp_path: Path, slow_
     assert _files(tmp_path / "processes") == files
     rejected = pd.read_parquet(tmp_path / "serial" / "rejected.parquet").set_index("uri")["reason"]
     assert rejected[f"http://127.0.0.1:{slow_server}/missing.png"] == "fetch_failed"
+    assert rejected[f"http://127.0.0.1:{slow_server}/bad.png"] == "unreadable"
     assert rejected[f"http://127.0.0.1:{slow_server}/0.png"] == "duplicate"  # the second row of the same URL
     manifest = pd.read_parquet(tmp_path / "serial" / "manifest.parquet")
     assert len(manifest) == IMAGES + 1  # busy.png after two 503s and two retries

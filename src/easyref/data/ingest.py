@@ -69,12 +69,17 @@ class IngestConfig:
     an error."""
     allow_roots: tuple[str, ...] = ()
     """Folders that local paths in tables (absolute, file://) may point into, besides the table's own folder."""
+    shards: int = 1
+    """Ingest tasks the KFP pipeline fans the images out to (``easyref ingest-shard``), merged by one
+    ``easyref ingest-merge``; 1 runs a single ``easyref ingest``. ``easyref ingest`` itself ignores it."""
     image: ImageConfig = field(default_factory=ImageConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.shards < 1:
+            raise ValueError(f"shards must be at least 1, got {self.shards}")
         if not 0 <= self.near_duplicate_distance <= 64:
             raise ValueError(f"near_duplicate_distance must be in 0..64, got {self.near_duplicate_distance}")
         if not 0 <= self.near_duplicate_colour_distance <= 255:
