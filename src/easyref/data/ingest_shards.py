@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from easyref.data.ingest import (
-    IngestConfig,
     IngestResult,
     _remove_orphans,
     config_from_args,
@@ -38,6 +37,7 @@ from easyref.data.ingest import (
     read_rows,
 )
 from easyref.data.ingest import add_arguments as add_ingest_arguments
+from easyref.data.ingest_config import IngestConfig
 from easyref.data.outcome import Outcome, load_cache, read_outcomes, save_cache, write_outcomes
 from easyref.errors import UserError
 

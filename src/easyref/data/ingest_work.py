@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 from easyref.data.fetch import fetch
 from easyref.data.images import SUFFIXES, normalize
+from easyref.data.ingest_config import IngestConfig
 from easyref.data.outcome import Outcome, rejected_outcome
 from easyref.data.reasons import Rejection
 
 if TYPE_CHECKING:
-    from easyref.data.ingest import IngestConfig
     from easyref.data.sources import Location
 
 BATCHES_PER_WORKER = 4
