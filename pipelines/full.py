@@ -64,6 +64,19 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
+def trainjob_secret_env(cluster: dict[str, Any]) -> list[str]:
+    """``ENV=SECRET:KEY`` entries: the MLflow and S3 credentials a TrainJob's pods get from the Secrets."""
+    mlflow_secret, s3_secret = cluster["mlflow_secret"], cluster["s3_secret"]
+    return [
+        f"MLFLOW_TRACKING_USERNAME={mlflow_secret}:username",
+        f"MLFLOW_TRACKING_PASSWORD={mlflow_secret}:password",
+        f"AWS_ACCESS_KEY_ID={s3_secret}:access_key_id",
+        f"AWS_SECRET_ACCESS_KEY={s3_secret}:secret_access_key",
+        f"MLFLOW_S3_ENDPOINT_URL={s3_secret}:endpoint_url",
+        f"AWS_ENDPOINT_URL={s3_secret}:endpoint_url",
+    ]
+
+
 def on_cluster(task, cluster: dict[str, Any], pvc, size: str):
     """Secrets as env, the shared volume, resources, labels, non-root user (ignored by kfp.local)."""
     from kfp import kubernetes
@@ -121,8 +134,7 @@ def ingest_stage(sources, config, shards: int, cluster: dict[str, Any], pvc):
     from components.ingest_merge.component import ingest_merge
 
     if shards == 1:
-        task = on_cluster(ingest(sources=sources, config=config), cluster, pvc, "ingest").set_retry(**RETRY)
-        return task
+        return on_cluster(ingest(sources=sources, config=config), cluster, pvc, "ingest").set_retry(**RETRY)
     with dsl.ParallelFor(items=list(range(shards)), name="ingest-shards") as shard:
         part = ingest(sources=sources, config=config, shard=shard, shards=shards)
         on_cluster(part, cluster, pvc, "ingest").set_retry(**RETRY).set_display_name("ingest-shard")
@@ -157,15 +169,6 @@ def build_pipeline(
     params = without_nulls(params)
     cluster = params["cluster"]
     mount_path = cluster["mount_path"]
-    mlflow_secret, s3_secret = cluster["mlflow_secret"], cluster["s3_secret"]
-    trainjob_secret_env = [
-        f"MLFLOW_TRACKING_USERNAME={mlflow_secret}:username",
-        f"MLFLOW_TRACKING_PASSWORD={mlflow_secret}:password",
-        f"AWS_ACCESS_KEY_ID={s3_secret}:access_key_id",
-        f"AWS_SECRET_ACCESS_KEY={s3_secret}:secret_access_key",
-        f"MLFLOW_S3_ENDPOINT_URL={s3_secret}:endpoint_url",
-        f"AWS_ENDPOINT_URL={s3_secret}:endpoint_url",
-    ]
 
     @dsl.pipeline(name=PIPELINE_NAME, description="EasyRef: ingest, split, three training stages, evaluate, register")
     def easyref_full(
@@ -210,7 +213,7 @@ def build_pipeline(
             namespace=namespace,
             pvc=shared_pvc,
             mount_path=mount_path,
-            secret_env=trainjob_secret_env,
+            secret_env=trainjob_secret_env(cluster),
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             **tracking,
         )
