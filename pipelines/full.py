@@ -15,7 +15,10 @@ the MLflow and S3 credentials from Secrets as environment variables, CPU and mem
 because it decides the training pods' shape: with `trainjob` the training tasks are small CPU pods that submit a
 Kubeflow Trainer TrainJob of `nodes` x `gpus_per_node` GPUs and wait for it; with `torchrun` they train in their own
 pod and get `pod_gpus` GPUs, GPU node selectors and tolerations and a memory-backed /dev/shm. Ingest and evaluate
-are retried on failure (transient: object store, network, a preempted node).
+are retried on failure (transient: object store, network, a preempted node). With `ingest.shards` (or `--shards`)
+K > 1, ingest fans out: a `dsl.ParallelFor` runs K ingest tasks (one shard of the images each, a pod each) and an
+`ingest_merge` task builds the one ingested dataset from them (docs/data.md). `local` always runs one ingest task:
+kfp.local does not run ParallelFor.
 """
 
 # ruff: noqa: B006 - KFP pipeline parameter defaults are JSON values (lists, dicts)
@@ -66,30 +69,10 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
-def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: str | None = None):
-    """The ``@dsl.pipeline`` function, its parameter defaults taken from ``params``; ``launcher`` (default
-    ``cluster.launcher``) decides the training tasks' pods."""
-    launcher = launcher or str(params["cluster"]["launcher"])
-    if launcher not in LAUNCHERS:
-        raise SystemExit(f"cluster.launcher / --launcher: expected one of {', '.join(LAUNCHERS)}, got {launcher!r}")
-    if image:
-        os.environ["EASYREF_IMAGE"] = image  # read by components.settings when the components are imported
-    sys.path.insert(0, str(REPO_ROOT))
-    from kfp import dsl, kubernetes
-
-    from components.evaluate.component import evaluate
-    from components.finetune.component import finetune
-    from components.ingest.component import ingest
-    from components.pretrain.component import pretrain
-    from components.register.component import register
-    from components.settings import BASE_IMAGE
-    from components.split_groups.component import split_groups
-
-    params = without_nulls(params)
-    cluster = params["cluster"]
-    mount_path = cluster["mount_path"]
+def trainjob_secret_env(cluster: dict[str, Any]) -> list[str]:
+    """``ENV=SECRET:KEY`` entries: the MLflow and S3 credentials a TrainJob's pods get from the Secrets."""
     mlflow_secret, s3_secret = cluster["mlflow_secret"], cluster["s3_secret"]
-    trainjob_secret_env = [
+    return [
         f"MLFLOW_TRACKING_USERNAME={mlflow_secret}:username",
         f"MLFLOW_TRACKING_PASSWORD={mlflow_secret}:password",
         f"AWS_ACCESS_KEY_ID={s3_secret}:access_key_id",
@@ -98,49 +81,99 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
         f"AWS_ENDPOINT_URL={s3_secret}:endpoint_url",
     ]
 
+
+def on_cluster(task, cluster: dict[str, Any], pvc, size: str):
+    """Secrets as env, the shared volume, resources, labels, non-root user (ignored by kfp.local)."""
+    from kfp import kubernetes
+
     resources = cluster["task_resources"]
+    mlflow_secret, s3_secret = cluster["mlflow_secret"], cluster["s3_secret"]
+    cpu, memory = str(resources[size]["cpu"]), str(resources[size]["memory"])
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    for key, value in POD_LABELS.items():
+        kubernetes.add_pod_label(task, label_key=key, label_value=value)
+    # kfp-kubernetes sets the identity; the KFP backend drops capabilities and sets allowPrivilegeEscalation
+    # false and seccomp RuntimeDefault; the namespace's Pod Security Admission (restricted) refuses any pod
+    # without them (infra/k8s/namespace.yaml)
+    user = int(cluster["run_as_user"])
+    kubernetes.set_security_context(task, run_as_user=user, run_as_group=user, run_as_non_root=True)
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=mlflow_secret,
+        secret_key_to_env={"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
+    )
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=s3_secret,
+        secret_key_to_env={
+            "access_key_id": "AWS_ACCESS_KEY_ID",
+            "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+            "endpoint_url": "AWS_ENDPOINT_URL",
+        },
+    )
+    kubernetes.use_secret_as_env(
+        task, secret_name=s3_secret, secret_key_to_env={"endpoint_url": "MLFLOW_S3_ENDPOINT_URL"}
+    )
+    kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=cluster["mount_path"])
+    return task
 
-    def on_cluster(task, pvc, size):
-        """Secrets as env, the shared volume, resources, labels, non-root user (ignored by kfp.local)."""
-        cpu, memory = str(resources[size]["cpu"]), str(resources[size]["memory"])
-        task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
-        for key, value in POD_LABELS.items():
-            kubernetes.add_pod_label(task, label_key=key, label_value=value)
-        # kfp-kubernetes sets the identity; the KFP backend drops capabilities and sets allowPrivilegeEscalation
-        # false and seccomp RuntimeDefault; the namespace's Pod Security Admission (restricted) refuses any pod
-        # without them (infra/k8s/namespace.yaml)
-        user = int(cluster["run_as_user"])
-        kubernetes.set_security_context(task, run_as_user=user, run_as_group=user, run_as_non_root=True)
-        kubernetes.use_secret_as_env(
-            task,
-            secret_name=mlflow_secret,
-            secret_key_to_env={"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
-        )
-        kubernetes.use_secret_as_env(
-            task,
-            secret_name=s3_secret,
-            secret_key_to_env={
-                "access_key_id": "AWS_ACCESS_KEY_ID",
-                "secret_access_key": "AWS_SECRET_ACCESS_KEY",
-                "endpoint_url": "AWS_ENDPOINT_URL",
-            },
-        )
-        kubernetes.use_secret_as_env(
-            task, secret_name=s3_secret, secret_key_to_env={"endpoint_url": "MLFLOW_S3_ENDPOINT_URL"}
-        )
-        kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=mount_path)
-        return task
 
-    def on_gpus(task, pvc, gpus, size):
-        """Shared volume and secrets, plus a GPU request, GPU nodes and a memory-backed /dev/shm."""
-        on_cluster(task, pvc, size)
-        task.set_accelerator_type(cluster["accelerator_type"]).set_accelerator_limit(gpus)
-        kubernetes.empty_dir_mount(
-            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE
-        )
-        kubernetes.add_node_selector(task, label_key="nvidia.com/gpu.present", label_value="true")
-        kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
-        return task
+def on_gpus(task, cluster: dict[str, Any], pvc, gpus, size: str):
+    """Shared volume and secrets, plus a GPU request, GPU nodes and a memory-backed /dev/shm."""
+    from kfp import kubernetes
+
+    on_cluster(task, cluster, pvc, size)
+    task.set_accelerator_type(cluster["accelerator_type"]).set_accelerator_limit(gpus)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
+    kubernetes.add_node_selector(task, label_key="nvidia.com/gpu.present", label_value="true")
+    kubernetes.add_toleration(task, key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
+    return task
+
+
+def ingest_stage(sources, config, shards: int, cluster: dict[str, Any], pvc):
+    """The task whose ``ingested`` output is the ingested dataset: one ``ingest`` task, or with ``shards`` > 1 one
+    ``ingest`` task per shard in a ``dsl.ParallelFor`` (a pod each) and an ``ingest_merge`` task over them all."""
+    from kfp import dsl
+
+    from components.ingest.component import ingest
+    from components.ingest_merge.component import ingest_merge
+
+    if shards == 1:
+        return on_cluster(ingest(sources=sources, config=config), cluster, pvc, "ingest").set_retry(**RETRY)
+    with dsl.ParallelFor(items=list(range(shards)), name="ingest-shards") as shard:
+        part = ingest(sources=sources, config=config, shard=shard, shards=shards)
+        on_cluster(part, cluster, pvc, "ingest").set_retry(**RETRY).set_display_name("ingest-shard")
+    merged = ingest_merge(sources=sources, shards=dsl.Collected(part.outputs["ingested"]), config=config)
+    return on_cluster(merged, cluster, pvc, "ingest").set_retry(**RETRY).set_display_name("ingest-merge")
+
+
+def build_pipeline(
+    params: dict[str, Any], image: str | None = None, launcher: str | None = None, shards: int | None = None
+):
+    """The ``@dsl.pipeline`` function, its parameter defaults taken from ``params``; ``launcher`` (default
+    ``cluster.launcher``) decides the training tasks' pods and ``shards`` (default ``ingest.shards``) the ingest
+    tasks: both shape the graph, so they are fixed when compiling."""
+    launcher = launcher or str(params["cluster"]["launcher"])
+    if launcher not in LAUNCHERS:
+        raise SystemExit(f"cluster.launcher / --launcher: expected one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+    shards = int(params["ingest"].get("shards", 1) if shards is None else shards)
+    if shards < 1:
+        raise SystemExit(f"ingest.shards / --shards: expected at least 1, got {shards}")
+    if image:
+        os.environ["EASYREF_IMAGE"] = image  # read by components.settings when the components are imported
+    sys.path.insert(0, str(REPO_ROOT))
+    from kfp import dsl
+
+    from components.evaluate.component import evaluate
+    from components.finetune.component import finetune
+    from components.pretrain.component import pretrain
+    from components.register.component import register
+    from components.settings import BASE_IMAGE
+    from components.split_groups.component import split_groups
+
+    params = without_nulls(params)
+    cluster = params["cluster"]
+    mount_path = cluster["mount_path"]
 
     @dsl.pipeline(name=PIPELINE_NAME, description="EasyRef: ingest, split, three training stages, evaluate, register")
     def easyref_full(
@@ -168,8 +201,10 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
         mlflow_tracking_uri: str = str(cluster["mlflow_tracking_uri"]),
     ):
         tracking = {"mlflow_tracking_uri": mlflow_tracking_uri}
-        data = on_cluster(ingest(sources=sources, config=ingest_config), shared_pvc, "ingest").set_retry(**RETRY)
-        split = on_cluster(split_groups(ingested=data.outputs["ingested"], config=split_config), shared_pvc, "split")
+        data = ingest_stage(sources, ingest_config, shards, cluster, shared_pvc)
+        split = on_cluster(
+            split_groups(ingested=data.outputs["ingested"], config=split_config), cluster, shared_pvc, "split"
+        )
         common = dict(
             split=split.outputs["split"],
             ingested=data.outputs["ingested"],
@@ -184,7 +219,7 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
             namespace=namespace,
             pvc=shared_pvc,
             mount_path=mount_path,
-            secret_env=trainjob_secret_env,
+            secret_env=trainjob_secret_env(cluster),
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             **tracking,
         )
@@ -192,8 +227,8 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
         def training(task):
             """A TrainJob submitter is a small CPU pod; a torchrun task trains in its pod with GPUs and /dev/shm."""
             if launcher == "trainjob":
-                return on_cluster(task, shared_pvc, "submit")
-            return on_gpus(task, shared_pvc, pod_gpus, "train")
+                return on_cluster(task, cluster, shared_pvc, "submit")
+            return on_gpus(task, cluster, shared_pvc, pod_gpus, "train")
 
         stage1 = training(pretrain(max_steps=pretrain_steps, **common))
         stage1.set_display_name("pretrain")
@@ -215,7 +250,7 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
             pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             **tracking,
         )
-        on_gpus(scores, shared_pvc, evaluate_gpus, "evaluate").set_display_name("evaluate")
+        on_gpus(scores, cluster, shared_pvc, evaluate_gpus, "evaluate").set_display_name("evaluate")
         scores.set_retry(**RETRY)
         registration = register(
             checkpoint=stage3.outputs["checkpoint"],
@@ -228,17 +263,21 @@ def build_pipeline(params: dict[str, Any], image: str | None = None, launcher: s
             pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             **tracking,
         )
-        on_cluster(registration, shared_pvc, "register").set_caching_options(enable_caching=False)
+        on_cluster(registration, cluster, shared_pvc, "register").set_caching_options(enable_caching=False)
 
     return easyref_full
 
 
 def compile_package(
-    out: str | Path, params_file: str | Path = DEFAULT_PARAMS, image: str | None = None, launcher: str | None = None
+    out: str | Path,
+    params_file: str | Path = DEFAULT_PARAMS,
+    image: str | None = None,
+    launcher: str | None = None,
+    shards: int | None = None,
 ) -> Path:
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(load_params(params_file), image, launcher), str(out))
+    compiler.Compiler().compile(build_pipeline(load_params(params_file), image, launcher, shards), str(out))
     return Path(out)
 
 
@@ -287,7 +326,7 @@ def run_local(params_file: str | Path, workdir: Path, nproc: int = 2) -> dict[st
                 )
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp-outputs"))
-    pipeline = build_pipeline(params, launcher="torchrun")
+    pipeline = build_pipeline(params, launcher="torchrun", shards=1)  # kfp.local does not run dsl.ParallelFor
     run = pipeline(
         sources=sources,
         base_models=str(base),
@@ -314,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="full.yaml", help="package file (default full.yaml)")
     p.add_argument("--image", help="component image (default: $EASYREF_IMAGE or easyref:0.1.0)")
     p.add_argument("--launcher", choices=LAUNCHERS, help="training launcher (default: cluster.launcher)")
+    p.add_argument("--shards", type=int, help="ingest tasks in parallel, then a merge (default: ingest.shards)")
     p = sub.add_parser("submit", help="compile and submit a run through kfp.Client", parents=[params_after])
     p.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080")
     p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
@@ -321,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-name", help="run name (default: easyref-full <timestamp>)")
     p.add_argument("--image", help="component image (default: $EASYREF_IMAGE or easyref:0.1.0)")
     p.add_argument("--launcher", choices=LAUNCHERS, help="training launcher (default: cluster.launcher)")
+    p.add_argument("--shards", type=int, help="ingest tasks in parallel, then a merge (default: ingest.shards)")
     p.add_argument(
         "--param",
         action="append",
@@ -336,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "compile":
-        out = compile_package(args.out, args.params, args.image, args.launcher)
+        out = compile_package(args.out, args.params, args.image, args.launcher, args.shards)
         print(f"wrote {out}; submit with: kfp --endpoint URL run create --experiment-name easyref --package-file {out}")
     elif args.command == "submit":
         import tempfile
@@ -344,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         import kfp
 
         with tempfile.TemporaryDirectory() as tmp:
-            package = compile_package(Path(tmp) / "full.yaml", args.params, args.image, args.launcher)
+            package = compile_package(Path(tmp) / "full.yaml", args.params, args.image, args.launcher, args.shards)
             client = kfp.Client(host=args.host, namespace=args.namespace)
             run = client.create_run_from_pipeline_package(
                 str(package),

@@ -16,7 +16,8 @@ from test_data_split import read_split, write_manifest
 from test_ingest_bad_input import captioned, read, run_ingest
 
 from easyref.cli import main
-from easyref.data.ingest import IngestConfig, process_image
+from easyref.data.ingest import IngestConfig
+from easyref.data.ingest_work import process_image
 from easyref.data.sources import read_folder, read_source
 from easyref.errors import UserError
 

@@ -76,6 +76,33 @@ def test_package_chains_every_step(package: tuple[dict, dict]) -> None:
     assert stages == {"finetune": "single_ref", "finetune-2": "multi_ref"}
 
 
+@pytest.fixture(scope="module")
+def sharded_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    return compiled(tmp_path_factory, "--shards", "3")
+
+
+def test_sharded_ingest_is_a_parallel_for_then_a_merge_that_split_reads(sharded_package: tuple[dict, dict]) -> None:
+    spec, executors = sharded_package
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"for-loop-2", "ingest-merge"} <= set(tasks) and "ingest" not in tasks
+    loop = tasks["for-loop-2"]
+    assert loop["parameterIterator"]["items"]["raw"] == "[0, 1, 2]"
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    inputs = body["ingest"]["inputs"]["parameters"]
+    assert inputs["shards"]["runtimeValue"]["constant"] == 3
+    assert inputs["shard"]["componentInputParameter"].startswith("pipelinechannel--loop-item")
+    merge = tasks["ingest-merge"]
+    assert merge["dependentTasks"] == ["for-loop-2"]
+    assert merge["inputs"]["artifacts"]["shards"]["taskOutputArtifact"]["producerTask"] == "for-loop-2"
+    assert tasks["split-groups"]["inputs"]["artifacts"]["ingested"]["taskOutputArtifact"]["producerTask"] == (
+        "ingest-merge"
+    )
+    command = " ".join(spec["deploymentSpec"]["executors"]["exec-ingest-merge"]["container"]["command"])
+    assert "ingest-merge" in command and "--shard-dir" in command
+    for name in ("exec-ingest", "exec-ingest-merge"):  # both on the shared volume, with the pod labels
+        assert executors[name]["pvcMount"] and executors[name]["podMetadata"]["labels"]
+
+
 def test_parameters_default_to_params_yaml(package: tuple[dict, dict]) -> None:
     spec, _ = package
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

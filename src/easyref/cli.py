@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-base": ("easyref.tiny_base", "pretrain the tiny SDXL base (VAE, UNet, text encoders) on demo data"),
     "demo-data": ("easyref.data.demo", "write the synthetic demo dataset of image groups"),
     "ingest": ("easyref.data.ingest", "ingest image sources into a manifest of groups (with rejections)"),
+    "ingest-shard": ("easyref.data.ingest_shards", "ingest one shard of the images (one pod of a fanned-out ingest)"),
+    "ingest-merge": ("easyref.data.ingest_merge", "merge the folders of ingest-shard into one ingest output"),
     "split": ("easyref.data.split", "split a manifest into train / held-in / held-out groups"),
     "generate": ("easyref.generate", "generate images from a prompt and a group of reference images"),
     "evaluate": ("easyref.evaluate", "evaluate a checkpoint: CLIP-I / CLIP-T / DINO-I, reference gain, baselines"),

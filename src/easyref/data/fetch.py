@@ -9,54 +9,18 @@ per worker process.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import stat
+import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
+from easyref.data.fetch_config import FetchConfig, check_size
+from easyref.data.fetch_http import http_get
 from easyref.data.reasons import Reason, Rejection
 from easyref.data.sources import Location
 
-
-@dataclass(frozen=True, kw_only=True)
-class FetchConfig:
-    """How remote images are fetched."""
-
-    s3_endpoint: str | None = None
-    """S3 API endpoint (MinIO, moto, ...); ``None`` uses boto3's default (which honours ``AWS_ENDPOINT_URL``)."""
-    timeout: float = 10.0
-    """Seconds to wait for a connection and between bytes received."""
-    retries: int = 3
-    """Retries after the first attempt for connection errors and HTTP 429/5xx."""
-    backoff: float = 0.5
-    """Exponential backoff factor in seconds between retries."""
-    max_bytes: int = 64 * 2**20
-    """Larger files are rejected as ``too_large`` without being read whole."""
-    deadline: float = 60.0
-    """Seconds for a whole remote object, all redirects and retries included."""
-    max_redirects: int = 5
-    """HTTP redirects followed per object; each target is checked like the first URL."""
-    allow_hosts: tuple[str, ...] = ()
-    """Host names fetched even when they resolve to private or loopback addresses (an in-cluster MinIO, ...)."""
-    allow_private_networks: bool = False
-    """Fetch from private, loopback and link-local addresses (never the cloud metadata address otherwise)."""
-
-    def __post_init__(self) -> None:
-        for name in ("timeout", "deadline"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.retries < 0 or self.max_redirects < 0:
-            raise ValueError(
-                f"retries and max_redirects must not be negative, got {self.retries}, {self.max_redirects}"
-            )
-        if self.backoff < 0 or not math.isfinite(self.backoff):
-            raise ValueError(f"backoff must be a non-negative number of seconds, got {self.backoff!r}")
-        if self.max_bytes < 1:
-            raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
-        object.__setattr__(self, "allow_hosts", tuple(self.allow_hosts))
+__all__ = ["FetchConfig", "check_size", "fetch", "split_s3_uri"]
 
 
 def fetch(location: Location, config: FetchConfig) -> bytes:
@@ -65,8 +29,6 @@ def fetch(location: Location, config: FetchConfig) -> bytes:
         return _read_file(location.target, config.max_bytes, location.identity)
     if location.scheme == "s3":
         return _read_s3(location.target, config)
-    from easyref.data.fetch_http import http_get
-
     return http_get(location.target, config)
 
 
@@ -108,7 +70,7 @@ def _read_s3(uri: str, config: FetchConfig) -> bytes:
     bucket, key = split_s3_uri(uri)
     if not bucket or not key:
         raise Rejection(Reason.FETCH_FAILED, f"{uri}: expected s3://BUCKET/KEY")
-    client = _s3_client(config.s3_endpoint, config.timeout, config.retries)
+    client = _s3_client(config.s3_endpoint, config.timeout, config.retries, config.concurrency)
     deadline = time.monotonic() + config.deadline
     try:
         response = client.get_object(Bucket=bucket, Key=key)
@@ -131,18 +93,25 @@ def _read_s3(uri: str, config: FetchConfig) -> bytes:
         raise Rejection(Reason.FETCH_FAILED, f"S3 request failed: {exc}") from None
 
 
-def check_size(data: bytes, max_bytes: int) -> bytes:
-    if len(data) > max_bytes:
-        raise Rejection(Reason.TOO_LARGE, f"more than {max_bytes} bytes")
-    return data
+_S3_CLIENT_LOCK = threading.Lock()
+
+
+def _s3_client(endpoint: str | None, timeout: float, retries: int, pool: int) -> Any:
+    """One client per process and settings, shared by the fetching threads (boto3 clients are thread-safe; their
+    creation is not, hence the lock)."""
+    with _S3_CLIENT_LOCK:
+        return _new_s3_client(endpoint, timeout, retries, pool)
 
 
 @functools.cache
-def _s3_client(endpoint: str | None, timeout: float, retries: int) -> Any:
+def _new_s3_client(endpoint: str | None, timeout: float, retries: int, pool: int) -> Any:
     import boto3
     from botocore.config import Config
 
     config = Config(
-        connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": retries + 1, "mode": "standard"}
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        retries={"max_attempts": retries + 1, "mode": "standard"},
+        max_pool_connections=pool,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)

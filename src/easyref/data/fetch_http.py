@@ -17,12 +17,11 @@ import time
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
+from easyref.data.fetch_config import FetchConfig, check_size
 from easyref.data.reasons import Reason, Rejection
 
 if TYPE_CHECKING:
     import urllib3
-
-    from easyref.data.fetch import FetchConfig
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -107,13 +106,11 @@ def _request(url: str, address: str | None, config: FetchConfig, deadline: float
 
     Returns (status, the Location header for a redirect or the reason phrase, the body of a 200 response).
     """
-    from easyref.data.fetch import check_size
-
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise Rejection(Reason.FETCH_FAILED, f"not fetched within the deadline of {config.deadline} s")
     parts = urlsplit(url)
-    pool = _pool(parts.scheme, parts.hostname or "", address, parts.port)
+    pool = _pool(parts.scheme, parts.hostname or "", address, parts.port, config.concurrency)
     target = parts.path or "/"
     if parts.query:
         target += f"?{parts.query}"
@@ -143,18 +140,19 @@ def _request(url: str, address: str | None, config: FetchConfig, deadline: float
 
 
 @functools.lru_cache(maxsize=64)
-def _pool(scheme: str, host: str, address: str | None, port: int | None) -> urllib3.HTTPConnectionPool:
-    """A connection pool to ``address`` (or ``host``) that speaks TLS for ``host`` (SNI, certificate check)."""
+def _pool(scheme: str, host: str, address: str | None, port: int | None, size: int) -> urllib3.HTTPConnectionPool:
+    """A connection pool to ``address`` (or ``host``) that speaks TLS for ``host`` (SNI, certificate check), keeping
+    up to ``size`` connections (one per request in flight) open for reuse."""
     import urllib3
 
     if scheme == "http":
-        return urllib3.HTTPConnectionPool(address or host, port or 80, maxsize=1)
+        return urllib3.HTTPConnectionPool(address or host, port or 80, maxsize=size)
     import certifi
 
     return urllib3.HTTPSConnectionPool(
         address or host,
         port or 443,
-        maxsize=1,
+        maxsize=size,
         cert_reqs="CERT_REQUIRED",
         ca_certs=certifi.where(),
         server_hostname=host,

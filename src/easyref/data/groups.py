@@ -17,7 +17,7 @@ from easyref.data.reasons import Reason
 from easyref.errors import UserError
 
 if TYPE_CHECKING:
-    from easyref.data.ingest import Outcome
+    from easyref.data.outcome import Outcome
     from easyref.data.sources import InputRow
 
 COLLISION_MODES = ("merge", "prefix", "error")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 SUFFIXES = {"jpeg": ".jpg", "png": ".png"}
+_ADDRESS = re.compile(r" <[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,7 +108,8 @@ def _decode(data: bytes, config: ImageConfig) -> Image.Image:
         except Image.DecompressionBombError as exc:
             raise Rejection(Reason.TOO_LARGE, f"not decoded: {exc}") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise Rejection(Reason.UNREADABLE, f"not an image: {exc}") from None
+            # Pillow names the buffer by its memory address: left out, so that re-runs write the same message
+            raise Rejection(Reason.UNREADABLE, f"not an image: {_ADDRESS.sub('', str(exc))}") from None
     width, height = image.size
     if width * height > config.max_pixels:
         raise Rejection(Reason.TOO_LARGE, f"{width}x{height} pixels, more than {config.max_pixels}; not decoded")

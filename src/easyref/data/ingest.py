@@ -27,83 +27,31 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import secrets
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from easyref.data.fetch import FetchConfig
-from easyref.data.images import SUFFIXES, ImageConfig
-from easyref.data.reasons import Reason, Rejection
-from easyref.data.sources import InputRow, Location
+from easyref.data.images import SUFFIXES
+from easyref.data.ingest_config import IngestConfig
+from easyref.data.outcome import Outcome, arrow_table, cache_key, load_cache, rejected_outcome, save_cache
+from easyref.data.sources import InputRow
 from easyref.errors import UserError
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+__all__ = ["IngestConfig", "IngestResult", "ingest"]
+
 HELP = "ingest folder trees and tables of images into manifest.parquet / rejected.parquet"
 
-CACHE_FILE = ".cache/ingest.parquet"
 OUTPUT_FILES = ("manifest.parquet", "rejected.parquet", "stats.json", "group_sizes.png")
 HASH_VERSION = 2  # bump when the per-image outcome changes meaning (2: colour signature, imagehash's pHash)
 MANIFEST_COLUMNS = (
     "image_id", "path", "group", "caption", "width", "height", "source", "row", "uri", "phash", "metadata",
 )  # fmt: skip
 REJECTED_COLUMNS = ("source", "row", "uri", "group", "caption", "reason", "message", "metadata")
-INT_COLUMNS = {"row": "int64", "width": "int32", "height": "int32"}  # every other column is a string
-
-
-@dataclass(kw_only=True)
-class IngestConfig:
-    """The ``ingest`` section of ``params.yaml``; command-line flags override it."""
-
-    workers: int = 2
-    """Worker processes that fetch, check and normalise images (1 runs in the calling process)."""
-    near_duplicate_distance: int = 2
-    """Images of one group whose perceptual hashes differ in at most this many bits (of 64) are near duplicates..."""
-    near_duplicate_colour_distance: int = 24
-    """...if their colour signatures (4x4 grid of mean colours) also differ by at most this much (0-255)."""
-    max_caption_chars: int = 1000
-    """Longer captions are rejected."""
-    group_collision: Literal["merge", "prefix", "error"] = "prefix"
-    """A group name found in two sources: one group (merge), one group per source named SOURCE/GROUP (prefix), or
-    an error."""
-    allow_roots: tuple[str, ...] = ()
-    """Folders that local paths in tables (absolute, file://) may point into, besides the table's own folder."""
-    image: ImageConfig = field(default_factory=ImageConfig)
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
-        if not 0 <= self.near_duplicate_distance <= 64:
-            raise ValueError(f"near_duplicate_distance must be in 0..64, got {self.near_duplicate_distance}")
-        if not 0 <= self.near_duplicate_colour_distance <= 255:
-            raise ValueError(
-                f"near_duplicate_colour_distance must be in 0..255, got {self.near_duplicate_colour_distance}"
-            )
-        if self.max_caption_chars < 1:
-            raise ValueError(f"max_caption_chars must be positive, got {self.max_caption_chars}")
-        if self.group_collision not in ("merge", "prefix", "error"):
-            raise ValueError(f"group_collision must be merge, prefix or error, got {self.group_collision!r}")
-        self.allow_roots = tuple(self.allow_roots)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Outcome:
-    """What became of one image: stored (``image_id`` set) or rejected (``reason`` set)."""
-
-    image_id: str | None = None
-    path: str | None = None
-    width: int = 0
-    height: int = 0
-    phash: str = ""
-    colour: str = ""
-    reason: str | None = None
-    message: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s3-endpoint", help="S3 API endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     parser.add_argument("--timeout", type=float, help="seconds per remote connection/read (default 10)")
     parser.add_argument("--retries", type=int, help="retries per remote image (default 3)")
+    parser.add_argument(
+        "--concurrency", type=int, help="remote requests in flight per worker process (ingest.fetch.concurrency)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -162,7 +113,13 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
     try:
         image = _override(config.image, min_side=args.min_side, max_side=args.max_side, max_pixels=args.max_pixels)
         image = _override(image, format=args.format)
-        fetch = _override(config.fetch, s3_endpoint=args.s3_endpoint, timeout=args.timeout, retries=args.retries)
+        fetch = _override(
+            config.fetch,
+            s3_endpoint=args.s3_endpoint,
+            timeout=args.timeout,
+            retries=args.retries,
+            concurrency=args.concurrency,
+        )
         return _override(
             config,
             workers=args.workers,
@@ -193,12 +150,23 @@ def ingest(sources: list[str], out: str | Path, config: IngestConfig, *, progres
 
 
 def _ingest_locked(sources: list[str], out: Path, config: IngestConfig, progress: bool) -> IngestResult:
-    from easyref.data import commit
-    from easyref.data.groups import reject_duplicates, resolve_collisions
-    from easyref.data.ingest_out import remove_orphans
-    from easyref.data.sources import read_source
+    from easyref.data.ingest_work import process_all
 
     (out / "images").mkdir(parents=True, exist_ok=True)
+    rows, collisions, keys = read_rows(sources, config)
+    cache = load_cache(out, config_hash(config))
+    todo = sorted({key: row.location for key, row in zip(keys, rows, strict=True) if key and key not in cache}.items())
+    fresh = process_all(todo, out, config, progress)
+    looked_at = len(set(keys) - {None})
+    return finish(out, "ingest", config, rows, collisions, keys, {**cache, **fresh}, len(todo), looked_at - len(todo))
+
+
+def read_rows(sources: list[str], config: IngestConfig) -> tuple[list[InputRow], dict[str, Any], list[str | None]]:
+    """The input rows of ``sources`` in their canonical order (group collisions resolved), the collision record for
+    ``stats.json`` and each row's image key (``None`` for a row rejected before its image is looked at)."""
+    from easyref.data.groups import resolve_collisions
+    from easyref.data.sources import read_source
+
     rows = [
         row
         for source in sources
@@ -208,23 +176,37 @@ def _ingest_locked(sources: list[str], out: Path, config: IngestConfig, progress
         raise UserError(f"no input rows in {' '.join(sources)}: the folders are empty or the tables have no rows")
     rows, collisions = resolve_collisions(rows, sources, config.group_collision)
     rows.sort(key=lambda r: r.sort_key)
+    hashed = config_hash(config)
+    return rows, collisions, [cache_key(row.location, hashed) if row.location else None for row in rows]
 
-    config_hash = _config_hash(config)
-    cache = _load_cache(out, config_hash)
-    keys = [_cache_key(row.location, config_hash) if row.location else None for row in rows]
-    todo = sorted({key: row.location for key, row in zip(keys, rows, strict=True) if key and key not in cache}.items())
-    fresh = _process_all(todo, out, config, progress)
+
+def finish(
+    out: Path,
+    command: str,
+    config: IngestConfig,
+    rows: list[InputRow],
+    collisions: dict[str, Any],
+    keys: list[str | None],
+    known: dict[str, Outcome],
+    processed: int,
+    cached: int,
+) -> IngestResult:
+    """Write the outputs of ``rows`` to ``out`` (whose ``images/`` hold the stored images) from the outcome of each
+    row's image (``known``, by key): duplicates and near duplicates rejected, the tables, stats, cache, commit."""
+    from easyref.data import commit
+    from easyref.data.groups import reject_duplicates
+    from easyref.data.ingest_out import remove_orphans
+
     outcomes = [
-        _rejected_outcome(row.problem) if row.problem else (fresh.get(key) or cache[key])
-        for key, row in zip(keys, rows, strict=True)
+        rejected_outcome(row.problem) if row.problem else known[key] for key, row in zip(keys, rows, strict=True)
     ]
     outcomes = reject_duplicates(rows, outcomes, config.near_duplicate_distance, config.near_duplicate_colour_distance)
     manifest, rejected = _tables(rows, outcomes)
-    commit.begin(out, "ingest")
+    commit.begin(out, command)
     _write_outputs(out, manifest, rejected, _row_notes(rows, collisions))
-    _save_cache(out, {**cache, **fresh}, set(keys))
+    save_cache(out, known, set(keys))
     remove_orphans(out, {o.path for o in outcomes if o.path}, rows)
-    commit.finish(out, "ingest", list(OUTPUT_FILES))
+    commit.finish(out, command, list(OUTPUT_FILES))
 
     reasons = dict(sorted(Counter(rejected["reason"].to_pylist()).items()))
     if manifest.num_rows == 0:
@@ -232,74 +214,9 @@ def _ingest_locked(sources: list[str], out: Path, config: IngestConfig, progress
             f"all {len(rows)} input rows were rejected ({', '.join(f'{k}: {v}' for k, v in reasons.items())}); "
             f"see {out / 'rejected.parquet'} for the row-by-row reasons"
         )
-    looked_at = len(set(keys) - {None})
     return IngestResult(
-        accepted=manifest.num_rows,
-        rejected=rejected.num_rows,
-        processed=len(todo),
-        cached=looked_at - len(todo),
-        reasons=reasons,
+        accepted=manifest.num_rows, rejected=rejected.num_rows, processed=processed, cached=cached, reasons=reasons
     )
-
-
-def process_image(location: Location, out: Path, config: IngestConfig) -> Outcome:
-    """Fetch, check and normalise one image and store it content-addressed under ``out/images``."""
-    from easyref.data.fetch import fetch
-    from easyref.data.images import normalize
-
-    try:
-        image = normalize(fetch(location, config.fetch), config.image)
-    except Rejection as exc:
-        return _rejected_outcome(exc)
-    rel = f"images/{image.image_id[:2]}/{image.image_id}{SUFFIXES[config.image.format]}"
-    target = out / rel
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        tmp.write_bytes(image.data)
-        os.replace(tmp, target)
-    return Outcome(
-        image_id=image.image_id,
-        path=rel,
-        width=image.width,
-        height=image.height,
-        phash=image.phash,
-        colour=image.colour,
-    )
-
-
-def _process_one(task: tuple[Location, Path, IngestConfig]) -> Outcome:
-    return process_image(*task)
-
-
-def _process_all(
-    todo: list[tuple[str, Location]], out: Path, config: IngestConfig, progress: bool
-) -> dict[str, Outcome]:
-    """Outcomes of the images not in the cache, computed by ``config.workers`` processes."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
-
-    tasks = [(location, out, config) for _, location in todo]
-    outcomes: list[Outcome] = []
-    with tqdm(total=len(tasks), unit="img", desc="ingest", disable=not progress or not tasks) as bar:
-        if config.workers == 1 or len(tasks) < 2:
-            for task in tasks:
-                outcomes.append(_process_one(task))
-                bar.update()
-        else:
-            context = multiprocessing.get_context("spawn")  # no inherited threads, locks or sockets
-            chunksize = max(1, min(32, len(tasks) // (4 * config.workers)))
-            with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
-                for outcome in pool.map(_process_one, tasks, chunksize=chunksize):
-                    outcomes.append(outcome)
-                    bar.update()
-    return {key: outcome for (key, _), outcome in zip(todo, outcomes, strict=True)}
-
-
-def _rejected_outcome(problem: Rejection) -> Outcome:
-    return Outcome(reason=str(problem.reason), message=problem.message)
 
 
 def _tables(rows: list[InputRow], outcomes: list[Outcome]) -> tuple[pa.Table, pa.Table]:
@@ -322,7 +239,7 @@ def _tables(rows: list[InputRow], outcomes: list[Outcome]) -> tuple[pa.Table, pa
         else:
             rejected.append({**base, "reason": outcome.reason, "message": outcome.message, "metadata": row.metadata})
     accepted.sort(key=lambda r: (r["group"], r["image_id"]))
-    return _arrow(accepted, MANIFEST_COLUMNS), _arrow(rejected, REJECTED_COLUMNS)
+    return arrow_table(accepted, MANIFEST_COLUMNS), arrow_table(rejected, REJECTED_COLUMNS)
 
 
 def _row_notes(rows: list[InputRow], collisions: dict[str, Any]) -> dict[str, Any]:
@@ -348,15 +265,7 @@ def _write_outputs(out: Path, manifest: pa.Table, rejected: pa.Table, notes: dic
     draw_histogram(group_size_bins(sizes), out / "group_sizes.png", title)
 
 
-def _arrow(records: list[dict[str, Any]], columns: tuple[str, ...]) -> pa.Table:
-    """An Arrow table with explicit column types (strings unless listed in ``INT_COLUMNS``), no pandas metadata."""
-    import pyarrow as pa
-
-    schema = pa.schema([(c, pa.type_for_alias(INT_COLUMNS.get(c, "string"))) for c in columns])
-    return pa.Table.from_pylist(records, schema=schema)
-
-
-def _config_hash(config: IngestConfig) -> str:
+def config_hash(config: IngestConfig) -> str:
     """Changes when a setting that affects per-image outcomes changes (and so invalidates the cache)."""
     relevant = {
         "image": dataclasses.asdict(config.image),
@@ -366,38 +275,6 @@ def _config_hash(config: IngestConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _cache_key(location: Location, config_hash: str) -> str:
-    return f"{config_hash}|{location.scheme}|{location.target}|{location.fingerprint}"
-
-
-def _load_cache(out: Path, config_hash: str) -> dict[str, Outcome]:
-    """Cached outcomes for this config whose stored image (if any) still exists."""
-    import pyarrow.parquet as pq
-
-    path = out / CACHE_FILE
-    if not path.is_file():
-        return {}
-    cache = {}
-    for record in pq.read_table(path).to_pylist():
-        key = record.pop("key")
-        outcome = Outcome(**record)
-        if key.startswith(f"{config_hash}|") and (outcome.path is None or (out / outcome.path).is_file()):
-            cache[key] = outcome
-    return cache
-
-
-def _save_cache(out: Path, outcomes: dict[str, Outcome], keys: set[str | None]) -> None:
-    """Keep the outcomes of the current rows, except fetch failures (they may succeed next time)."""
-    from easyref.data.parquet import write_parquet
-
-    records = [
-        {"key": key, **dataclasses.asdict(outcome)}
-        for key, outcome in sorted(outcomes.items())
-        if key in keys and outcome.reason != Reason.FETCH_FAILED
-    ]
-    columns = ("key", *(f.name for f in dataclasses.fields(Outcome)))
-    (out / CACHE_FILE).parent.mkdir(exist_ok=True)
-    write_parquet(_arrow(records, columns), out / CACHE_FILE)
 
 
 def _override(obj: Any, **changes: Any) -> Any:

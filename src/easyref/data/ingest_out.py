@@ -41,7 +41,7 @@ _OWN_TMP = re.compile(rf"\.(?P<id>[0-9a-f]{{32}})\.(?:{_SUFFIX})\.[0-9]+-[0-9a-f
 
 
 def written_by_ingest(path: Path) -> bool:
-    """Whether ``path`` (under ``OUT/images``) has a name :func:`process_image` gives: ``<id[:2]>/<id><suffix>``
+    """Whether ``path`` (under ``OUT/images``) has a name :func:`easyref.data.ingest_work.process_image` gives: ``<id[:2]>/<id><suffix>``
     with a 32-hex-digit content id, or the temp name of one."""
     match = _OWN_FILE.fullmatch(path.name) or _OWN_TMP.fullmatch(path.name)
     return match is not None and path.parent.name == match["id"][:2]

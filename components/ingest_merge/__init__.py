@@ -1,0 +1,1 @@
+"""The ingest_merge component (see README.md)."""
