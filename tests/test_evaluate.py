@@ -11,12 +11,8 @@ import pytest
 
 from components.testing import mlflow_store
 from easyref.errors import UserError
-from easyref.evaluate import (
-    Sample,
-    load_split,
-    partners,
-    sample_seed,
-)
+from easyref.evaluate.reference_gain import partners
+from easyref.evaluate.samples import Sample, load_split, sample_seed
 from tests.conftest import SMALL_PIXELS, make_group
 
 DREAMBENCH_PROMPTS = """Classes
@@ -294,7 +290,9 @@ def test_per_sample_images_do_not_depend_on_batch_size(tiny_models, checkpoint, 
     import numpy as np
     from PIL import Image
 
-    from easyref.evaluate import EvaluateConfig, ImageStore, generate_easyref
+    from easyref.evaluate.config import EvaluateConfig
+    from easyref.evaluate.generation import generate_easyref
+    from easyref.evaluate.samples import ImageStore
     from easyref.sampler import EasyRefSampler
 
     sampler = EasyRefSampler.from_pretrained(tiny_models / "sdxl", tiny_models / "mllm", checkpoint=checkpoint)
@@ -313,7 +311,7 @@ def test_evaluate_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_caption_subsets_match_whole_words_only():
-    from easyref.evaluate import caption_mentions
+    from easyref.evaluate.scoring import caption_mentions
 
     assert caption_mentions("a small Red star", ["red"])
     assert not caption_mentions("a small striped star on a pale background", ["red"])  # "striped" holds "red"

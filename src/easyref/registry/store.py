@@ -17,6 +17,7 @@ import mlflow
 from easyref.errors import UserError
 from easyref.registry.config import BASE_PARTS, RegisterConfig
 from easyref.registry.evidence import (
+    check_sealed_by_run,
     checkpoint_sha256,
     provenance,
     read_metrics,
@@ -233,6 +234,7 @@ def register(
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
+    check_sealed_by_run(client, sha, metrics_file)
     name = config.model_name
     rerun = f"re-run `easyref register --checkpoint {checkpoint} --metrics {metrics_file} --model-name {name}`"
     with registry_lock(uri, name, config):
