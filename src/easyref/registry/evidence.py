@@ -106,11 +106,12 @@ def verify_evaluated(checkpoint: Path, sha: str, metrics_file: Path) -> dict[str
 EVALUATE_STEP_TAG, CHECKPOINT_TAG, METRICS_TAG = "easyref.step", "easyref.checkpoint_sha256", "easyref.metrics_sha256"
 
 
-def check_sealed_by_run(client: Any, sha: str, metrics_file: Path) -> None:
+def check_sealed_by_run(client: Any, sha: str, metrics_file: Path, rerun: str) -> None:
     """If the registry's tracking store holds `easyref evaluate` runs of checkpoint ``sha``, one of them must have
     recorded this metrics.json's digest (tag ``easyref.metrics_sha256``): evaluation.json edited to match an edited
     metrics.json is refused wherever the evaluation was logged to the same store. A store without such runs (the
-    evaluation logged elsewhere) leaves the check to evaluation.json's seal."""
+    evaluation logged elsewhere) leaves the check to evaluation.json's seal. ``rerun`` ends the unreachable-store
+    error."""
     digest = sha256_file(metrics_file)
     query = f"tags.`{EVALUATE_STEP_TAG}` = 'evaluate' and tags.`{CHECKPOINT_TAG}` = '{sha}'"
     try:
@@ -120,7 +121,7 @@ def check_sealed_by_run(client: Any, sha: str, metrics_file: Path) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
             f"cannot search the MLflow tracking store for the evaluation runs of checkpoint {sha[:12]}... ({first}); "
-            "nothing was changed"
+            f"nothing was changed; {rerun}"
         ) from exc
     recorded = {r.data.tags.get(METRICS_TAG) for r in runs}
     if runs and digest not in recorded:

@@ -234,9 +234,9 @@ def register(
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    check_sealed_by_run(client, sha, metrics_file)
     name = config.model_name
     rerun = f"re-run `easyref register --checkpoint {checkpoint} --metrics {metrics_file} --model-name {name}`"
+    check_sealed_by_run(client, sha, metrics_file, rerun)
     with registry_lock(uri, name, config):
         try:
             existing = find_ready_version(client, name, sha) if _model_exists(client, name) else None
