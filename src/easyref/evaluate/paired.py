@@ -33,8 +33,11 @@ NAMES = {EASYREF: "EasyRef", IP_ADAPTER: "IP-Adapter", TEXT: "text-only"}
 
 
 def pairs(methods: list[str]) -> list[tuple[str, str]]:
-    """``(a, b)`` pairs compared as ``a - b``: EasyRef against every other method, then IP-Adapter - text-only."""
-    out = [(EASYREF, m) for m in methods if m != EASYREF] if EASYREF in methods else []
+    """``(a, b)`` pairs compared as ``a - b``: EasyRef against every other method (text-only, IP-Adapter, LoRA first),
+    then IP-Adapter - text-only."""
+    first = [m for m in (TEXT, IP_ADAPTER, "lora") if m in methods]  # the paper's baselines, then the others
+    others = first + [m for m in methods if m not in first and m != EASYREF]
+    out = [(EASYREF, m) for m in others] if EASYREF in methods else []
     if IP_ADAPTER in methods and TEXT in methods:
         out.append((IP_ADAPTER, TEXT))
     return out
