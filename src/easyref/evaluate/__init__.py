@@ -28,9 +28,14 @@ it does not depend on batching or on which other samples are evaluated). Methods
 Reference gain (no generation): the denoising loss of each sample's target with its own references vs with the
 references of a sample of another group, at the same timesteps and noise. Positive = the model uses the group.
 
-Writes to OUT: metrics.json (flat keys, for DVC: ``<section>/<method>.<metric>``, and the primary section's, the
-held-out one, unprefixed), evaluation.json (provenance), samples.parquet / samples.csv (one row per section, method
-and sample), images/<section>/<method>/<sample>.png, grids/<section>/<sample>.png (references | target |
+Paired comparisons: per section, EasyRef minus each other method (and IP-Adapter minus text-only) on the same
+samples and seeds, with a bootstrap interval over groups; the report says whether the paper's held-out ordering
+EasyRef > IP-Adapter > text-only holds on CLIP-I and DINO-I.
+
+Writes to OUT: metrics.json (the full flat table: ``<section>/<method>.<metric>``, ``<section>/paired/easyref_vs_
+text.clip_i``, ..., and the primary section's, the held-out one, unprefixed), headline.json (its compact form, for
+``dvc metrics show``), evaluation.json (provenance, and the digests of metrics.json and samples.parquet that
+``easyref register`` checks), samples.parquet / samples.csv (one row per section, method and sample), images/<section>/<method>/<sample>.png, grids/<section>/<sample>.png (references | target |
 generated) and report.html (one self-contained page, one part per section), and logs all of it to MLflow.
 """
 
