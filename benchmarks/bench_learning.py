@@ -93,6 +93,7 @@ def report(results: dict[str, dict], params: dict) -> None:
         ("reference gain", "easyref.reference_gain"),
         ("Colour, no-colour captions", "no_colour/easyref.colour"),
         ("  text-only SDXL", "no_colour/text.colour"),
+        ("CLIP-I EasyRef - text-only", "paired/easyref_vs_text.clip_i"),   # paired, bootstrap over groups
         ("CLIP-I own references", "easyref.clip_i"),
         ("CLIP-I swapped references", "easyref_swapped.clip_i"),
         ("Colour own references", "easyref.colour"),

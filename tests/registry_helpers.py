@@ -28,7 +28,14 @@ def write_metrics(path: Path, checkpoint: Path, evaluation: dict | None = None, 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**GOOD, **changes}))
-    record = {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256(checkpoint), **(evaluation or {})}
+    from easyref.data.parquet import sha256_file
+
+    record = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": checkpoint_sha256(checkpoint),
+        "metrics_sha256": sha256_file(path),  # the seal `easyref evaluate` writes
+        **(evaluation or {}),
+    }
     (path.parent / "evaluation.json").write_text(json.dumps(record))
     return path
 

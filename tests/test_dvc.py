@@ -84,7 +84,7 @@ def test_each_section_validates_with_its_command(tmp_path: Path) -> None:
     from easyref.config import from_dict, load_yaml
     from easyref.data.ingest import IngestConfig
     from easyref.data.split import SplitConfig
-    from easyref.evaluate import EvaluateConfig
+    from easyref.evaluate.config import EvaluateConfig
     from easyref.registry import RegisterConfig
     from easyref.train.config import STAGES as TRAIN_STAGES
     from easyref.train.config import load_train_config

@@ -11,12 +11,8 @@ import pytest
 
 from components.testing import mlflow_store
 from easyref.errors import UserError
-from easyref.evaluate import (
-    Sample,
-    load_split,
-    partners,
-    sample_seed,
-)
+from easyref.evaluate.reference_gain import partners
+from easyref.evaluate.samples import Sample, load_split, sample_seed
 from tests.conftest import SMALL_PIXELS, make_group
 
 DREAMBENCH_PROMPTS = """Classes
@@ -198,6 +194,21 @@ def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
     table = pd.read_csv(evaluation / "out/samples.csv")
     sub = table.query("section == 'held_out' and method == 'easyref' and group != 'group-0'")
     assert metrics["no_zero/easyref.colour"] == pytest.approx(sub["colour"].mean(), abs=1e-5)
+    # paired: EasyRef minus each baseline on the same samples, per section (Table 3's comparison)
+    held_out = table.query("section == 'held_out'").set_index("sample_id")
+    for baseline in ("text", "ip_adapter", "lora", "easyref_swapped"):
+        diff = held_out.query("method == 'easyref'")["clip_i"] - held_out.query("method == @baseline")["clip_i"]
+        key = f"paired/easyref_vs_{baseline}.clip_i"
+        assert metrics[key] == metrics[f"held_out/{key}"] == pytest.approx(diff.mean(), abs=1e-5)
+        assert metrics[f"{key}.ci_low"] <= metrics[key] <= metrics[f"{key}.ci_high"]
+    assert "held_in/paired/ip_adapter_vs_text.dino_i.ci_low" in metrics
+    # headline.json (what `dvc metrics show` prints): the Table-3 methods' means per section, nothing else
+    headline = json.loads((evaluation / "out/headline.json").read_text())
+    assert set(headline) == {"held_in", "held_out", "dreambench"}
+    assert set(headline["held_out"]) == {"text", "ip_adapter", "lora", "easyref"}
+    assert headline["held_out"]["easyref"] == {
+        name: metrics[f"held_out/easyref.{name}"] for name in ("clip_i", "clip_t", "dino_i", "reference_gain")
+    }
 
 
 def test_one_evaluation_scores_held_in_held_out_and_dreambench_separately(evaluation):
@@ -261,6 +272,9 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
         "tiny models, toy data",
         "data:image/png;base64,",
         "seconds per group",
+        "Table 3 in kind",
+        "On held-out groups the paper's ordering EasyRef > IP-Adapter > text-only",  # then: holds, or does not
+        "EasyRef (checkpoint) - SDXL, text only",
     ):
         assert text in html.unescape(report)
     info = json.loads((out / "evaluation.json").read_text())
@@ -269,6 +283,11 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
     # the per-group LoRA's time per group (tuning + generation) next to EasyRef's, and its tuning part
     assert info["seconds_per_group.lora"] >= info["tuning_seconds_per_group.lora"] > 0
     assert len(info["checkpoint_sha256"]) == 64 and len(info["split_sha256"]) == 64
+    # the seal `easyref register` checks: the digests of metrics.json and samples.parquet as evaluate wrote them
+    from easyref.data.parquet import sha256_file
+
+    assert info["metrics_sha256"] == sha256_file(out / "metrics.json")
+    assert info["samples_sha256"] == sha256_file(out / "samples.parquet")
 
 
 def test_evaluate_logs_params_metrics_and_report_to_mlflow(evaluation):
@@ -286,7 +305,10 @@ def test_evaluate_logs_params_metrics_and_report_to_mlflow(evaluation):
     )
     assert run.data.params["primary_section"] == "held_out" and "held_in/split_sha256" in run.data.params
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "report.html", "samples.csv", "grids"} <= names
+    assert {"metrics.json", "headline.json", "report.html", "samples.csv", "grids"} <= names
+    info = json.loads((evaluation / "out/evaluation.json").read_text())
+    assert run.data.tags["easyref.metrics_sha256"] == info["metrics_sha256"]  # what register checks
+    assert run.data.tags["easyref.checkpoint_sha256"] == info["checkpoint_sha256"]
 
 
 def test_per_sample_images_do_not_depend_on_batch_size(tiny_models, checkpoint, evaluation):
@@ -294,7 +316,9 @@ def test_per_sample_images_do_not_depend_on_batch_size(tiny_models, checkpoint, 
     import numpy as np
     from PIL import Image
 
-    from easyref.evaluate import EvaluateConfig, ImageStore, generate_easyref
+    from easyref.evaluate.config import EvaluateConfig
+    from easyref.evaluate.generation import generate_easyref
+    from easyref.evaluate.samples import ImageStore
     from easyref.sampler import EasyRefSampler
 
     sampler = EasyRefSampler.from_pretrained(tiny_models / "sdxl", tiny_models / "mllm", checkpoint=checkpoint)
@@ -313,7 +337,7 @@ def test_evaluate_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_caption_subsets_match_whole_words_only():
-    from easyref.evaluate import caption_mentions
+    from easyref.evaluate.scoring import caption_mentions
 
     assert caption_mentions("a small Red star", ["red"])
     assert not caption_mentions("a small striped star on a pale background", ["red"])  # "striped" holds "red"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from easyref.evaluate import EvaluateConfig, ImageStore, LoraBaselineConfig, load_split
+from easyref.evaluate.config import EvaluateConfig, LoraBaselineConfig
+from easyref.evaluate.samples import ImageStore, load_split
 from tests.test_evaluate import write_split
 
 

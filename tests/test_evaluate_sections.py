@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from easyref.errors import UserError
-from easyref.evaluate import DreamBenchConfig, EvaluateConfig, fill_prompt, load_dreambench, parse_dreambench_prompts
+from easyref.evaluate.config import DreamBenchConfig, EvaluateConfig
+from easyref.evaluate.samples import fill_prompt, load_dreambench, parse_dreambench_prompts
 from easyref.evaluate.sections import combine, load_sections, primary, split_keys
 from tests.conftest import make_group
 from tests.test_evaluate import DREAMBENCH_PROMPTS, write_dreambench, write_split

@@ -64,7 +64,7 @@ def test_mean_ci_edge_cases():
 
 
 def test_target_cache_embeds_each_file_once_and_persists(tmp_path, clip):
-    from easyref.evaluate import load_image
+    from easyref.evaluate.samples import load_image
 
     paths = []
     for i, image in enumerate(make_group(4, 3)):

@@ -18,6 +18,7 @@ from easyref.registry import CHALLENGER, GateRule, RegisterConfig, check_model_n
 from tests.registry_helpers import aliases, make_checkpoints, sqlite_uri, write_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+PAIRED_ABOVE_ZERO = {"paired/easyref_vs_text.clip_i": 0.03, "paired/easyref_vs_text.clip_i.ci_low": 0.01}
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
 
 
@@ -103,7 +104,7 @@ def test_model_that_ignores_its_references_is_registered_but_never_champion(chec
     config = load_section(RegisterConfig, ROOT / "params.yaml", "register", {"model_name": "refs"})
     assert any(r.metric == "easyref.reference_gain.ci_low" and r.min == 0.0 for r in config.gate)
     uri = sqlite_uri(tmp_path)
-    gain = {"easyref.reference_gain": 0.0001, "easyref.reference_gain.ci_low": -0.0002}
+    gain = {"easyref.reference_gain": 0.0001, "easyref.reference_gain.ci_low": -0.0002, **PAIRED_ABOVE_ZERO}
     metrics = write_metrics(tmp_path / "a/metrics.json", checkpoints[0], **gain)
     blind = register(checkpoints[0], metrics, config, base=tiny_models, promote_=True, tracking_uri=uri)
     assert blind.created and blind.promoted is False
@@ -114,10 +115,81 @@ def test_model_that_ignores_its_references_is_registered_but_never_champion(chec
         "FAIL"
     )
 
-    gain = {"easyref.reference_gain": 0.02, "easyref.reference_gain.ci_low": 0.01}
+    gain = {"easyref.reference_gain": 0.02, "easyref.reference_gain.ci_low": 0.01, **PAIRED_ABOVE_ZERO}
     metrics = write_metrics(tmp_path / "b/metrics.json", checkpoints[1], **gain)
     seeing = register(checkpoints[1], metrics, config, base=tiny_models, promote_=True, tracking_uri=uri)
     assert seeing.promoted and seeing.decision == "promoted: no champion yet"
+
+
+def test_model_whose_images_score_as_text_only_is_registered_but_never_champion(checkpoints, tiny_models, tmp_path):
+    """The shipped gate also requires EasyRef's held-out CLIP-I above text-only SDXL's on the same samples (the
+    paired difference's lower bound > 0): a reference gain alone does not promote."""
+    from easyref.config import load_section
+
+    config = load_section(RegisterConfig, ROOT / "params.yaml", "register", {"model_name": "paired"})
+    uri = sqlite_uri(tmp_path)
+    same = {
+        "easyref.reference_gain": 0.02,
+        "easyref.reference_gain.ci_low": 0.01,
+        "paired/easyref_vs_text.clip_i": 0.0,
+        "paired/easyref_vs_text.clip_i.ci_low": 0.0,
+    }
+    metrics = write_metrics(tmp_path / "a/metrics.json", checkpoints[0], **same)
+    result = register(checkpoints[0], metrics, config, base=tiny_models, promote_=True, tracking_uri=uri)
+    assert result.created and result.promoted is False
+    assert result.decision == (
+        "rejected (no champion yet): paired/easyref_vs_text.clip_i.ci_low: 0.0000 must be > 0.0000 -> FAIL"
+    )
+    assert aliases(uri, "paired") == {CHALLENGER: "1"}
+
+
+def test_metrics_edited_or_copied_after_evaluation_are_refused_before_anything_is_written(
+    checkpoints, tiny_models, tmp_path
+):
+    """evaluation.json seals metrics.json's sha256 (and so do the tags of the evaluation's MLflow run)."""
+    from mlflow import MlflowClient
+
+    from easyref.data.parquet import sha256_file
+    from easyref.registry import checkpoint_sha256
+
+    uri = sqlite_uri(tmp_path)
+    config = RegisterConfig(model_name="sealed")
+    metrics = write_metrics(tmp_path / "eval/metrics.json", checkpoints[0])
+    good = metrics.read_text()
+    edited = json.loads(good) | {"easyref.clip_i": 0.9999, "easyref.reference_gain.ci_low": 0.5}
+    metrics.write_text(json.dumps(edited))
+    with pytest.raises(
+        UserError, match=r"metrics.json: sha256 .* is not what `easyref evaluate` wrote .*sealed sha256"
+    ):
+        register(checkpoints[0], metrics, config, base=tiny_models, promote_=True, tracking_uri=uri)
+    # another evaluation's metrics.json copied beside this checkpoint's evaluation.json
+    other = write_metrics(tmp_path / "other/metrics.json", checkpoints[0], **{"easyref.clip_i": 0.95})
+    metrics.write_text(other.read_text())
+    with pytest.raises(UserError, match="edited or copied after evaluation"):
+        register(checkpoints[0], metrics, config, base=tiny_models, promote_=True, tracking_uri=uri)
+    # an evaluation.json without the seal (written before metrics were sealed) is refused too
+    record = json.loads((metrics.parent / "evaluation.json").read_text())
+    (metrics.parent / "evaluation.json").write_text(json.dumps({**record, "metrics_sha256": None}))
+    with pytest.raises(UserError, match=r"records no metrics_sha256"):
+        register(checkpoints[0], metrics, config, base=tiny_models, promote_=True, tracking_uri=uri)
+
+    # both files edited to agree: the evaluation's MLflow run in the same store recorded the original digest
+    metrics.write_text(good)
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("easyref-evaluate"))
+    sha = checkpoint_sha256(checkpoints[0])
+    tags = {
+        "easyref.step": "evaluate",
+        "easyref.checkpoint_sha256": sha,
+        "easyref.metrics_sha256": sha256_file(metrics),
+    }
+    for key, value in tags.items():
+        client.set_tag(run.info.run_id, key, value)
+    metrics.write_text(json.dumps(edited))
+    (metrics.parent / "evaluation.json").write_text(json.dumps({**record, "metrics_sha256": sha256_file(metrics)}))
+    with pytest.raises(UserError, match=rf"not the digest any `easyref evaluate` run .*{run.info.run_id}"):
+        register(checkpoints[0], metrics, config, base=tiny_models, promote_=True, tracking_uri=uri)
+    assert _registered_models(uri) == []
 
 
 def test_second_registration_of_a_model_is_refused_naming_the_lock_holder(checkpoints, tiny_models, tmp_path):

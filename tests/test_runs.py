@@ -37,7 +37,7 @@ def _evaluation_folder(root: Path) -> Path:
     """What log_to_mlflow uploads, as `easyref evaluate` leaves it."""
     root.mkdir(parents=True)
     (root / "grids").mkdir()
-    for name in ("metrics.json", "evaluation.json"):
+    for name in ("metrics.json", "headline.json", "evaluation.json"):
         (root / name).write_text("{}")
     (root / "samples.csv").write_text("sample_id\n")
     (root / "report.html").write_text("<html></html>")

@@ -1,4 +1,4 @@
-"""Image-similarity metrics of the EasyRef paper: CLIP-I, CLIP-T and DINO-I, with means and 95% intervals.
+"""Image-similarity metrics of the EasyRef paper: CLIP-I, CLIP-T and DINO-I (their intervals: :mod:`easyref.stats`).
 
 * CLIP-I: cosine similarity between the CLIP image embeddings of a generated image and its target image.
 * CLIP-T: cosine similarity between the CLIP image embedding of a generated image and the CLIP text embedding of
@@ -14,51 +14,18 @@ second checkpoint on the same split embeds only the generated images.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from easyref.errors import UserError
+from easyref.stats import Summary as Summary  # re-exported: the interval types live in easyref.stats
+from easyref.stats import mean_ci as mean_ci
 
 if TYPE_CHECKING:
     from PIL import Image
-
-
-@dataclass(kw_only=True)
-class MetricModels:
-    """Where the metric models come from (``evaluate.metrics`` in ``params.yaml``)."""
-
-    clip: str | None = None
-    """CLIP model (hub id or folder) for CLIP-I and CLIP-T; the paper uses ``openai/clip-vit-large-patch14``.
-    None = ``clip/`` in the base-model folder (the tiny profile)."""
-    dino: str | None = None
-    """DINOv2 model (hub id or folder) for DINO-I; the paper uses ``facebook/dinov2-small``. None = ``dino/`` in
-    the base-model folder."""
-    batch_size: int = 32
-    """Images (or captions) embedded per forward pass."""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Mean of per-sample values with a two-sided confidence interval (Student's t)."""
-
-    mean: float
-    low: float
-    high: float
-    std: float
-    count: int
-
-    @property
-    def half_width(self) -> float:
-        return (self.high - self.low) / 2
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -218,23 +185,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape != b.shape:
         raise ValueError(f"cannot compare embeddings of shapes {tuple(a.shape)} and {tuple(b.shape)}")
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
-
-
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Summary:
-    """Mean and the ``confidence`` t-interval of the mean; NaNs are skipped. No values give all-NaN."""
-    from scipy import stats
-
-    xs = [float(v) for v in values if not math.isnan(float(v))]
-    n = len(xs)
-    if n == 0:
-        nan = float("nan")
-        return Summary(mean=nan, low=nan, high=nan, std=nan, count=0)
-    mean = sum(xs) / n
-    if n == 1:  # no spread to estimate: the interval is unknown, not zero
-        return Summary(mean=mean, low=float("nan"), high=float("nan"), std=float("nan"), count=1)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
-    return Summary(mean=mean, low=mean - half, high=mean + half, std=std, count=n)
 
 
 HUE_BINS = 12

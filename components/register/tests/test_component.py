@@ -17,9 +17,14 @@ def test_register_promotes_first_version(
     (evaluation / "metrics.json").write_text(
         json.dumps({"easyref.clip_i": 0.5, "easyref.clip_t": 0.2, "easyref.dino_i": 0.4})
     )
+    from easyref.data.parquet import sha256_file
     from easyref.registry import checkpoint_sha256
 
-    (evaluation / "evaluation.json").write_text(json.dumps({"checkpoint_sha256": checkpoint_sha256(pretrained)}))
+    seal = {
+        "checkpoint_sha256": checkpoint_sha256(pretrained),
+        "metrics_sha256": sha256_file(evaluation / "metrics.json"),
+    }
+    (evaluation / "evaluation.json").write_text(json.dumps(seal))
 
     @dsl.pipeline(name="register-test")
     def register_test(checkpoint_uri: str, evaluation_uri: str, base_models: str) -> str:

@@ -28,94 +28,19 @@ it does not depend on batching or on which other samples are evaluated). Methods
 Reference gain (no generation): the denoising loss of each sample's target with its own references vs with the
 references of a sample of another group, at the same timesteps and noise. Positive = the model uses the group.
 
-Writes to OUT: metrics.json (flat keys, for DVC: ``<section>/<method>.<metric>``, and the primary section's, the
-held-out one, unprefixed), evaluation.json (provenance), samples.parquet / samples.csv (one row per section, method
-and sample), images/<section>/<method>/<sample>.png, grids/<section>/<sample>.png (references | target |
+Paired comparisons: per section, EasyRef minus each other method (and IP-Adapter minus text-only) on the same
+samples and seeds, with a bootstrap interval over groups; the report says whether the paper's held-out ordering
+EasyRef > IP-Adapter > text-only holds on CLIP-I and DINO-I.
+
+Writes to OUT: metrics.json (the full flat table: ``<section>/<method>.<metric>``, ``<section>/paired/easyref_vs_
+text.clip_i``, ..., and the primary section's, the held-out one, unprefixed), headline.json (its compact form, for
+``dvc metrics show``), evaluation.json (provenance, and the digests of metrics.json and samples.parquet that
+``easyref register`` checks), samples.parquet / samples.csv (one row per section, method and sample), images/<section>/<method>/<sample>.png, grids/<section>/<sample>.png (references | target |
 generated) and report.html (one self-contained page, one part per section), and logs all of it to MLflow.
 """
 
-from easyref.evaluate.baselines import Baseline, baseline_names, load_baseline
-from easyref.evaluate.baselines.ip_adapter import IPAdapterBaseline
-from easyref.evaluate.command import add_arguments, config_from_args, evaluate, run, with_base_defaults
-from easyref.evaluate.config import (
-    METRIC_LABELS,
-    METRICS,
-    SWAPPED,
-    TEXT,
-    DreamBenchConfig,
-    EvaluateConfig,
-    IPAdapterConfig,
-    LoraBaselineConfig,
-    ReferenceGainConfig,
-)
-from easyref.evaluate.generation import generate_easyref
-from easyref.evaluate.outputs import log_to_mlflow, write_outputs
-from easyref.evaluate.reference_gain import partners, reference_gain
-from easyref.evaluate.report import make_grid, method_labels, render_report
-from easyref.evaluate.samples import (
-    SPLIT_COLUMNS,
-    ImageStore,
-    Sample,
-    fill_prompt,
-    images_root_for,
-    load_dreambench,
-    load_image,
-    load_split,
-    parse_dreambench_prompts,
-    sample_seed,
-)
-from easyref.evaluate.scoring import caption_mentions, flat_metrics, score, summarize
-from easyref.evaluate.sections import Section, load_sections, primary
+from easyref.evaluate.command import add_arguments, run
 
 HELP = "evaluate a checkpoint: CLIP-I / CLIP-T / DINO-I, reference gain, baselines, report"
-BASELINES = baseline_names()
-METHODS = ("easyref", *BASELINES)
 
-__all__ = [
-    "BASELINES",
-    "HELP",
-    "METHODS",
-    "METRICS",
-    "METRIC_LABELS",
-    "SPLIT_COLUMNS",
-    "SWAPPED",
-    "TEXT",
-    "Baseline",
-    "DreamBenchConfig",
-    "EvaluateConfig",
-    "IPAdapterBaseline",
-    "IPAdapterConfig",
-    "ImageStore",
-    "LoraBaselineConfig",
-    "ReferenceGainConfig",
-    "Sample",
-    "Section",
-    "add_arguments",
-    "baseline_names",
-    "caption_mentions",
-    "config_from_args",
-    "evaluate",
-    "fill_prompt",
-    "flat_metrics",
-    "generate_easyref",
-    "images_root_for",
-    "load_baseline",
-    "load_dreambench",
-    "load_image",
-    "load_sections",
-    "load_split",
-    "log_to_mlflow",
-    "make_grid",
-    "method_labels",
-    "parse_dreambench_prompts",
-    "partners",
-    "primary",
-    "reference_gain",
-    "render_report",
-    "run",
-    "sample_seed",
-    "score",
-    "summarize",
-    "with_base_defaults",
-    "write_outputs",
-]
+__all__ = ["HELP", "add_arguments", "run"]

@@ -13,10 +13,11 @@ from typing import Any
 from easyref.evaluate.config import SWAPPED, TEXT, EvaluateConfig
 from easyref.evaluate.generation import generate_easyref
 from easyref.evaluate.outputs import log_to_mlflow, write_outputs
+from easyref.evaluate.paired import ordering_verdict, paired_summaries
 from easyref.evaluate.reference_gain import partners, reference_gain
 from easyref.evaluate.samples import ImageStore
 from easyref.evaluate.scoring import load_embedders, score, summarize
-from easyref.evaluate.sections import Section, SectionRun, combine, load_sections, primary
+from easyref.evaluate.sections import HELD_OUT, Section, SectionRun, combine, load_sections, primary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="DDIM steps (default 30)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance weight (default 7.5)")
     parser.add_argument("--seed", type=int, help="base seed of the per-sample seeds (default 0)")
-    parser.add_argument("--max-samples", type=int, help="evaluate at most N samples of each section, from its groups in turn")
+    parser.add_argument(
+        "--max-samples", type=int, help="evaluate at most N samples of each section, from its groups in turn"
+    )
     parser.add_argument("--batch-size", type=int, help="samples per sampler call (default 4)")
     parser.add_argument("--no-reference-gain", action="store_true", help="skip the reference-gain check")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -172,8 +175,14 @@ def evaluate(
             gain_frame = pd.DataFrame(run.gains).assign(method="easyref", sample_id=ids)
             table = table.merge(gain_frame, on=["method", "sample_id"], how="left")
         tables[run.name] = table
-        summaries[run.name] = summarize(table, config.confidence, config.caption_subsets)
+        summaries[run.name] = {
+            **summarize(table, config.confidence, config.caption_subsets),
+            **paired_summaries(table, config.confidence),
+        }
     main = primary([run.name for run in runs])
+    for run in runs:
+        if run.name == HELD_OUT:
+            print(ordering_verdict(summaries[run.name], pct=f"{config.confidence:.0%}").sentence)
     info = {
         **({"note": config.report_note} if config.report_note else {}),
         **info,
@@ -186,7 +195,7 @@ def evaluate(
         "captions_truncated": captions_cut,
         **combine({run.name: run.info() for run in runs}, main),
     }
-    metrics = write_outputs(out, runs, tables, summaries, info, store, config)
+    metrics, info = write_outputs(out, runs, tables, summaries, info, store, config)
     run_id = log_to_mlflow(out, metrics, config, info, tracking_uri)
     print(f"logged to MLflow run {run_id}")
     return metrics

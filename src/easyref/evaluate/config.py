@@ -1,10 +1,15 @@
-"""The ``evaluate`` section of ``params.yaml`` (dataclasses) and the names of methods and metrics."""
+"""The ``evaluate`` section of ``params.yaml`` (dataclasses) and the names of methods and metrics.
+
+A leaf: it imports nothing of the project and no third-party library, so every evaluate module (and the plugin
+package of baselines) can import it without an import running back up. Baselines are known by their module files
+(:func:`known_baselines` lists them without importing them).
+"""
 
 from __future__ import annotations
 
+import pkgutil
 from dataclasses import dataclass, field
-
-from easyref.metrics import MetricModels
+from pathlib import Path
 
 METRICS = ("clip_i", "clip_t", "dino_i", "colour")
 METRIC_LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I", "colour": "Colour"}
@@ -12,6 +17,41 @@ SWAPPED = "easyref_swapped"
 """The checkpoint generating with another group's references (same caption and seed): the visual reference check."""
 TEXT = "text"
 """Text-only SDXL: the checkpoint's sampler with the reference attention at scale 0 (and any LoRA disabled)."""
+HEADLINE_METHODS = (TEXT, "ip_adapter", "lora", "easyref")
+"""The methods of the paper's Table 3, in its order: the rows of the report's Table 3 and of headline.json."""
+PAIRED = "paired"
+"""Key prefix of the paired comparisons (``paired/easyref_vs_text.clip_i``): see :mod:`easyref.evaluate.paired`."""
+BASELINES_FOLDER = Path(__file__).with_name("baselines")
+
+
+def known_baselines() -> tuple[str, ...]:
+    """Every baseline ``evaluate`` knows: ``text`` and each module file of ``easyref.evaluate.baselines`` (a
+    baseline module is named after its method; listed, not imported)."""
+    found = (info.name for info in pkgutil.iter_modules([str(BASELINES_FOLDER)]) if not info.name.startswith("_"))
+    return (TEXT, *sorted(found))
+
+
+def pair_key(method: str, baseline: str) -> str:
+    """``paired/easyref_vs_text``: the summary key of ``method`` minus ``baseline`` on the same samples."""
+    return f"{PAIRED}/{method}_vs_{baseline}"
+
+
+@dataclass(kw_only=True)
+class MetricModels:
+    """Where the metric models come from (``evaluate.metrics`` in ``params.yaml``)."""
+
+    clip: str | None = None
+    """CLIP model (hub id or folder) for CLIP-I and CLIP-T; the paper uses ``openai/clip-vit-large-patch14``.
+    None = ``clip/`` in the base-model folder (the tiny profile)."""
+    dino: str | None = None
+    """DINOv2 model (hub id or folder) for DINO-I; the paper uses ``facebook/dinov2-small``. None = ``dino/`` in
+    the base-model folder."""
+    batch_size: int = 32
+    """Images (or captions) embedded per forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(kw_only=True)
@@ -125,11 +165,11 @@ class EvaluateConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        from easyref.evaluate.baselines import baseline_names
-
-        known = baseline_names()
+        known = known_baselines()
         unknown = sorted(set(self.baselines) - set(known))
         if unknown:
             raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(known)}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if PAIRED in self.caption_subsets:
+            raise ValueError(f"caption_subsets: {PAIRED!r} names the paired comparisons' keys; choose another name")

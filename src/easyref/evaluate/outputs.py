@@ -1,5 +1,12 @@
-"""Outputs of an evaluation: images, grids, the per-sample table, metrics.json, evaluation.json, report.html, and
-one MLflow run with all of it."""
+"""Outputs of an evaluation: images, grids, the per-sample table, metrics.json, headline.json, evaluation.json,
+report.html, and one MLflow run with all of it.
+
+metrics.json is the full flat table (every section x method x metric x statistic, for tools and the gate);
+headline.json is its compact form for ``dvc metrics show`` / ``dvc exp show``: per section and Table-3 method the
+means of CLIP-I, CLIP-T, DINO-I and EasyRef's reference gain. evaluation.json seals the evaluation: beside the
+checkpoint's sha256 it records metrics.json's and samples.parquet's (``metrics_sha256``, ``samples_sha256``), and so
+does the MLflow run's tags; ``easyref register`` refuses a metrics.json whose digest differs.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from easyref.evaluate.config import HEADLINE_METHODS
 from easyref.evaluate.report import ReportSection, make_grid, render_report
 from easyref.evaluate.scoring import flat_metrics
 from easyref.evaluate.sections import SectionRun, combine
@@ -16,7 +24,23 @@ if TYPE_CHECKING:
 
     from easyref.evaluate.config import EvaluateConfig
     from easyref.evaluate.samples import ImageStore
-    from easyref.metrics import Summary
+    from easyref.stats import Summary
+
+HEADLINE_FILE = "headline.json"
+HEADLINE_METRICS = ("clip_i", "clip_t", "dino_i", "reference_gain")
+
+
+def headline(metrics: dict[str, float | None], sections: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{section: {method: {metric: mean}}}`` of the Table-3 methods (the compact file DVC shows); absent and null
+    values are left out."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for section in sections:
+        for method in HEADLINE_METHODS:
+            values = {m: metrics.get(f"{section}/{method}.{m}") for m in HEADLINE_METRICS}
+            kept = {m: v for m, v in values.items() if v is not None}
+            if kept:
+                out.setdefault(section, {})[method] = kept
+    return out
 
 
 def write_outputs(
@@ -27,13 +51,14 @@ def write_outputs(
     info: dict[str, Any],
     store: ImageStore,
     config: EvaluateConfig,
-) -> dict[str, float | None]:
-    """Images, grids, per-sample table, metrics.json, evaluation.json and report.html under ``out``, one section
-    per evaluated set (images and grids under ``<section>/``; metric keys prefixed ``<section>/``, the primary
-    section's also unprefixed)."""
+) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """Images, grids, per-sample table, metrics.json, headline.json, evaluation.json and report.html under ``out``,
+    one section per evaluated set (images and grids under ``<section>/``; metric keys prefixed ``<section>/``, the
+    primary section's also unprefixed). Returns the flat metrics and ``info`` with the digests evaluation.json
+    seals (``metrics_sha256``, ``samples_sha256``)."""
     import pandas as pd
 
-    from easyref.data.parquet import write_json
+    from easyref.data.parquet import sha256_file, write_json
 
     frames, sections = [], []
     for run in runs:
@@ -66,9 +91,15 @@ def write_outputs(
     flat = {run.name: flat_metrics(summaries[run.name], len(run.section.samples)) for run in runs}
     metrics = combine(flat, info["primary_section"])
     write_json(metrics, out / "metrics.json")
+    write_json(headline(metrics, [run.name for run in runs]), out / HEADLINE_FILE)
+    sealed = {
+        "metrics_sha256": sha256_file(out / "metrics.json"),
+        "samples_sha256": sha256_file(out / "samples.parquet"),
+    }
+    info = {**info, **sealed}
     write_json(info, out / "evaluation.json")
     (out / "report.html").write_text(render_report(sections, info, config.confidence))
-    return metrics
+    return metrics, info
 
 
 def log_to_mlflow(
@@ -99,7 +130,7 @@ def log_to_mlflow(
     with stage_run("evaluate", config.experiment, tags) as run:
         mlflow.log_params(params)
         mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
-        for name in ("metrics.json", "evaluation.json", "samples.csv", "report.html"):
+        for name in ("metrics.json", HEADLINE_FILE, "evaluation.json", "samples.csv", "report.html"):
             mlflow.log_artifact(str(out / name))
         mlflow.log_artifacts(str(out / "grids"), artifact_path="grids")
         return run.info.run_id

@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from easyref.evaluate.config import METRIC_LABELS, METRICS, SWAPPED, TEXT
+from easyref.evaluate.config import HEADLINE_METHODS, METRIC_LABELS, METRICS, SWAPPED, TEXT
+from easyref.evaluate.paired import ORDERING_METRICS, is_paired, ordering_verdict
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from easyref.metrics import Summary
+    from easyref.stats import Summary
 
 
 def method_labels() -> dict[str, str]:
@@ -116,6 +117,8 @@ def _rows(section: ReportSection) -> list[dict[str, Any]]:
     labels, seconds = method_labels(), section.seconds_per_group
     rows, subset = [], ""
     for key, metrics in section.summary.items():
+        if is_paired(key):
+            continue  # in the Table 3 part
         prefix, _, method = key.rpartition("/")
         rows.append(
             {
@@ -139,12 +142,61 @@ def _gain(summary: dict[str, dict[str, Summary]]) -> dict[str, Any] | None:
     }
 
 
+TABLE3_METRICS = ("clip_i", "clip_t", "dino_i")
+
+
+def _signed(s: Summary | None) -> Any:
+    from markupsafe import Markup
+
+    if s is None or s.mean != s.mean:
+        return Markup("&ndash;")
+    mean = f"{s.mean:+.4f}"
+    if s.low != s.low:
+        return mean
+    above = s.low > 0
+    return Markup("<b>{}</b> <small>[{}, {}]</small>" if above else "{} <small>[{}, {}]</small>").format(
+        mean, f"{s.low:+.4f}", f"{s.high:+.4f}"
+    )
+
+
+def table3(sections: Sequence[ReportSection]) -> dict[str, Any]:
+    """The paper's Table 3 in kind: sections as column groups (CLIP-I, CLIP-T, DINO-I), one row per method, then the
+    paired differences (EasyRef minus each baseline) and, per held-out section, whether the ordering holds."""
+    labels = method_labels()
+    methods = [m for m in HEADLINE_METHODS if any(m in s.summary for s in sections)]
+    rows = [
+        {
+            "label": labels.get(m, m),
+            "cells": [_cell(s.summary.get(m, {}).get(k)) for s in sections for k in TABLE3_METRICS],
+        }
+        for m in methods
+    ]
+    paired = list(dict.fromkeys(k for s in sections for k in s.summary if is_paired(k)))
+    paired_rows = []
+    for key in paired:
+        a, _, b = key.partition("/")[2].partition("_vs_")
+        paired_rows.append(
+            {
+                "label": f"{labels.get(a, a)} - {labels.get(b, b)}",
+                "cells": [_signed(s.summary.get(key, {}).get(k)) for s in sections for k in TABLE3_METRICS],
+            }
+        )
+    return {
+        "sections": [s.title for s in sections],
+        "metrics": [METRIC_LABELS[k] for k in TABLE3_METRICS],
+        "rows": rows,
+        "paired": paired_rows,
+    }
+
+
 def render_report(sections: Sequence[ReportSection], info: dict[str, Any], confidence: float) -> str:
     """A self-contained HTML page: per section the metrics table, the reference gain and the grids (embedded as
     PNG data URIs), then the provenance."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     env = Environment(loader=PackageLoader("easyref.evaluate", "templates"), autoescape=select_autoescape(["j2"]))
+    pct = f"{confidence:.0%}"
+    verdicts = [ordering_verdict(s.summary, s.title.split(" ")[0], pct) for s in sections if s.name == "held_out"]
     views = [
         {
             "name": section.name,
@@ -158,7 +210,10 @@ def render_report(sections: Sequence[ReportSection], info: dict[str, Any], confi
     ]
     return env.get_template("report.html.j2").render(
         note=info.get("note", ""),
-        pct=f"{confidence:.0%}",
+        pct=pct,
+        table3=table3(sections),
+        verdicts=verdicts,
+        ordering_metrics=" and ".join(METRIC_LABELS[m] for m in ORDERING_METRICS),
         metric_labels=[METRIC_LABELS[m] for m in METRICS],
         sections=views,
         provenance=[(k, str(v)) for k, v in info.items() if k != "note"],

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from easyref.evaluate.config import METRICS, EvaluateConfig
-from easyref.metrics import Summary, mean_ci
+from easyref.stats import Summary, mean_ci
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -91,7 +91,46 @@ def verify_evaluated(checkpoint: Path, sha: str, metrics_file: Path) -> dict[str
             f"{info['checkpoint_sha256'][:12]}..., but {checkpoint} has sha256 {sha[:12]}...; evaluate this "
             "checkpoint (`easyref evaluate --checkpoint ...`) and register it with that metrics.json"
         )
+    sealed, actual = info.get("metrics_sha256"), sha256_file(metrics_file)
+    if sealed != actual:
+        record = metrics_file.parent / EVALUATION_FILE
+        was = "records no metrics_sha256" if not sealed else f"sealed sha256 {str(sealed)[:12]}..."
+        raise UserError(
+            f"{metrics_file}: sha256 {actual[:12]}... is not what `easyref evaluate` wrote ({record} {was}): the "
+            "metrics were edited or copied after evaluation; re-run `easyref evaluate` and register with its "
+            "metrics.json"
+        )
     return info
+
+
+EVALUATE_STEP_TAG, CHECKPOINT_TAG, METRICS_TAG = "easyref.step", "easyref.checkpoint_sha256", "easyref.metrics_sha256"
+
+
+def check_sealed_by_run(client: Any, sha: str, metrics_file: Path, rerun: str) -> None:
+    """If the registry's tracking store holds `easyref evaluate` runs of checkpoint ``sha``, one of them must have
+    recorded this metrics.json's digest (tag ``easyref.metrics_sha256``): evaluation.json edited to match an edited
+    metrics.json is refused wherever the evaluation was logged to the same store. A store without such runs (the
+    evaluation logged elsewhere) leaves the check to evaluation.json's seal. ``rerun`` ends the unreachable-store
+    error."""
+    digest = sha256_file(metrics_file)
+    query = f"tags.`{EVALUATE_STEP_TAG}` = 'evaluate' and tags.`{CHECKPOINT_TAG}` = '{sha}'"
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, filter_string=query) if experiments else []
+    except Exception as exc:  # noqa: BLE001 - any transport or store error: nothing was changed
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(
+            f"cannot search the MLflow tracking store for the evaluation runs of checkpoint {sha[:12]}... ({first}); "
+            f"nothing was changed; {rerun}"
+        ) from exc
+    recorded = {r.data.tags.get(METRICS_TAG) for r in runs}
+    if runs and digest not in recorded:
+        ids = ", ".join(r.info.run_id for r in runs[:3])
+        raise UserError(
+            f"{metrics_file}: sha256 {digest[:12]}... is not the digest any `easyref evaluate` run of this checkpoint "
+            f"recorded (MLflow run(s) {ids}): the metrics were edited after evaluation; re-run `easyref evaluate` "
+            "and register with its metrics.json"
+        )
 
 
 def provenance(checkpoint: Path, evaluation: dict[str, Any], params_file: Path | None) -> dict[str, str]:

@@ -17,6 +17,7 @@ import mlflow
 from easyref.errors import UserError
 from easyref.registry.config import BASE_PARTS, RegisterConfig
 from easyref.registry.evidence import (
+    check_sealed_by_run,
     checkpoint_sha256,
     provenance,
     read_metrics,
@@ -243,6 +244,7 @@ def register(
     client = MlflowClient(uri)
     name = config.model_name
     rerun = f"re-run `easyref register --checkpoint {checkpoint} --metrics {metrics_file} --model-name {name}`"
+    check_sealed_by_run(client, sha, metrics_file, rerun)
     with registry_lock(uri, name, config):
         try:
             existing = find_ready_version(client, name, sha) if _model_exists(client, name) else None

@@ -1,8 +1,8 @@
 """Baselines that need their own model (not the checkpoint's sampler): one module each, found by name.
 
-A baseline module in this package defines
+A baseline module in this package is named after its method and defines
 
-  NAME        the method name (``--baseline NAME``, ``evaluate.baselines``, the ``method`` column, metric keys)
+  NAME        the method name, the module's own name (``--baseline NAME``, ``evaluate.baselines``, the ``method`` column, metric keys)
   LABEL       its row label in the report
   GRID_LABEL  its short column label in the sample grids
   load(base, config) -> Baseline
@@ -17,13 +17,12 @@ generated with ``sample.seed``. Adding a baseline is adding one file here (and, 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from collections.abc import Sequence
 from functools import cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
-from easyref.evaluate.config import TEXT
+from easyref.evaluate.config import TEXT, known_baselines
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -41,18 +40,21 @@ class Baseline(Protocol):
 
 @cache
 def modules() -> dict[str, ModuleType]:
-    """``{NAME: module}`` of every baseline module of this package."""
+    """``{NAME: module}`` of every baseline module of this package (imported here, on first use)."""
     found = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        if hasattr(module, "NAME") and hasattr(module, "load"):
-            found[module.NAME] = module
+    for name in known_baselines():
+        if name == TEXT:
+            continue
+        module = importlib.import_module(f"{__name__}.{name}")
+        if getattr(module, "NAME", None) != name or not hasattr(module, "load"):
+            raise TypeError(f"{module.__name__}: a baseline module needs NAME = {name!r} and load(base, config)")
+        found[name] = module
     return found
 
 
 def baseline_names() -> tuple[str, ...]:
-    """Every baseline ``evaluate`` knows: ``text`` and the modules of this package."""
-    return (TEXT, *sorted(modules()))
+    """Every baseline ``evaluate`` knows: ``text`` and the modules of this package (none imported)."""
+    return known_baselines()
 
 
 def load_baseline(name: str, base: BaseModels, config: EvaluateConfig) -> Baseline:
