@@ -245,20 +245,23 @@ def test_no_intact_checkpoint_is_a_clear_error_not_a_crash(work, tmp_path, capsy
 
 def test_keep_last_one_keeps_the_previous_checkpoint_until_the_new_one_verifies(work, tmp_path, monkeypatch, capsys):
     """Fault injection: the disk loses the tail of step 2's weights after they were checksummed."""
-    from easyref.train import checkpoint
+    from easyref import atomic
 
-    real = checkpoint.write_checksums
+    real = atomic.write_checksums
 
     def write_then_lose_data(folder: Path) -> None:
         real(folder)
         if folder.name == ".step_00000002.tmp":
             _truncate(folder / "trainable.safetensors")
 
-    monkeypatch.setattr(checkpoint, "write_checksums", write_then_lose_data)
+    monkeypatch.setattr(atomic, "write_checksums", write_then_lose_data)
     out = tmp_path / "keep1"
     assert main(train_args(work, out, "--max-steps", "2", "--keep-last", "1")) == 0
-    assert "fails verification (trainable.safetensors does not match" in capsys.readouterr().err
-    assert step(out, 1).is_dir() and step(out, 2).is_dir()  # step 1 survives: step 2 is not trustworthy
+    err = capsys.readouterr().err
+    assert "fails verification (trainable.safetensors does not match" in err and "step_00000001, is intact" in err
+    # step 1 survives; step 2, read back damaged, never took a step_* name (and its temp folder is gone)
+    assert step(out, 1).is_dir() and not step(out, 2).exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
     load_file(step(out, 1) / "trainable.safetensors")
 
 
