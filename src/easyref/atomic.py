@@ -187,7 +187,12 @@ class FolderWriter:
             had_old = self.target.exists()
             if had_old:
                 self.target.rename(self.aside)
-            self.path.rename(self.target)
+            try:
+                self.path.rename(self.target)
+            except OSError:
+                if had_old:
+                    self.aside.rename(self.target)  # put the old folder back before saying it is intact
+                raise
             fsync_path(self.target.parent)
             if had_old:
                 shutil.rmtree(self.aside, ignore_errors=True)
