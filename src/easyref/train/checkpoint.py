@@ -143,7 +143,7 @@ def save_training_state(
     """
     root = checkpoint_root(out)
     target = root / f"step_{step:08d}"
-    previous = latest_checkpoint(out) if env.is_main else None
+    previous = latest_checkpoint(out)
     intact = (
         f"the last checkpoint, {previous.name}, is intact (a resume starts there)"
         if previous is not None
