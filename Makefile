@@ -53,8 +53,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 1 -m "not slow"
 
+## ruff, then the import contracts of pyproject.toml [tool.importlinter]: the package's layers, no import circles
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks components pipelines
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) models/tiny outputs .pytest_cache

@@ -151,17 +151,38 @@ def test_allow_config_change_logs_the_changes_and_applies_the_new_lr(work, base_
 def test_restart_on_config_change_sets_the_old_run_aside_and_starts_at_step_zero(work, base_run, tmp_path, capsys):
     out = copy_run(base_run, tmp_path / "run")
     old = {p.name: p.read_bytes() for p in (out / "checkpoints" / step(out, 2).name).iterdir()}
+    old_final = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
     assert main(train_args(work, out, "--max-steps", "3", "--lr", "0.003", "--restart-on-config-change")) == 0
     printed = capsys.readouterr().out
     assert "lr: 0.0001 -> 0.003" in printed and "starting at step 0" in printed, printed
-    (aside,) = (out / "superseded").iterdir()  # nothing deleted: the old checkpoints, byte for byte
-    assert {p.name: p.read_bytes() for p in (aside / step(out, 2).name).iterdir()} == old
+    (aside,) = (out / "superseded").iterdir()  # nothing deleted: the old checkpoints and final, byte for byte
+    assert {p.name: p.read_bytes() for p in (aside / "checkpoints" / step(out, 2).name).iterdir()} == old
+    assert {p.name: p.read_bytes() for p in (aside / "final").iterdir()} == old_final
+    assert json.loads((out / "final" / "easyref_config.json").read_text())["extra"]["step"] == 3  # the new run's
     state = json.loads((step(out, 3) / "state.json").read_text())
-    old_state = json.loads((aside / step(out, 2).name / "state.json").read_text())
+    old_state = json.loads((aside / "checkpoints" / step(out, 2).name / "state.json").read_text())
     assert state["settings"]["lr"] == 0.003 and state["mlflow_run_id"] != old_state["mlflow_run_id"]  # a new run
     # the same settings again: resumed, nothing set aside
     assert main(train_args(work, out, "--max-steps", "4", "--lr", "0.003", "--restart-on-config-change")) == 0
     assert "resuming from" in capsys.readouterr().out and len(list((out / "superseded").iterdir())) == 1
+
+
+def test_a_killed_restarted_run_leaves_no_old_final_behind(work, base_run, tmp_path, monkeypatch, capsys):
+    """The new run dies in its first step: OUT/final must not be the old settings' model (it is set aside)."""
+    from easyref.train.loop import Trainer
+
+    out = copy_run(base_run, tmp_path / "run")
+    old_final = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
+
+    def killed(self, step, batches):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", killed)
+    assert main(train_args(work, out, "--max-steps", "3", "--lr", "0.003", "--restart-on-config-change")) == 130
+    assert "the old checkpoints and final are set aside in" in capsys.readouterr().out
+    assert not (out / "final").exists() and not list((out / "checkpoints").glob("step_*"))
+    (aside,) = (out / "superseded").iterdir()
+    assert {p.name: p.read_bytes() for p in (aside / "final").iterdir()} == old_final
 
 
 def test_allow_and_restart_on_config_change_exclude_each_other(work, tmp_path, capsys):
@@ -245,20 +266,23 @@ def test_no_intact_checkpoint_is_a_clear_error_not_a_crash(work, tmp_path, capsy
 
 def test_keep_last_one_keeps_the_previous_checkpoint_until_the_new_one_verifies(work, tmp_path, monkeypatch, capsys):
     """Fault injection: the disk loses the tail of step 2's weights after they were checksummed."""
-    from easyref.train import checkpoint
+    from easyref import atomic
 
-    real = checkpoint.write_checksums
+    real = atomic.write_checksums
 
     def write_then_lose_data(folder: Path) -> None:
         real(folder)
         if folder.name == ".step_00000002.tmp":
             _truncate(folder / "trainable.safetensors")
 
-    monkeypatch.setattr(checkpoint, "write_checksums", write_then_lose_data)
+    monkeypatch.setattr(atomic, "write_checksums", write_then_lose_data)
     out = tmp_path / "keep1"
     assert main(train_args(work, out, "--max-steps", "2", "--keep-last", "1")) == 0
-    assert "fails verification (trainable.safetensors does not match" in capsys.readouterr().err
-    assert step(out, 1).is_dir() and step(out, 2).is_dir()  # step 1 survives: step 2 is not trustworthy
+    err = capsys.readouterr().err
+    assert "fails verification (trainable.safetensors does not match" in err and "step_00000001, is intact" in err
+    # step 1 survives; step 2, read back damaged, never took a step_* name (and its temp folder is gone)
+    assert step(out, 1).is_dir() and not step(out, 2).exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
     load_file(step(out, 1) / "trainable.safetensors")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from easyref.atomic import CHECKSUMS, damage
 from easyref.base_models import PARTS, HubModel, load_real_models, select_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,8 @@ def test_downloads_the_layout_from_the_pinned_revisions(hub, tiny_models: Path, 
     result = _run(hub, out, tmp_path)
     assert result.returncode == 0, result.stderr
     for part in PARTS:
-        assert _tree(out / part) - {".complete"} == _tree(tiny_models / part), part
+        assert _tree(out / part) - {".complete", CHECKSUMS} == _tree(tiny_models / part), part
+        assert damage(out / part, required=[".complete"]) is None  # written whole by the folder writer
     # only the fp16 variant of the UNet was fetched, laid out under the plain name; no pickle, no model card
     assert hub.gets("/" + UNET_FP16) == 1
     assert hub.gets("/unet/diffusion_pytorch_model.safetensors") == 0

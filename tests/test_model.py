@@ -174,7 +174,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_models, mod
         model.add_lora(4)
     _perturb(model, parts)
     ckpt = model.save_checkpoint(tmp_path / "ckpt", parts, stage="test")
-    assert sorted(p.name for p in ckpt.iterdir()) == ["easyref.safetensors", "easyref_config.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checksums.sha256", "easyref.safetensors", "easyref_config.json"]
 
     loaded = load_model(tiny_models / "sdxl", tiny_models / "mllm", checkpoint=ckpt)
     inputs = processor([make_group(7, 2)], ["round trip"])
@@ -203,6 +203,19 @@ def test_only_the_trained_parts_are_saved(tmp_path, model):
     assert any(".to_k_ip." in k for k in keys) and any(k.startswith("unet.encoder_hid_proj.") for k in keys)
     assert not any(k.startswith("reference_encoder.mllm.") for k in keys)
     assert not any(k.startswith("unet.conv_in") for k in keys)
+
+
+def test_a_checkpoint_that_fails_its_checksums_is_refused_on_read(tmp_path, tiny_models, model):
+    ckpt = model.save_checkpoint(tmp_path / "ckpt", ["adapter", "reference"])
+    model.save_checkpoint(ckpt, ["adapter", "reference"], step=2)  # replaced in place: nothing left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    weights = ckpt / "easyref.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor: the header still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"easyref.safetensors does not match its recorded SHA-256") as info:
+        load_model(tiny_models / "sdxl", tiny_models / "mllm", checkpoint=ckpt)
+    assert "\n" not in str(info.value)
 
 
 def test_mismatched_checkpoint_names_the_tensors(tmp_path, tiny_models, model):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from easyref.atomic import atomic_folder
 from easyref.config import from_dict, load_yaml
 from easyref.errors import UserError
 from easyref.locking import FolderLocked, output_lock
@@ -120,18 +121,15 @@ def fetch_part(name: str, model: HubModel, out: Path, workers: int = 8) -> Path:
     )
     for source in sorted(files):
         verify_file(name, model, staging / source, listing[source])
-    tmp = out / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for source, dest in files.items():
-        path = tmp / dest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(staging / source, path)
-        except OSError:  # another file system: copy
-            shutil.copy2(staging / source, path)
-    (tmp / STAMP).write_text(json.dumps(record) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic_folder(target, required=(STAMP,)) as writer:
+        for source, dest in files.items():
+            path = writer.path / dest
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(staging / source, path)
+            except OSError:  # another file system: copy
+                shutil.copy2(staging / source, path)
+        writer.write_text(STAMP, json.dumps(record) + "\n")
     return target
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from easyref.atomic import atomic_folder, restore_interrupted, verify_folder
 from easyref.config import from_dict, load_json_object, to_dict
 from easyref.errors import UserError
 
@@ -466,28 +467,15 @@ class EasyRef(nn.Module):
         return {k: v for k, v in self.state_dict().items() if self.part_of(k) in wanted}
 
     def save_checkpoint(self, out: str | Path, parts: Iterable[str], **extra: Any) -> Path:
-        """Write ``parts`` as safetensors + ``easyref_config.json`` into ``out`` (atomically, via a temp folder)."""
-        import shutil
+        """Write ``parts`` as safetensors + ``easyref_config.json`` into ``out`` (see :func:`write_checkpoint`)."""
+        return write_checkpoint(out, self.config, self.state_dict_of(parts), parts, **extra)
 
-        from safetensors.torch import save_file
+    def load_trained(self, checkpoint: str | Path, record: CheckpointConfig | None = None) -> CheckpointConfig:
+        """Load a checkpoint's tensors; every tensor of its parts must be present with the right shape.
 
-        out = Path(out)
-        parts = sorted(set(parts))
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict_of(parts).items()}
-        save_file(tensors, tmp / CHECKPOINT_WEIGHTS)
-        record = CheckpointConfig(model=self.config, parts=parts, base=extra.pop("base", {}), extra=extra)
-        (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(to_dict(record), indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return out
-
-    def load_trained(self, checkpoint: str | Path) -> CheckpointConfig:
-        """Load a checkpoint's tensors; every tensor of its parts must be present with the right shape."""
-        record = read_checkpoint_config(checkpoint)
+        ``record``: the checkpoint's :func:`read_checkpoint_config`, when the caller has it (read and verified once).
+        """
+        record = record or read_checkpoint_config(checkpoint)
         if "lora" in record.parts and record.model.lora_rank:
             self.add_lora(record.model.lora_rank)
         tensors = load_weights(Path(checkpoint) / CHECKPOINT_WEIGHTS)
@@ -551,8 +539,29 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise _unreadable(Path(path), exc) from exc
 
 
+def write_checkpoint(
+    out: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor], parts: Iterable[str], **extra: Any
+) -> Path:
+    """The one writer of a trained checkpoint: the tensors of ``parts`` + ``easyref_config.json`` (with ``extra`` as
+    its provenance; ``base=`` goes to its own field), through :class:`easyref.atomic.FolderWriter` (temp folder,
+    fsync, ``checksums.sha256``, the previous ``out`` set aside until the new one is in place)."""
+    out, parts = Path(out), sorted(set(parts))
+    wanted = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if EasyRef.part_of(k) in parts}
+    record = CheckpointConfig(model=config, parts=parts, base=extra.pop("base", {}), extra=extra)
+    with atomic_folder(out, required=(CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG)) as writer:
+        writer.save_tensors(CHECKPOINT_WEIGHTS, wanted)
+        writer.write_text(CHECKPOINT_CONFIG, json.dumps(to_dict(record), indent=2, sort_keys=True) + "\n")
+    return out
+
+
 def read_checkpoint_config(checkpoint: str | Path) -> CheckpointConfig:
+    """A checkpoint's ``easyref_config.json``, after its files were verified against ``checksums.sha256``.
+
+    A save killed between the writer's two renames left the previous checkpoint beside ``checkpoint`` complete: it is
+    renamed back first (:func:`easyref.atomic.restore_interrupted`).
+    """
     path = Path(checkpoint)
+    restore_interrupted(path)
     cfg_file, weights = path / CHECKPOINT_CONFIG, path / CHECKPOINT_WEIGHTS
     if not cfg_file.is_file() or not weights.is_file():
         raise UserError(
@@ -564,6 +573,7 @@ def read_checkpoint_config(checkpoint: str | Path) -> CheckpointConfig:
     if unknown:
         raise UserError(f"{cfg_file}: unknown part(s) {sorted(unknown)}")
     check_weights(weights)
+    verify_folder(path, required=(CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG))
     return record
 
 
@@ -575,13 +585,14 @@ def load_model(
     torch_dtype: torch.dtype | None = None,
 ) -> EasyRef:
     """Base models + (optionally) trained EasyRef parts. A checkpoint's own model config wins over ``config``."""
-    if checkpoint is not None:
-        config = read_checkpoint_config(checkpoint).model
+    record = read_checkpoint_config(checkpoint) if checkpoint is not None else None
+    if record is not None:
+        config = record.model
     config = copy.deepcopy(config or ModelConfig())
     lora_rank, config.lora_rank = config.lora_rank, 0  # LoRA is attached by load_trained, after the base weights
     model = EasyRef.from_base(sdxl, mllm, config, torch_dtype=torch_dtype)
     if checkpoint is not None:
-        model.load_trained(checkpoint)
+        model.load_trained(checkpoint, record)
     elif lora_rank:
         model.add_lora(lora_rank)
     return model

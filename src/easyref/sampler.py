@@ -108,7 +108,7 @@ class EasyRefSampler:
         tiling) in place; see :mod:`easyref.sampler_speed`."""
         from easyref.sampler_speed import apply_speed_options
 
-        apply_speed_options(self, options)
+        apply_speed_options(self.model.unet, self.pipe.vae, options)
         return self
 
     @property

@@ -20,15 +20,11 @@ measured effect, side by side, is in docs/performance.md, from ``benchmarks/benc
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from easyref.errors import UserError
-
-if TYPE_CHECKING:
-    from easyref.sampler import EasyRefSampler
 
 
 @dataclass(kw_only=True)
@@ -68,9 +64,11 @@ def fuse_self_attention(unet: nn.Module) -> int:
     return fused
 
 
-def apply_speed_options(sampler: EasyRefSampler, options: SpeedOptions) -> None:
-    """Apply ``options`` to the sampler's UNet and VAE, in place (they stay applied)."""
-    unet, vae = sampler.model.unet, sampler.pipe.vae
+def apply_speed_options(unet: nn.Module, vae: nn.Module, options: SpeedOptions) -> None:
+    """Apply ``options`` to a sampler's UNet and VAE, in place (they stay applied).
+
+    It takes the two modules, not the sampler, so this module stays below :mod:`easyref.sampler` (no import circle).
+    """
     if options.fuse_qkv:
         fuse_self_attention(unet)
     if options.channels_last:

@@ -9,14 +9,17 @@ the caption limit can use (:func:`caption_file_limit`): a longer sidecar is a ``
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from easyref.data.confine import escape, inside
 from easyref.data.reasons import Reason, Rejection
-from easyref.data.sources import CAPTIONS_FILE, _escape, _inside, clean_caption
 from easyref.errors import UserError
+
+CAPTIONS_FILE = "captions.jsonl"
 
 
 def caption_file_limit(max_chars: int) -> int:
@@ -31,8 +34,8 @@ def open_confined(path: Path, real_roots: tuple[Path, ...], uri: str) -> int:
     (as images' paths must). The resolved path is opened without following links (a symlink swapped in after the
     check is refused) and non-blocking (a FIFO cannot hang the read; only regular files are accepted)."""
     real = path.resolve()
-    if not _inside(real_roots, real):
-        raise _escape(uri)
+    if not inside(real_roots, real):
+        raise escape(uri)
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NOCTTY", 0)
     try:
         fd = os.open(real, flags)
@@ -97,3 +100,17 @@ def read_captions_jsonl(path: Path, real_roots: tuple[Path, ...], max_chars: int
                     f'{path}:{number}: expected a JSON object with "image" and "caption", got {shown!r} ({exc})'
                 ) from None
     return captions
+
+
+def clean_caption(value: Any, max_chars: int) -> str:
+    """The caption with whitespace collapsed; a missing, empty, non-text or too long caption is rejected."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise Rejection(Reason.BAD_CAPTION, "no caption")
+    if not isinstance(value, str):
+        raise Rejection(Reason.BAD_CAPTION, f"the caption is a {type(value).__name__}, not text: {value!r}")
+    caption = " ".join(value.split())
+    if not caption:
+        raise Rejection(Reason.BAD_CAPTION, "the caption is empty")
+    if len(caption) > max_chars:
+        raise Rejection(Reason.BAD_CAPTION, f"the caption has {len(caption)} characters, more than {max_chars}")
+    return caption

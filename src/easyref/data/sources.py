@@ -29,10 +29,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import unquote, urlparse
 
+from easyref.data.caption_files import CAPTIONS_FILE, clean_caption, folder_caption, read_captions_jsonl
+from easyref.data.confine import escape, inside
 from easyref.data.reasons import Reason, Rejection
 from easyref.errors import UserError
 
-CAPTIONS_FILE = "captions.jsonl"
 TABLE_SUFFIXES = (".parquet", ".jsonl", ".csv")
 REQUIRED_COLUMNS = ("image", "caption", "group")
 
@@ -93,7 +94,6 @@ def read_folder(source: str, *, max_caption_chars: int, allow_roots: tuple[Path,
     """The rows of a folder tree ``ROOT/<group>/<image>``."""
     root = Path(source)
     real_roots = (root.resolve(), *allow_roots)
-    from easyref.data.caption_files import folder_caption, read_captions_jsonl
 
     captions = read_captions_jsonl(root / CAPTIONS_FILE, real_roots, max_caption_chars)
     rows = []
@@ -103,9 +103,9 @@ def read_folder(source: str, *, max_caption_chars: int, allow_roots: tuple[Path,
         for name in list(dirnames):
             if (here / name).is_symlink():  # os.walk does not follow it; an escaping link is still a row
                 dirnames.remove(name)
-                if not _inside(real_roots, (here / name).resolve()):
+                if not inside(real_roots, (here / name).resolve()):
                     rel = (here / name).relative_to(root).as_posix()
-                    rows.append(_folder_row(source, rel, "", None, _escape(rel)))
+                    rows.append(_folder_row(source, rel, "", None, escape(rel)))
         for name in sorted(filenames):
             if name.startswith(".") or name.endswith(".txt") or (here == root and name == CAPTIONS_FILE):
                 continue
@@ -201,20 +201,6 @@ def resolve_uri(uri: str, base: Path, real_roots: tuple[Path, ...]) -> Location:
     return _local(path if path.is_absolute() else base / path, real_roots, uri)
 
 
-def clean_caption(value: Any, max_chars: int) -> str:
-    """The caption with whitespace collapsed; a missing, empty, non-text or too long caption is rejected."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        raise Rejection(Reason.BAD_CAPTION, "no caption")
-    if not isinstance(value, str):
-        raise Rejection(Reason.BAD_CAPTION, f"the caption is a {type(value).__name__}, not text: {value!r}")
-    caption = " ".join(value.split())
-    if not caption:
-        raise Rejection(Reason.BAD_CAPTION, "the caption is empty")
-    if len(caption) > max_chars:
-        raise Rejection(Reason.BAD_CAPTION, f"the caption has {len(caption)} characters, more than {max_chars}")
-    return caption
-
-
 def clean_group(value: Any) -> str:
     """The group key as text (numbers become their decimal form); a missing, empty or non-scalar group is rejected."""
     if hasattr(value, "tolist"):  # numpy scalars and arrays
@@ -284,8 +270,8 @@ def _local(path: Path, real_roots: tuple[Path, ...], uri: str) -> Location:
     recorded, so that the fetch refuses another file swapped in at the path later.
     """
     real = path.resolve()
-    if not _inside(real_roots, real):
-        raise _escape(uri)
+    if not inside(real_roots, real):
+        raise escape(uri)
     try:
         info = os.stat(real, follow_symlinks=False)
     except OSError:
@@ -297,18 +283,6 @@ def _local(path: Path, real_roots: tuple[Path, ...], uri: str) -> Location:
         target=str(path),
         fingerprint=f"{info.st_size}:{info.st_mtime_ns}",
         identity=(info.st_dev, info.st_ino),
-    )
-
-
-def _inside(real_roots: tuple[Path, ...], real_path: Path) -> bool:
-    return any(real_path == root or root in real_path.parents for root in real_roots)
-
-
-def _escape(uri: str) -> Rejection:
-    return Rejection(
-        Reason.PATH_ESCAPE,
-        f"{uri} leads out of the source's folder (an absolute, file://, ../ path or a symlink); copy the file in or "
-        f"pass --allow-root with a folder that holds it",
     )
 
 

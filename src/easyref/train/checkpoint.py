@@ -10,10 +10,11 @@ A checkpoint is a folder ``OUT/checkpoints/step_NNNNNNNN/``::
                               hash, the data fingerprint (see :mod:`easyref.train.resume`)
     checksums.sha256          SHA-256 of every file above (see :mod:`easyref.train.integrity`; written last)
 
-It is assembled in ``.step_NNNNNNNN.tmp``, flushed to disk, checksummed and renamed into place, so a folder named
-``step_*`` is always complete; a crash leaves at most a temp folder, which the next save removes. Older checkpoints
-are pruned only after the new one has been verified against its checksums, so with ``keep_last: 1`` the previous
-one survives a failed save. Model and optimizer states go through ``torch.distributed.checkpoint.state_dict``, so
+It is written by :class:`easyref.atomic.FolderWriter`: assembled in ``.step_NNNNNNNN.tmp``, flushed to disk,
+checksummed, read back and renamed into place, so a folder named ``step_*`` is always complete; a crash leaves at
+most a temp folder, which the next save of that step removes, and a full disk removes it at once and says which
+checkpoint is intact. Older checkpoints are pruned only after the new one verified, so with ``keep_last: 1`` the
+previous one survives a failed save. Model and optimizer states go through ``torch.distributed.checkpoint.state_dict``, so
 the same files serve DDP, FSDP2 and a single process.
 """
 
@@ -29,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -39,11 +39,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from easyref.config import to_dict
+from easyref.atomic import FolderWriter, NotVerified
 from easyref.errors import UserError
-from easyref.model import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, CheckpointConfig, EasyRef, load_weights
+from easyref.model import EasyRef, load_weights, write_checkpoint
 from easyref.train.distributed import DistEnv, barrier
-from easyref.train.integrity import STATE_FILE, damage, fsync_path, write_checksums
+from easyref.train.integrity import STATE_FILE
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -135,43 +135,49 @@ def save_training_state(
     state: dict[str, Any],
     keep_last: int,
 ) -> Path:
-    """Write the checkpoint of ``step`` (every rank calls this), then prune to the last ``keep_last``."""
+    """Write the checkpoint of ``step`` (every rank calls this), then prune to the last ``keep_last``.
+
+    A failed write (a full disk) is one :class:`UserError` naming the checkpoint that stays intact; the temp folder
+    is removed. A checkpoint that does not verify when read back is not kept (a warning; training goes on and no
+    older checkpoint is pruned).
+    """
     root = checkpoint_root(out)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".step_{step:08d}.tmp"
+    target = root / f"step_{step:08d}"
+    previous = latest_checkpoint(out)
+    intact = (
+        f"the last checkpoint, {previous.name}, is intact (a resume starts there)"
+        if previous is not None
+        else "no earlier checkpoint exists"
+    )
+    writer = FolderWriter(
+        target, intact=f"{intact}; the partial .{target.name}.tmp was removed", required=(STATE_FILE,)
+    )
     model_sd = trainable_state(model)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_full_options())
     if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        writer.start()
     barrier(env)
     rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, tmp / f"rng_rank{env.rank}.safetensors", metadata=rng_meta)
+    with writer.failing_cleanly(abort=env.is_main):
+        writer.save_tensors(f"rng_rank{env.rank}.safetensors", rng_tensors, metadata=rng_meta)
     barrier(env)
     if env.is_main:
-        save_file({k: v.contiguous() for k, v in model_sd.items()}, tmp / "trainable.safetensors")
-        optim_tensors, optim_meta = _flatten_optimizer(optim_sd)
-        save_file(optim_tensors, tmp / "optimizer.safetensors")
-        (tmp / "optimizer.json").write_text(json.dumps(optim_meta, indent=1, default=_json_default) + "\n")
-        record = {"step": step, "world_size": env.world_size, **state}
-        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        write_checksums(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        fsync_path(root)
-        problem = damage(final)
-        if problem is None:
+        with writer.failing_cleanly():
+            writer.save_tensors("trainable.safetensors", {k: v.contiguous() for k, v in model_sd.items()})
+            optim_tensors, optim_meta = _flatten_optimizer(optim_sd)
+            writer.save_tensors("optimizer.safetensors", optim_tensors)
+            writer.write_text("optimizer.json", json.dumps(optim_meta, indent=1, default=_json_default) + "\n")
+            record = {"step": step, "world_size": env.world_size, **state}
+            writer.write_text(STATE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        try:
+            writer.commit()
+        except NotVerified as exc:
+            print(f"warning: {exc}; older checkpoints are kept", file=sys.stderr)
+        else:
             for old in list_checkpoints(out)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-        else:
-            print(
-                f"warning: the checkpoint just written, {final}, fails verification ({problem}); older "
-                "checkpoints are kept",
-                file=sys.stderr,
-            )
     barrier(env)
-    return final
+    return target
 
 
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict[str, Any]:
@@ -215,21 +221,11 @@ def _json_default(value: Any) -> Any:
 def save_final(
     model: EasyRef, tensors: dict[str, torch.Tensor] | None, out: Path, parts: list[str], **extra: Any
 ) -> Path:
-    """The stage's output, the format ``--init`` and ``easyref generate --checkpoint`` read.
+    """The stage's output, the format ``--init`` and ``easyref generate --checkpoint`` read, written by
+    :func:`easyref.model.write_checkpoint` (the one writer; the previous ``out`` survives a crash or a full disk).
 
-    Unsharded models write through :meth:`EasyRef.save_checkpoint`; for FSDP pass the gathered ``tensors`` (rank 0).
+    Unsharded models pass ``tensors=None`` (their own state); for FSDP pass the gathered ``tensors`` (rank 0).
     """
     if tensors is None:
-        return model.save_checkpoint(out, parts, **extra)
-    wanted = set(parts)
-    tensors = {k: v.contiguous() for k, v in tensors.items() if EasyRef.part_of(k) in wanted}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, tmp / CHECKPOINT_WEIGHTS)
-    record = CheckpointConfig(model=model.config, parts=sorted(wanted), base=extra.pop("base", {}), extra=extra)
-    (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(to_dict(record), indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+        tensors = model.state_dict_of(parts)
+    return write_checkpoint(out, model.config, tensors, parts, **extra)

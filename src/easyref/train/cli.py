@@ -44,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     on_change.add_argument(
         "--restart-on-config-change",
         action="store_true",
-        help="when the checkpoints in --out were made with other settings, set them aside (OUT/superseded/<time>) "
-        "and start at step 0 instead of refusing; what a DVC stage wants after a params.yaml edit",
+        help="when the checkpoints in --out were made with other settings, set them and OUT/final aside "
+        "(OUT/superseded/<time>/) and start at step 0 instead of refusing; what a DVC stage wants after a params.yaml "
+        "edit",
     )
     group = parser.add_argument_group("overrides of params.yaml")
     group.add_argument("--base", help="folder with the base models sdxl/ and mllm/")

@@ -1,8 +1,9 @@
 """Checkpoint integrity: every file of a training checkpoint has its SHA-256 recorded, and a resume verifies them.
 
 ``checksums.sha256`` (the ``sha256sum`` format, so ``sha256sum -c checksums.sha256`` checks a folder by hand) lists
-every other file of the checkpoint, ``state.json`` and ``optimizer.json`` included. It is written last, after the
-files were flushed to disk (``fsync``), and read back before the temp folder is renamed into place.
+every other file of the checkpoint, ``state.json`` and ``optimizer.json`` included. The checkpoint is written by
+:class:`easyref.atomic.FolderWriter`: the listing is written last, after the files were flushed to disk (``fsync``),
+and read back before the temp folder is renamed into place.
 
 On resume :func:`pick_checkpoint` walks the checkpoints newest first and takes the first whose files all match.
 A damaged one (truncated, edited, a file missing) is renamed ``damaged_step_NNNNNNNN`` with a warning, never
@@ -13,58 +14,21 @@ the checksum file.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-from easyref.data.parquet import sha256_file
+from easyref.atomic import damage as folder_damage
 from easyref.errors import UserError
 
-CHECKSUMS = "checksums.sha256"
 STATE_FILE = "state.json"
 DAMAGED_PREFIX = "damaged_"
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to disk, so a crash cannot leave it empty after a rename."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_checksums(folder: Path) -> None:
-    """Flush every file of ``folder`` to disk and record its SHA-256 in ``folder/checksums.sha256``."""
-    lines = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS):
-        fsync_path(path)
-        lines.append(f"{sha256_file(path)}  {path.name}\n")
-    target = folder / CHECKSUMS
-    target.write_text("".join(lines))
-    fsync_path(target)
-    fsync_path(folder)
-
-
 def damage(folder: Path) -> str | None:
-    """Why ``folder`` cannot be trusted (one line), or ``None`` when every recorded file matches its checksum."""
-    listing = folder / CHECKSUMS
-    if not listing.is_file():
-        return f"{CHECKSUMS} is missing (an incomplete or pre-checksum checkpoint)"
-    expected: dict[str, str] = {}
-    for line in listing.read_text(errors="replace").splitlines():
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64 or not name or "/" in name:
-            return f"{CHECKSUMS} is malformed (line {line[:80]!r})"
-        expected[name] = digest
-    if STATE_FILE not in expected:
-        return f"{CHECKSUMS} does not cover {STATE_FILE}"
-    for name, digest in expected.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if sha256_file(path) != digest:
-            return f"{name} does not match its recorded SHA-256 (truncated, damaged or edited)"
+    """Why the training checkpoint ``folder`` cannot be trusted (one line), or ``None`` when it verifies."""
+    problem = folder_damage(folder, required=(STATE_FILE,))
+    if problem is not None:
+        return problem
     try:
         record = json.loads((folder / STATE_FILE).read_text())
     except (OSError, ValueError) as exc:

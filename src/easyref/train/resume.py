@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from easyref.atomic import restore_interrupted
 from easyref.config import flatten, to_dict
 from easyref.errors import UserError
 from easyref.locking import LOCK_NAME, FolderLocked, output_lock
@@ -160,14 +161,31 @@ def set_aside_name(folder: Path) -> Path:
     return next(c for c in candidates if not c.exists())
 
 
+def set_aside_old_run(out: Path) -> Path:
+    """Move the old settings' ``OUT/final`` and ``OUT/checkpoints`` into a new ``OUT/superseded/<UTC time>/``.
+
+    ``final`` goes first: a run killed in between still holds the old checkpoints, so the next run sets the rest
+    aside; a run killed after both moves leaves no ``OUT/final`` of the old settings to be taken for its own.
+    """
+    aside = set_aside_name(out / "superseded")
+    aside.mkdir()
+    final = out / "final"
+    restore_interrupted(final)  # a save killed between its two renames: the old final is complete beside it
+    if final.exists():
+        final.rename(aside / "final")
+    ckpt.checkpoint_root(out).rename(aside / "checkpoints")
+    return aside
+
+
 def resume_point(
     out: Path, settings: dict, allow: bool, env: D.DistEnv, restart: bool = False
 ) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from (rank 0 verifies and picks it) and the settings that changed since.
 
     With ``restart`` (``--restart-on-config-change``, what a DVC stage wants after a params.yaml edit), checkpoints
-    whose settings differ from this run's are set aside, not resumed and not deleted: rank 0 moves ``OUT/checkpoints``
-    to ``OUT/superseded/<UTC time>`` (suffixed ``-2``, ... within one second) and the run starts at step 0.
+    whose settings differ from this run's are set aside, not resumed and not deleted: rank 0 moves ``OUT/final`` and
+    ``OUT/checkpoints`` into ``OUT/superseded/<UTC time>/`` (suffixed ``-2``, ... within one second; see
+    :func:`set_aside_old_run`) and the run starts at step 0.
     """
 
     def pick() -> str | None:  # verifies checksums and sets damaged checkpoints aside: one process does it
@@ -177,11 +195,10 @@ def resume_point(
         changes = check_resume(path, json.loads((path / STATE_FILE).read_text()), settings, allow=True)
         if not changes:
             return str(path)
-        aside = set_aside_name(out / "superseded")
-        ckpt.checkpoint_root(out).rename(aside)
+        aside = set_aside_old_run(out)
         print(
             f"{path}: its settings differ from this run's ({'; '.join(changes)}); starting at step 0, the old "
-            f"checkpoints are set aside in {aside} (delete it when not needed)"
+            f"checkpoints and final are set aside in {aside} (delete it when not needed)"
         )
         return None
 
