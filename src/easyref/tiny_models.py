@@ -273,8 +273,8 @@ def write_qwen2vl(path: Path, seed: int, width: int = 1) -> None:
             initializer_range=(32 * width) ** -0.5,
         ),
         vision_config=dict(
-            depth=2,
-            embed_dim=32,
+            depth=3,
+            embed_dim=64,  # a narrower or shallower tower tells the demo's colours and patterns but not its shapes
             hidden_size=32 * width,  # merger output = the language model's hidden size
             num_heads=4,
             mlp_ratio=2,

@@ -4,8 +4,8 @@ The paper scores images with CLIP ViT-L/14 (CLIP-I, CLIP-T) and DINOv2-Small (DI
 images show. Random tiny embedders score every image alike (~0.997), so the tiny profile trains its own:
 
 * **CLIP** is trained as CLIP was (Radford et al. 2021): the symmetric InfoNCE loss between the image and text
-  embeddings of a batch of (image, caption) pairs. Captions are the demo's style (colour or pattern sometimes left
-  out) half the time and name colour, pattern and shape the other half.
+  embeddings of a batch of (image, text) pairs. The text is the subject's description, the full caption or the
+  demo-style caption (colour or pattern sometimes left out); identical texts in a batch count as matches.
 * **DINOv2** is trained without labels, with SimCLR's objective (Chen et al. 2020): two random views of each image
   (crop, flip, quarter turns, brightness, blur) must find each other among the batch's views (NT-Xent on a
   projection head that is dropped afterwards). The CLS embedding after the final norm is what DINO-I reads.
@@ -53,7 +53,11 @@ class JudgeConfig:
     threads: int = 1
 
 
-DEFAULTS = {"clip": JudgeConfig(), "dino": JudgeConfig(), "ip_clip": JudgeConfig(seed=1, data_seed=2001)}
+DEFAULTS = {
+    "clip": JudgeConfig(per_subject=128),
+    "dino": JudgeConfig(steps=2000),
+    "ip_clip": JudgeConfig(seed=1, data_seed=2001, per_subject=128),
+}
 
 
 def _pixels(processor: Any, images: list[Image.Image]) -> torch.Tensor:
@@ -72,28 +76,50 @@ def _optimizer(params: list[Any], config: JudgeConfig) -> tuple[Any, Any]:
 
 
 def train_clip(folder: Path, config: JudgeConfig) -> list[float]:
-    """Contrastive training of the CLIP in ``folder`` (written by ``tiny_models.write_clip``), in place."""
+    """Contrastive training of the CLIP in ``folder`` (written by ``tiny_models.write_clip``), in place.
+
+    Each image's text is, with equal odds, its subject's description (``a striped blue circle``), its caption naming
+    colour, pattern and shape, or its caption in the demo's style. Images of one subject share a description, so
+    the loss counts every identical text in the batch as a match (a soft target spread over them), not as a
+    negative. The images' pale backgrounds are tinted at random half the time, so background colour alone cannot
+    identify an image.
+    """
+    import numpy as np
     import torch
+    import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPModel
 
     from easyref.metrics import _load_image_processor
-    from easyref.tiny.data import draw
+    from easyref.tiny.data import describe, draw
 
     drawn = draw(config.data_seed, config.per_subject)
     model = CLIPModel.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    pixels = _pixels(_load_image_processor(str(folder)), [d.image for d in drawn])
+    processor = _load_image_processor(str(folder))
+    side = processor.crop_size["height"]
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    raw = torch.from_numpy(np.stack([np.asarray(d.image.convert("RGB").resize((side, side))) for d in drawn]))
+    images = raw.permute(0, 3, 1, 2).float() / 255.0
+    texts_of = [(describe(d.subject), d.full_caption, d.caption) for d in drawn]
     generator = torch.Generator().manual_seed(config.seed)
     opt, warm = _optimizer(list(model.parameters()), config)
     model.train()
     losses = []
     for _ in (bar := tqdm(range(config.steps), desc="clip", dynamic_ncols=True)):
-        idx = torch.randperm(len(drawn), generator=generator)[: config.batch]
-        full = torch.rand(len(idx), generator=generator) < 0.5
-        texts = [drawn[i].full_caption if f else drawn[i].caption for i, f in zip(idx.tolist(), full.tolist(), strict=True)]
+        idx = torch.randperm(len(drawn), generator=generator)[: config.batch].tolist()
+        kinds = torch.randint(0, 3, (len(idx),), generator=generator).tolist()
+        texts = [texts_of[i][k] for i, k in zip(idx, kinds, strict=True)]
+        batch = torch.stack([
+            _tint_background(images[i], generator) if float(torch.rand(1, generator=generator)) < 0.5 else images[i]
+            for i in idx
+        ])
         tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        loss = model(**tokens, pixel_values=pixels[idx], return_loss=True).loss
+        out = model(**tokens, pixel_values=(batch - mean) / std)
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+        target = same / same.sum(-1, keepdim=True)
+        loss = (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -104,8 +130,21 @@ def train_clip(folder: Path, config: JudgeConfig) -> list[float]:
     return losses
 
 
+def _tint_background(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``image`` (3, H, W) in [0, 1] with its pale pixels (unsaturated and bright: the demo's backgrounds) tinted by
+    a random factor per channel; the saturated subject keeps its colour."""
+    import torch
+
+    high, low = image.amax(0), image.amin(0)
+    pale = ((high - low) < 0.2 * high.clamp_min(1e-6)) & (high > 0.6)
+    tint = 0.85 + 0.3 * torch.rand(3, 1, 1, generator=generator)
+    return torch.where(pale, (image * tint).clamp(0, 1), image)
+
+
 def _views(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One random view per image of a ``(N, 3, S, S)`` batch in [0, 1]: crop, flip, quarter turn, brightness, blur."""
+    """One random view per image of a ``(N, 3, S, S)`` batch in [0, 1]: crop, flip, quarter turn, brightness, blur,
+    and a tint of the pale (unsaturated, bright) pixels: a colour jitter of the background, so that the pale
+    backgrounds the demo's subjects stand on cannot tell two images apart."""
     import torch
     import torch.nn.functional as F
 
@@ -119,6 +158,8 @@ def _views(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if float(torch.rand(1, generator=generator)) < 0.5:
             view = view.flip(-1)
         view = torch.rot90(view, int(torch.randint(0, 4, (1,), generator=generator)), dims=(1, 2))
+        if float(torch.rand(1, generator=generator)) < 0.8:
+            view = _tint_background(view, generator)
         view = view * (0.8 + 0.4 * float(torch.rand(1, generator=generator)))
         if float(torch.rand(1, generator=generator)) < 0.3:
             view = F.avg_pool2d(view[None], 3, stride=1, padding=1, count_include_pad=False)[0]

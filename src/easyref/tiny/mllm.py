@@ -44,7 +44,7 @@ class MLLMPretrainConfig:
     seed: int = 0
     data_seed: int = 3001
     per_subject: int = 48
-    steps: int = 2000
+    steps: int = 3000
     batch: int = 12
     lr: float = 1e-3
     warmup: int = 100
