@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
         if tiny is None:
             from easyref.tiny_models import write_tiny_models
 
-            tiny = write_tiny_models(tmp / "tiny", pretrained_base=False)
+            tiny = write_tiny_models(tmp / "tiny", pretrained=False)
         report = measure(args, tiny, tmp)
     report["wall_s"] = time.perf_counter() - start
     print(format_report(report))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from easyref.tiny_base import ASSET, MANIFEST, BasePretrainConfig, file_checksums, load_pairs, pretrain_base
+from easyref.tiny.base import ASSET, MANIFEST, BasePretrainConfig, file_checksums, load_pairs, pretrain_base
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ def test_layout_and_loading(tiny_models):
     assert tok.convert_tokens_to_ids("<|image_pad|>") == mllm.config.image_token_id
     assert "Hello, wörld!" == tok.decode(tok("Hello, wörld!")["input_ids"])  # byte-level: any text round-trips
     assert (tiny_models / "mllm" / "chat_template.jinja").is_file()
-    assert CLIPModel.from_pretrained(tiny_models / "clip").config.projection_dim == 32
-    assert Dinov2Model.from_pretrained(tiny_models / "dino").config.hidden_size == 32
+    assert CLIPModel.from_pretrained(tiny_models / "clip").config.projection_dim == 64
+    assert Dinov2Model.from_pretrained(tiny_models / "dino").config.hidden_size == 64
     assert AutoImageProcessor.from_pretrained(tiny_models / "dino", backend="pil") is not None
     size = sum(p.stat().st_size for p in tiny_models.rglob("*") if p.is_file())
     assert size < 20 * 2**20

@@ -150,6 +150,25 @@ class ReferenceProcessor:
         self, references: Sequence[Sequence[Image.Image] | None], captions: Sequence[str]
     ) -> dict[str, torch.Tensor]:
         """``references[i]`` is sample i's list of PIL images (``None`` or empty = dropped: one black image)."""
+        texts, vision, sizes = self.expand(references, captions)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+        input_ids = enc["input_ids"]
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": enc["attention_mask"],
+            "mm_token_type_ids": (input_ids == self.image_token_id).int(),
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": vision["image_grid_thw"],
+        }
+        if self.config.aggregation != "tokens":
+            inputs["group_sizes"] = torch.tensor(sizes)
+        return inputs
+
+    def expand(
+        self, references: Sequence[Sequence[Image.Image] | None], captions: Sequence[str]
+    ) -> tuple[list[str], dict[str, torch.Tensor], list[int]]:
+        """The chat-templated text of each MLLM turn with its image placeholders expanded to the images' visual
+        token counts, the images' pixel values and grids, and the number of images of each sample."""
         if len(references) != len(captions):
             raise ValueError(f"{len(references)} reference groups but {len(captions)} captions")
         groups = [list(g) if g else [self.dropped_image()] for g in references]
@@ -174,18 +193,7 @@ class ReferenceProcessor:
                 text += self.image_token * tokens_per_image[k] + piece
                 k += 1
             texts.append(text)
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
-        input_ids = enc["input_ids"]
-        inputs = {
-            "input_ids": input_ids,
-            "attention_mask": enc["attention_mask"],
-            "mm_token_type_ids": (input_ids == self.image_token_id).int(),
-            "pixel_values": vision["pixel_values"],
-            "image_grid_thw": vision["image_grid_thw"],
-        }
-        if self.config.aggregation != "tokens":
-            inputs["group_sizes"] = torch.tensor(sizes)
-        return inputs
+        return texts, vision, sizes
 
 
 class ReferenceEncoder(nn.Module):

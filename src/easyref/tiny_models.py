@@ -23,7 +23,11 @@ import json
 import shutil
 from pathlib import Path
 
+from easyref.tiny import assets
+
 HELP = "write tiny random SDXL / Qwen2-VL / CLIP / DINOv2 models"
+CLIP_IMAGE_SIZE = 64
+"""Input side of the tiny CLIP towers (the judge and the IP-Adapter's image encoder)."""
 
 # The instruction-following chat template of Qwen2-VL, reduced to what a user turn with images and text needs.
 QWEN2VL_CHAT_TEMPLATE = (
@@ -55,9 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
     parser.add_argument(
-        "--untrained-base",
+        "--untrained",
         action="store_true",
-        help="keep the SDXL VAE/UNet/text encoders random instead of the packaged pretrained ones",
+        help="keep every model random instead of installing the packaged pretrained tiny parts",
     )
 
 
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.force and is_complete(out):
         print(f"tiny models already present in {out} (use --force to rebuild)")
         return 0
-    write_tiny_models(out, seed=args.seed, pretrained_base=not args.untrained_base)
+    write_tiny_models(out, seed=args.seed, pretrained=not args.untrained)
     print(f"wrote tiny models to {out}: {', '.join(sorted(p.name for p in out.iterdir() if p.is_dir()))}")
     return 0
 
@@ -76,12 +80,19 @@ def is_complete(out: Path) -> bool:
     return (out / ".complete").is_file()
 
 
-def write_tiny_models(out: str | Path, seed: int = 0, width: int = 1, pretrained_base: bool = True) -> Path:
+SDXL_TRAINED = ("vae", "unet", "text_encoder", "text_encoder_2")
+"""The parts of the tiny SDXL that ``easyref pretrain-base`` trains (schedulers and tokenizers stay as written)."""
+PRETRAINED = {"mllm": "mllm", "clip": "clip", "dino": "dino", "ip_adapter": "ip_adapter"}
+"""Model folder -> packaged part (``easyref pretrain-tiny PART``) installed over it whole."""
+
+
+def write_tiny_models(out: str | Path, seed: int = 0, width: int = 1, pretrained: bool = True) -> Path:
     """Build all tiny models under ``out`` (replacing what is there) and return ``out``.
 
     ``width`` multiplies the UNet's channels and the MLLM's hidden size (benchmarks use a wider "small" tree).
-    With ``pretrained_base`` (width 1 only) the SDXL VAE, UNet and text encoders are the packaged pretrained ones
-    (``easyref pretrain-base``): a base that can draw the demo's subjects, as a real EasyRef starts from.
+    With ``pretrained`` (width 1 only) every part that the real profile downloads pretrained is the packaged
+    pretrained tiny one (:mod:`easyref.tiny`): the SDXL base, the MLLM, the CLIP and DINOv2 judges and the
+    IP-Adapter baseline. Without it every weight is random (seeded).
     """
     import torch
 
@@ -90,16 +101,16 @@ def write_tiny_models(out: str | Path, seed: int = 0, width: int = 1, pretrained
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.manual_seed(seed)
-    _write_sdxl(tmp / "sdxl", seed, width)
-    if pretrained_base and width == 1:
-        from easyref.tiny_base import install_pretrained
-
-        install_pretrained(tmp / "sdxl")
-    _write_qwen2vl(tmp / "mllm", seed, width)
-    _write_clip(tmp / "clip", seed)
-    _write_dino(tmp / "dino", seed)
+    pretrained = pretrained and width == 1
+    write_sdxl(tmp / "sdxl", seed, width, pretrained=pretrained)
+    write_qwen2vl(tmp / "mllm", seed, width)
+    write_clip(tmp / "clip", seed)
+    write_dino(tmp / "dino", seed)
     _write_ip_adapter(tmp / "ip_adapter", seed)
-    stamp = {"seed": seed, "width": width, "pretrained_base": pretrained_base and width == 1}
+    if pretrained:
+        for folder, part in PRETRAINED.items():
+            assets.install(assets.asset(part), tmp / folder)
+    stamp = {"seed": seed, "width": width, "pretrained": pretrained}
     (tmp / ".complete").write_text(json.dumps(stamp) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the folder appears whole or not at all
@@ -126,7 +137,7 @@ def _clip_tokenizer():
 def _clip_text_config(tokenizer, **overrides):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
+    settings = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -138,8 +149,8 @@ def _clip_text_config(tokenizer, **overrides):
         max_position_embeddings=77,
         hidden_act="gelu",
         projection_dim=32,
-        **overrides,
     )
+    return CLIPTextConfig(**{**settings, **overrides})
 
 
 def _seeded(seed: int, offset: int) -> None:
@@ -148,7 +159,15 @@ def _seeded(seed: int, offset: int) -> None:
     torch.manual_seed(seed * 1000 + offset)
 
 
-def _write_sdxl(path: Path, seed: int, width: int = 1) -> None:
+def write_sdxl(path: Path, seed: int, width: int = 1, pretrained: bool = True) -> Path:
+    """A tiny SDXL folder; with ``pretrained`` its VAE, UNet and text encoders are the packaged pretrained base."""
+    _write_random_sdxl(path, seed, width)
+    if pretrained:
+        assets.install(assets.asset("sdxl"), path, SDXL_TRAINED)
+    return path
+
+
+def _write_random_sdxl(path: Path, seed: int, width: int = 1) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -219,7 +238,7 @@ def _write_sdxl(path: Path, seed: int, width: int = 1) -> None:
     pipe.save_pretrained(path, safe_serialization=True)
 
 
-def _write_qwen2vl(path: Path, seed: int, width: int = 1) -> None:
+def write_qwen2vl(path: Path, seed: int, width: int = 1) -> None:
     from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -254,8 +273,8 @@ def _write_qwen2vl(path: Path, seed: int, width: int = 1) -> None:
             initializer_range=(32 * width) ** -0.5,
         ),
         vision_config=dict(
-            depth=2,
-            embed_dim=32,
+            depth=3,
+            embed_dim=64,  # a narrower or shallower tower tells the demo's colours and patterns but not its shapes
             hidden_size=32 * width,  # merger output = the language model's hidden size
             num_heads=4,
             mlp_ratio=2,
@@ -293,55 +312,56 @@ def _write_qwen2vl(path: Path, seed: int, width: int = 1) -> None:
 def _clip_vision_config():
     from transformers import CLIPVisionConfig
 
+    # 64-px inputs in 8-px patches: enough to see the demo's shapes and patterns (a 30-px input blurs them)
     return CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
+        hidden_size=64,
+        intermediate_size=128,
         num_attention_heads=4,
-        num_hidden_layers=2,
-        image_size=30,
-        patch_size=6,
-        projection_dim=32,
+        num_hidden_layers=3,
+        image_size=CLIP_IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=64,
     )
 
 
 def _save_clip_image_processor(path: Path) -> None:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(path)
+    side = CLIP_IMAGE_SIZE
+    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(path)
 
 
-def _write_clip(path: Path, seed: int) -> None:
+def write_clip(path: Path, seed: int) -> None:
+    """A random CLIP (image and text towers, 64-d joint space) with its byte-level tokenizer and processor."""
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer = _clip_tokenizer()
-    config = CLIPConfig(
-        text_config=_clip_text_config(tokenizer).to_dict(),
-        vision_config=_clip_vision_config().to_dict(),
-        projection_dim=32,
-    )
+    text = _clip_text_config(tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=3, projection_dim=64)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=_clip_vision_config().to_dict(), projection_dim=64)
     _seeded(seed, 6)
     CLIPModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     _save_clip_image_processor(path)
 
 
-def _write_dino(path: Path, seed: int) -> None:
+def write_dino(path: Path, seed: int) -> None:
+    """A random DINOv2 (56-px crops in 8-px patches) with its image processor (resize 64, centre crop 56)."""
     from transformers import Dinov2Config, Dinov2Model
     from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
     config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
+        hidden_size=64,
+        num_hidden_layers=3,
         num_attention_heads=4,
-        intermediate_size=37,
-        image_size=28,
-        patch_size=7,
+        intermediate_size=128,
+        image_size=56,
+        patch_size=8,
     )
     _seeded(seed, 7)
     Dinov2Model(config).save_pretrained(path)
     BitImageProcessorPil(
-        size={"shortest_edge": 32},
-        crop_size={"height": 28, "width": 28},
+        size={"shortest_edge": 64},
+        crop_size={"height": 56, "width": 56},
         image_mean=[0.485, 0.456, 0.406],
         image_std=[0.229, 0.224, 0.225],
         do_convert_rgb=True,

@@ -135,8 +135,14 @@ def write_demo_data(
     return len(captions)
 
 
-def draw_image(subject: Subject, rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
-    """One image of ``subject`` at a random place, size and rotation on a random background, with its caption."""
+def draw_image(
+    subject: Subject, rng: np.random.Generator, size: int, *, full_caption: bool = False
+) -> tuple[Image.Image, str]:
+    """One image of ``subject`` at a random place, size and rotation on a random background, with its caption.
+
+    The caption leaves out the colour or the pattern as often as :data:`OMIT_COLOUR` / :data:`OMIT_PATTERN` say,
+    unless ``full_caption`` (the draws are made either way, so the image and later draws do not change).
+    """
     from PIL import Image
 
     big = size * SUPERSAMPLE
@@ -149,7 +155,8 @@ def draw_image(subject: Subject, rng: np.random.Generator, size: int) -> tuple[I
     texture = _texture(subject, big, rng)
     background.paste(texture, (0, 0), mask)
     image = background.resize((size, size), Image.Resampling.LANCZOS)
-    noun = subject.describe(colour=rng.random() >= OMIT_COLOUR, pattern=rng.random() >= OMIT_PATTERN)
+    keep_colour, keep_pattern = rng.random() >= OMIT_COLOUR, rng.random() >= OMIT_PATTERN
+    noun = subject.describe(colour=keep_colour or full_caption, pattern=keep_pattern or full_caption)
     caption = f"a {_size_word(radius / big)} {noun} {_position_words(cx / big, cy / big)} on {background_words}"
     return image, caption
 

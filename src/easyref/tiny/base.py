@@ -21,7 +21,6 @@ from, and the checksum of every file.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import tempfile
@@ -30,11 +29,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from easyref.tiny.assets import MANIFEST, code_fingerprint, file_checksums, forget_source_path
+from easyref.tiny.assets import asset as _asset
+from easyref.tiny_models import SDXL_TRAINED as TRAINED
+
 HELP = "pretrain the tiny SDXL base (VAE, then UNet + text encoders) on demo data, offline"
-ASSET = Path(__file__).parent / "assets" / "tiny_sdxl"
-TRAINED = ("vae", "unet", "text_encoder", "text_encoder_2")
-MANIFEST = "pretrain.json"
-PREVIEW = "preview.png"  # written by `write_preview`, a picture of the base (not part of the checksummed model)
+ASSET = _asset("sdxl")
 
 
 @dataclass(kw_only=True)
@@ -67,31 +67,12 @@ class BasePretrainConfig:
     """torch threads; fixed, so that the result is reproducible."""
 
 
-def code_fingerprint() -> str:
+def base_fingerprint() -> str:
     """sha256 of the code that shapes the pretrained base: this module, the tiny models and the demo data."""
     from easyref import tiny_models
     from easyref.data import demo
 
-    digest = hashlib.sha256()
-    for module in (tiny_models, demo):
-        digest.update(Path(module.__file__).read_bytes())
-    digest.update(Path(__file__).read_bytes())
-    return digest.hexdigest()
-
-
-def file_checksums(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST, PREVIEW)
-    }
-
-
-def forget_source_path(config_file: Path) -> None:
-    """Drop ``_name_or_path`` (the temporary folder the model was loaded from) from a saved config."""
-    config = json.loads(config_file.read_text())
-    if config.pop("_name_or_path", None) is not None:
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return code_fingerprint([tiny_models.__file__, demo.__file__, __file__])
 
 
 # -- data -------------------------------------------------------------------------------------------------------------
@@ -225,19 +206,19 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
     from diffusers import StableDiffusionXLPipeline
 
     from easyref.data.demo import write_demo_data
-    from easyref.tiny_models import write_tiny_models
+    from easyref.tiny_models import write_sdxl
 
     torch.set_num_threads(config.threads)
     out = Path(out)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        models = write_tiny_models(Path(tmp) / "models", seed=config.seed, pretrained_base=False)
+        sdxl = write_sdxl(Path(tmp) / "sdxl", seed=config.seed, pretrained=False)
         source = f"demo-data --seed {config.data_seed}" if data is None else Path(data).name
         if data is None:
             data = Path(tmp) / "data"
             write_demo_data(data, seed=config.data_seed)
         images, captions, _ = load_pairs(Path(data), config.resolution)
-        pipe = StableDiffusionXLPipeline.from_pretrained(models / "sdxl")
+        pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
         generator = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)
         vae_losses = train_vae(pipe.vae, images, config, generator)
@@ -251,7 +232,7 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
             forget_source_path(staged / part / "config.json")
     manifest = {
         "config": asdict(config),
-        "code_sha256": code_fingerprint(),
+        "code_sha256": base_fingerprint(),
         "data": source,
         "images": len(captions),
         "scaling_factor": pipe.vae.config.scaling_factor,
@@ -316,17 +297,6 @@ def write_preview(sdxl: Path, data: Path, png: Path, resolution: int = 64, seed:
         draw.text((2, y + 12 * i), f"column {i + 1}: {caption}", fill="black")
     png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(png)
-
-
-def install_pretrained(sdxl: Path, asset: Path = ASSET) -> None:
-    """Replace the random VAE, UNet and text encoders of a tiny ``sdxl/`` folder by the pretrained ones."""
-    from easyref.errors import UserError
-
-    if not (asset / MANIFEST).is_file():
-        raise UserError(f"{asset}: no pretrained tiny base ({MANIFEST} missing); run `easyref pretrain-base`")
-    for part in TRAINED:
-        shutil.rmtree(sdxl / part, ignore_errors=True)
-        shutil.copytree(asset / part, sdxl / part)
 
 
 # -- command line -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,266 @@
+"""Pretrain the tiny MLLM: a Qwen2-VL that has learned to see, as Qwen2-VL-2B has before EasyRef trains on it.
+
+The real EasyRef reads its references with a pretrained vision-language model; a random tiny Qwen2-VL understands
+nothing, so its hidden states carry little of what the references show. This module trains the tiny one (vision
+tower, merger and language model, next-token loss on the answer) on demo-style images drawn with other seeds than
+the demo's, on three kinds of user turn, each a chat-templated turn as Qwen2-VL is instructed:
+
+* ``Describe the image.`` -> the image's caption up to the background, naming size, pattern, colour, shape, place;
+* ``What do these images have in common?`` with 2-4 images of one subject -> ``a striped blue circle``;
+* a question about one attribute (colour, shape or pattern) -> ``blue``.
+
+:func:`check` asks it to describe held-back images (greedy decoding) and counts how often the caption it writes
+names the right colour, shape and pattern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from easyref.tiny import assets
+
+if TYPE_CHECKING:
+    import torch
+
+DESCRIBE = "Describe the image."
+COMMON = "What do these images have in common?"
+ATTRIBUTES = {
+    "colour": "What colour is the shape?",
+    "shape": "What shape is it?",
+    "pattern": "What pattern does the shape have?",
+}
+
+
+@dataclass(kw_only=True)
+class MLLMPretrainConfig:
+    """How the tiny MLLM is pretrained (the defaults made the packaged one)."""
+
+    seed: int = 0
+    data_seed: int = 3001
+    per_subject: int = 48
+    steps: int = 3000
+    batch: int = 12
+    lr: float = 1e-3
+    warmup: int = 100
+    min_pixels: int = 16 * 28 * 28
+    """Image sizes as the tiny profile's EasyRef reads its references (params.yaml train.model)."""
+    max_pixels: int = 25 * 28 * 28
+    threads: int = 1
+
+
+def _processor(folder: Path, config: MLLMPretrainConfig) -> Any:
+    from easyref.model import ModelConfig, ReferenceProcessor
+
+    return ReferenceProcessor.from_pretrained(
+        folder, ModelConfig(instruction="{caption}", min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+    )
+
+
+class _MemoImageProcessor:
+    """The image processor with each image's patches computed once (pretraining shows every image many times)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.merge_size = inner.merge_size
+        self.cache: dict[bytes, tuple[Any, Any]] = {}
+
+    def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, Any]:
+        import hashlib
+
+        import torch
+
+        parts = []
+        for image in images:
+            key = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+            if key not in self.cache:
+                out = self.inner(images=[image], return_tensors=return_tensors)
+                self.cache[key] = (out["pixel_values"], out["image_grid_thw"])
+            parts.append(self.cache[key])
+        return {"pixel_values": torch.cat([p for p, _ in parts]), "image_grid_thw": torch.cat([g for _, g in parts])}
+
+
+def _turn(drawn: list[Any], by_subject: dict[Any, list[int]], index: int, generator: Any) -> tuple[list, str, str]:
+    """One training turn around drawn image ``index``: (images, question, answer)."""
+    import torch
+
+    from easyref.data.demo import PATTERN_WORDS
+    from easyref.tiny.data import describe
+
+    item = drawn[index]
+    kind = float(torch.rand(1, generator=generator))
+    if kind < 0.4:  # the caption up to its background: subject, size and place
+        return [item.image], DESCRIBE, item.full_caption.split(" on ")[0]
+    if kind < 0.8:
+        pool = by_subject[item.subject]
+        count = int(torch.randint(2, 5, (1,), generator=generator))
+        picks = torch.randperm(len(pool), generator=generator)[:count].tolist()
+        return [drawn[pool[p]].image for p in picks], COMMON, describe(item.subject)
+    attribute = list(ATTRIBUTES)[int(torch.randint(0, 3, (1,), generator=generator))]
+    answer = {
+        "colour": item.subject.colour,
+        "shape": item.subject.shape,
+        "pattern": PATTERN_WORDS[item.subject.pattern].strip() or "solid",
+    }[attribute]
+    return [item.image], ATTRIBUTES[attribute], answer
+
+
+def _batch(processor: Any, turns: list[tuple[list, str, str]]) -> dict[str, torch.Tensor]:
+    """Right-padded training inputs; labels only on the answers (and their end-of-turn token)."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    texts, vision, _ = processor.expand([t[0] for t in turns], [t[1] for t in turns])
+    ids, labels = [], []
+    for text, (_, _, answer) in zip(texts, turns, strict=True):
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        reply = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        ids.append(prompt + reply)
+        labels.append([-100] * len(prompt) + reply)
+    length = max(len(i) for i in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([i + [pad] * (length - len(i)) for i in ids])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i in ids]),
+        "labels": torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels]),
+        "mm_token_type_ids": (input_ids == processor.image_token_id).int(),
+        "pixel_values": vision["pixel_values"],
+        "image_grid_thw": vision["image_grid_thw"],
+    }
+
+
+def train_mllm(folder: Path, config: MLLMPretrainConfig) -> list[float]:
+    """Train the Qwen2-VL in ``folder`` (written by ``tiny_models.write_qwen2vl``) in place; losses per step."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from easyref.tiny.data import draw
+
+    drawn = draw(config.data_seed, config.per_subject)
+    by_subject: dict[Any, list[int]] = {}
+    for i, d in enumerate(drawn):
+        by_subject.setdefault(d.subject, []).append(i)
+    processor = _processor(folder, config)
+    processor.image_processor = _MemoImageProcessor(processor.image_processor)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup))
+    model.train()
+    losses = []
+    for _ in (bar := tqdm(range(config.steps), desc="mllm", dynamic_ncols=True)):
+        picks = torch.randint(0, len(drawn), (config.batch,), generator=generator).tolist()
+        loss = model(**_batch(processor, [_turn(drawn, by_subject, i, generator) for i in picks])).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        warm.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval().save_pretrained(folder)
+    return losses
+
+
+def named(text: str, subject: Any) -> dict[str, bool]:
+    """Which of the subject's colour, shape and pattern a generated caption names (and no other)."""
+    from easyref.data.demo import COLOURS, PATTERN_WORDS, SHAPES
+
+    words = text.replace("-", " ").split()
+    colours = {c for c in COLOURS if c in words}
+    shapes = {s for s in SHAPES if s in words}
+    patterns = {p for p, w in PATTERN_WORDS.items() if w and w.strip().split("-")[0] in words}
+    return {
+        "colour": colours == {subject.colour},
+        "shape": shapes == {subject.shape},
+        "pattern": patterns == ({subject.pattern} - {"solid"}),
+    }
+
+
+def describe_images(folder: Path, images: list[Any], config: MLLMPretrainConfig, batch: int = 16) -> list[str]:
+    """Greedy answers of the MLLM in ``folder`` to ``Describe the image.`` for each image."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    processor = _processor(folder, config)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
+    answers = []
+    for i in range(0, len(images), batch):
+        chunk = images[i : i + batch]
+        inputs = processor([[im] for im in chunk], [DESCRIBE] * len(chunk))
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=48, do_sample=False,
+                                 eos_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        answers += processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answers
+
+
+def check(folder: Path, config: MLLMPretrainConfig | None = None, per_subject: int = 2) -> dict[str, Any]:
+    """On held-back images: the share of generated captions that name the right colour, shape, pattern, all three."""
+    from easyref.tiny.data import CHECK_SEED, draw
+
+    drawn = draw(CHECK_SEED, per_subject)
+    answers = describe_images(folder, [d.image for d in drawn], config or MLLMPretrainConfig())
+    hits = [named(a, d.subject) for a, d in zip(answers, drawn, strict=True)]
+    rates = {k: sum(h[k] for h in hits) / len(hits) for k in ("colour", "shape", "pattern")}
+    rates["all"] = sum(all(h.values()) for h in hits) / len(hits)
+    return {**rates, "examples": [f"{d.subject.describe()} -> {a}" for d, a in zip(drawn[::17], answers[::17], strict=True)]}
+
+
+def pretrain_mllm(out: Path, config: MLLMPretrainConfig) -> dict[str, Any]:
+    """Write a random tiny Qwen2-VL, train it, check it, and publish it to ``out``."""
+    import torch
+
+    from easyref import model as model_module
+    from easyref import tiny_models
+    from easyref.data import demo
+
+    torch.set_num_threads(config.threads)
+    started = time.time()
+    staged = out.with_name(out.name + ".tmp")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "mllm"
+        tiny_models.write_qwen2vl(folder, config.seed)
+        losses = train_mllm(folder, config)
+        assets.forget_source_path(folder / "config.json")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(folder, staged)
+    manifest = {
+        "part": "mllm",
+        "config": asdict(config),
+        "code_sha256": assets.code_fingerprint([__file__, tiny_models.__file__, demo.__file__, model_module.__file__]),
+        "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})",
+        "loss_last100": sum(losses[-100:]) / len(losses[-100:]),
+        "seconds": round(time.time() - started, 1),
+        "torch": torch.__version__,
+        "check": check(staged, config),
+    }
+    return assets.publish(staged, out, manifest)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=None, help="where to write it (default: the packaged asset)")
+    defaults = MLLMPretrainConfig()
+    for name in ("seed", "data_seed", "per_subject", "steps", "batch", "threads"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
+                            help=f"(default {getattr(defaults, name)})")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"(default {defaults.lr})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from easyref.errors import UserError
+
+    for name in ("per_subject", "steps", "batch", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    config = MLLMPretrainConfig(**{k: getattr(args, k) for k in asdict(MLLMPretrainConfig()) if hasattr(args, k)})
+    out = args.out or assets.asset("mllm")
+    manifest = pretrain_mllm(out, config)
+    print(f"pretrain-tiny mllm: wrote {out} in {manifest['seconds']} s; check {manifest['check']}")
+    return 0

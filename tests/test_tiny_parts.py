@@ -1,0 +1,118 @@
+"""The tiny profile's pretrained parts: each shipped as its manifest says, and each able to do what the real part
+it stands for can (measured on held-back images: neither the demo's nor the pretraining's)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from easyref.tiny import assets
+
+PARTS = ("clip", "dino", "ip_clip", "mllm", "ip_adapter")
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_packaged_part_is_what_its_manifest_says_and_the_defaults_make(part):
+    from easyref.tiny.ip_adapter import IPAdapterPretrainConfig
+    from easyref.tiny.judges import DEFAULTS
+    from easyref.tiny.mllm import MLLMPretrainConfig
+
+    folder = assets.asset(part)
+    manifest = json.loads((folder / assets.MANIFEST).read_text())
+    assert assets.file_checksums(folder) == manifest["files"]  # no file changed since `easyref pretrain-tiny`
+    defaults = {"mllm": MLLMPretrainConfig(), "ip_adapter": IPAdapterPretrainConfig()}.get(part) or DEFAULTS[part]
+    assert manifest["config"] == asdict(defaults)  # the documented command reproduces it
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 8 * 2**20, f"{part}: {size} bytes"
+
+
+def test_tiny_models_install_every_pretrained_part(tiny_models):
+    for folder, part in (("clip", "clip"), ("dino", "dino"), ("mllm", "mllm"), ("ip_adapter", "ip_adapter")):
+        shipped = assets.file_checksums(assets.asset(part))
+        assert assets.file_checksums(tiny_models / folder) == shipped, folder
+
+
+def test_clip_judge_knows_subjects_and_captions(tiny_models):
+    """Same-subject image pairs score above other-subject pairs (CLIP-I), and each image's nearest description
+    among the 48 subjects' names its colour and shape (CLIP-T). A random CLIP: AUC ~0.6, retrieval ~0.02."""
+    from easyref.tiny.judges import check
+
+    torch.set_num_threads(1)
+    result = check("clip", tiny_models / "clip")
+    assert result["auc"] >= 0.9, result
+    assert result["retrieval_top1"] >= 0.8, result
+
+
+def test_dino_judge_knows_subjects_without_labels(tiny_models):
+    from easyref.tiny.judges import check
+
+    torch.set_num_threads(1)
+    result = check("dino", tiny_models / "dino")
+    assert result["auc"] >= 0.9, result
+
+
+def test_ip_adapter_image_encoder_is_not_the_judge(tiny_models):
+    """As IP-Adapter-SDXL's OpenCLIP encoder is another model than the CLIP ViT-L/14 that scores CLIP-I."""
+    from safetensors.torch import load_file
+
+    encoder = load_file(tiny_models / "ip_adapter/sdxl_models/image_encoder/model.safetensors")
+    judge = load_file(tiny_models / "clip/model.safetensors")
+    name = "vision_model.embeddings.patch_embedding.weight"
+    assert encoder[name].shape == judge[name].shape
+    assert not torch.equal(encoder[name], judge[name])
+
+
+@pytest.mark.slow
+def test_mllm_captions_what_held_back_images_show(tiny_models):
+    """Greedy captions of held-back images name the right colour, shape and pattern (a random MLLM: ~0)."""
+    from easyref.tiny.mllm import check
+
+    torch.set_num_threads(1)
+    result = check(tiny_models / "mllm", per_subject=1)
+    assert result["all"] >= 0.8, result
+
+
+def test_ip_adapter_was_trained_to_follow_its_image(tiny_models):
+    """The trained adapter denoises held-back images better with their own CLIP image embedding than with another
+    subject's (a random adapter cannot tell them apart): the IP-Adapter baseline is a trained competitor."""
+    import numpy as np
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+    from easyref.tiny.data import CHECK_SEED, draw
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    drawn = draw(CHECK_SEED, 1)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models / "sdxl")
+    pipe.load_ip_adapter(str(tiny_models / "ip_adapter"), subfolder="sdxl_models",
+                         weight_name="ip-adapter_sdxl.safetensors", image_encoder_folder="image_encoder")
+    from easyref.metrics import _load_image_processor
+
+    processor = _load_image_processor(str(tiny_models / "ip_adapter/sdxl_models/image_encoder"))
+    with torch.no_grad():
+        embeds = pipe.image_encoder(processor(images=[d.image for d in drawn], return_tensors="pt")["pixel_values"]
+                                    ).image_embeds
+        pixels = torch.from_numpy(np.stack([np.asarray(d.image.convert("RGB").resize((64, 64))) for d in drawn]))
+        latents = pipe.vae.encode(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+        latents = latents * pipe.vae.config.scaling_factor
+        text, _, pooled, _ = pipe.encode_prompt(prompt=[d.caption for d in drawn], device="cpu",
+                                                do_classifier_free_guidance=False)
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        other = torch.roll(embeds, shifts=len(drawn) // 2, dims=0)  # another colour and shape
+        time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]], dtype=torch.float32).repeat(len(drawn), 1)
+        losses = {"own": [], "other": []}
+        for _ in range(4):
+            noise = torch.randn_like(latents)
+            t = torch.randint(200, 800, (len(drawn),))
+            noisy = scheduler.add_noise(latents, noise, t)
+            for key, image in (("own", embeds), ("other", other)):
+                pred = pipe.unet(noisy, t, encoder_hidden_states=text,
+                                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids,
+                                                    "image_embeds": [image[:, None]]}).sample
+                losses[key].append(((pred - noise) ** 2).mean(dim=(1, 2, 3)))
+    own, other_loss = torch.cat(losses["own"]), torch.cat(losses["other"])
+    assert float((other_loss - own).mean()) > 0, (float(own.mean()), float(other_loss.mean()))
+    assert float((other_loss > own).float().mean()) > 0.6
