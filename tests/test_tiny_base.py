@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from easyref.tiny.base import ASSET, MANIFEST, BasePretrainConfig, file_checksums, load_pairs, pretrain_base
+from easyref.tiny.assets import MANIFEST, file_checksums
+from easyref.tiny.base import ASSET, BasePretrainConfig, load_pairs, pretrain_base
 
 
 @pytest.fixture(scope="module")

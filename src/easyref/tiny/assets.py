@@ -1,7 +1,7 @@
 """The packaged pretrained tiny parts: where they live, their manifests, and installing them into a model tree.
 
-A leaf module (no torch, no other project module at import time): :mod:`easyref.tiny_models` and every
-pretraining module import it, never the other way round.
+It imports no torch and no other project module at import time (the atomic writer only when publishing):
+:mod:`easyref.tiny_models` and every pretraining module import it, never the other way round.
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ def asset(part: str) -> Path:
     return ASSETS / f"tiny_{part}"
 
 
+NOT_MODEL = (MANIFEST, PREVIEW, "checksums.sha256")
+"""Files of an asset folder that are not part of the model (the last is the atomic writer's own record)."""
+
+
 def file_checksums(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` but the manifest and the preview, by relative path."""
+    """sha256 of every model file under ``folder`` (not :data:`NOT_MODEL`), by relative path."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST, PREVIEW)
+        if p.is_file() and p.name not in NOT_MODEL
     }
 
 
@@ -58,12 +62,14 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def publish(staged: Path, out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Seal a staged part (file checksums into its manifest) and move it to ``out`` whole."""
-    manifest = {**manifest, "files": file_checksums(staged)}
-    (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged.rename(out)
+    """Write a trained part's files (``staged``) and its sealed manifest (with every file's sha256) to ``out``,
+    through the atomic folder writer; returns the manifest."""
+    from easyref.atomic import atomic_folder
+
+    with atomic_folder(out) as writer:
+        shutil.copytree(staged, writer.path, dirs_exist_ok=True)
+        manifest = {**manifest, "files": file_checksums(writer.path)}
+        writer.write_text(MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -72,8 +78,8 @@ def install(source: Path, target: Path, parts: Iterable[str] | None = None) -> N
     read_manifest(source)
     if parts is None:
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns(MANIFEST, PREVIEW))
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(*NOT_MODEL))
         return
     for part in parts:
         shutil.rmtree(target / part, ignore_errors=True)
-        shutil.copytree(source / part, target / part)
+        shutil.copytree(source / part, target / part, ignore=shutil.ignore_patterns(*NOT_MODEL))

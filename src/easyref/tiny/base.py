@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from easyref.tiny.assets import MANIFEST, code_fingerprint, file_checksums, forget_source_path
 from easyref.tiny.assets import asset as _asset
-from easyref.tiny_models import SDXL_TRAINED as TRAINED
+from easyref.tiny.assets import code_fingerprint, forget_source_path, publish
+from easyref.tiny.build import SDXL_TRAINED as TRAINED
 
 HELP = "pretrain the tiny SDXL base (VAE, then UNet + text encoders) on demo data, offline"
 ASSET = _asset("sdxl")
@@ -69,10 +68,10 @@ class BasePretrainConfig:
 
 def base_fingerprint() -> str:
     """sha256 of the code that shapes the pretrained base: this module, the tiny models and the demo data."""
-    from easyref import tiny_models
     from easyref.data import demo
+    from easyref.tiny import build
 
-    return code_fingerprint([tiny_models.__file__, demo.__file__, __file__])
+    return code_fingerprint([build.__file__, demo.__file__, __file__])
 
 
 # -- data -------------------------------------------------------------------------------------------------------------
@@ -206,13 +205,13 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
     from diffusers import StableDiffusionXLPipeline
 
     from easyref.data.demo import write_demo_data
-    from easyref.tiny_models import write_sdxl
+    from easyref.tiny.build import write_sdxl
 
     torch.set_num_threads(config.threads)
     out = Path(out)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        sdxl = write_sdxl(Path(tmp) / "sdxl", seed=config.seed, pretrained=False)
+        sdxl = write_sdxl(Path(tmp) / "sdxl", seed=config.seed)
         source = f"demo-data --seed {config.data_seed}" if data is None else Path(data).name
         if data is None:
             data = Path(tmp) / "data"
@@ -225,27 +224,22 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
         means, stds = encode_latents(pipe.vae, images)
         pipe.vae.register_to_config(scaling_factor=calibrate_scaling_factor(means))
         unet_losses = train_text_to_image(pipe, means, stds, captions, config, generator)
-        staged = out.with_name(out.name + ".tmp")
-        shutil.rmtree(staged, ignore_errors=True)
+        staged = Path(tmp) / "trained"
         for part in TRAINED:
             getattr(pipe, part).save_pretrained(staged / part)
             forget_source_path(staged / part / "config.json")
-    manifest = {
-        "config": asdict(config),
-        "code_sha256": base_fingerprint(),
-        "data": source,
-        "images": len(captions),
-        "scaling_factor": pipe.vae.config.scaling_factor,
-        "vae_loss_last100": sum(vae_losses[-100:]) / len(vae_losses[-100:]),
-        "unet_loss_last100": sum(unet_losses[-100:]) / len(unet_losses[-100:]),
-        "seconds": round(time.time() - started, 1),
-        "torch": torch.__version__,
-        "files": file_checksums(staged),
-    }
-    (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    staged.rename(out)
-    return manifest
+        manifest = {
+            "config": asdict(config),
+            "code_sha256": base_fingerprint(),
+            "data": source,
+            "images": len(captions),
+            "scaling_factor": pipe.vae.config.scaling_factor,
+            "vae_loss_last100": sum(vae_losses[-100:]) / len(vae_losses[-100:]),
+            "unet_loss_last100": sum(unet_losses[-100:]) / len(unet_losses[-100:]),
+            "seconds": round(time.time() - started, 1),
+            "torch": torch.__version__,
+        }
+        return publish(staged, out, manifest)
 
 
 PREVIEW_CAPTIONS = (

@@ -159,7 +159,7 @@ def pretrain_ip_adapter(out: Path, config: IPAdapterPretrainConfig) -> dict[str,
     import torch
     from safetensors.torch import save_file
 
-    from easyref import tiny_models
+    from easyref.tiny import build
 
     torch.set_num_threads(config.threads)
     started = time.time()
@@ -168,7 +168,8 @@ def pretrain_ip_adapter(out: Path, config: IPAdapterPretrainConfig) -> dict[str,
     folder = staged / SUBFOLDER
     image_encoder(assets.asset("ip_clip"), folder / "image_encoder")
     with tempfile.TemporaryDirectory() as tmp:
-        sdxl = tiny_models.write_sdxl(Path(tmp) / "sdxl", seed=config.seed)
+        sdxl = build.write_sdxl(Path(tmp) / "sdxl", seed=config.seed)
+        assets.install(assets.asset("sdxl"), sdxl, build.SDXL_TRAINED)
         tensors, losses = train_ip_adapter(sdxl, folder / "image_encoder", config)
     save_file(tensors, folder / WEIGHTS)
     base = assets.read_manifest(assets.asset("sdxl"))

@@ -76,7 +76,7 @@ def _optimizer(params: list[Any], config: JudgeConfig) -> tuple[Any, Any]:
 
 
 def train_clip(folder: Path, config: JudgeConfig) -> list[float]:
-    """Contrastive training of the CLIP in ``folder`` (written by ``tiny_models.write_clip``), in place.
+    """Contrastive training of the CLIP in ``folder`` (written by ``build.write_clip``), in place.
 
     Each image's text is, with equal odds, its subject's description (``a striped blue circle``), its caption naming
     colour, pattern and shape, or its caption in the demo's style. Images of one subject share a description, so
@@ -168,7 +168,7 @@ def _views(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_dino(folder: Path, config: JudgeConfig) -> list[float]:
-    """SimCLR training of the DINOv2 in ``folder`` (written by ``tiny_models.write_dino``), in place."""
+    """SimCLR training of the DINOv2 in ``folder`` (written by ``build.write_dino``), in place."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -252,7 +252,7 @@ def pretrain_judge(part: str, out: Path, config: JudgeConfig) -> dict[str, Any]:
     """Write a random judge of the tiny architecture, train it, check it, and publish it to ``out``."""
     import torch
 
-    from easyref import tiny_models
+    from easyref.tiny import build
 
     torch.set_num_threads(config.threads)
     started = time.time()
@@ -260,10 +260,10 @@ def pretrain_judge(part: str, out: Path, config: JudgeConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / part
         if part == "dino":
-            tiny_models.write_dino(folder, config.seed)
+            build.write_dino(folder, config.seed)
             losses = train_dino(folder, config)
         else:
-            tiny_models.write_clip(folder, config.seed)
+            build.write_clip(folder, config.seed)
             losses = train_clip(folder, config)
         assets.forget_source_path(folder / "config.json")
         import shutil
@@ -273,7 +273,7 @@ def pretrain_judge(part: str, out: Path, config: JudgeConfig) -> dict[str, Any]:
     manifest = {
         "part": part,
         "config": asdict(config),
-        "code_sha256": assets.code_fingerprint([__file__, tiny_models.__file__, _data_module_file()]),
+        "code_sha256": assets.code_fingerprint([__file__, build.__file__, _data_module_file()]),
         "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})",
         "loss_last100": sum(losses[-100:]) / len(losses[-100:]),
         "seconds": round(time.time() - started, 1),

@@ -136,7 +136,7 @@ def _batch(processor: Any, turns: list[tuple[list, str, str]]) -> dict[str, torc
 
 
 def train_mllm(folder: Path, config: MLLMPretrainConfig) -> list[float]:
-    """Train the Qwen2-VL in ``folder`` (written by ``tiny_models.write_qwen2vl``) in place; losses per step."""
+    """Train the Qwen2-VL in ``folder`` (written by ``build.write_qwen2vl``) in place; losses per step."""
     import torch
     from tqdm.auto import tqdm
     from transformers import Qwen2VLForConditionalGeneration
@@ -218,15 +218,15 @@ def pretrain_mllm(out: Path, config: MLLMPretrainConfig) -> dict[str, Any]:
     import torch
 
     from easyref import model as model_module
-    from easyref import tiny_models
     from easyref.data import demo
+    from easyref.tiny import build
 
     torch.set_num_threads(config.threads)
     started = time.time()
     staged = out.with_name(out.name + ".tmp")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "mllm"
-        tiny_models.write_qwen2vl(folder, config.seed)
+        build.write_qwen2vl(folder, config.seed)
         losses = train_mllm(folder, config)
         assets.forget_source_path(folder / "config.json")
         shutil.rmtree(staged, ignore_errors=True)
@@ -234,7 +234,7 @@ def pretrain_mllm(out: Path, config: MLLMPretrainConfig) -> dict[str, Any]:
     manifest = {
         "part": "mllm",
         "config": asdict(config),
-        "code_sha256": assets.code_fingerprint([__file__, tiny_models.__file__, demo.__file__, model_module.__file__]),
+        "code_sha256": assets.code_fingerprint([__file__, build.__file__, demo.__file__, model_module.__file__]),
         "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})",
         "loss_last100": sum(losses[-100:]) / len(losses[-100:]),
         "seconds": round(time.time() - started, 1),
