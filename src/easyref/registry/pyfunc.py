@@ -146,6 +146,9 @@ def fetch_base(ref: str, part: str) -> str:
         return mlflow.artifacts.download_artifacts(artifact_uri=ref)
     repo, revision = ref.rsplit("@", 1)
     if part == "sdxl":
+        from easyref.quiet import quiet_pil_fallback
+
+        quiet_pil_fallback()  # before diffusers imports CLIPImageProcessor
         from diffusers import DiffusionPipeline
 
         return str(DiffusionPipeline.download(repo, revision=revision))
