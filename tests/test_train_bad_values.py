@@ -62,3 +62,19 @@ def test_an_update_that_makes_weights_non_finite_stops_before_they_are_saved(wor
     assert len(calls) == 2 and not (out / "final").exists() and not step(out, 2).exists()
     weights = load_file(step(out, 1) / "trainable.safetensors")
     assert all(t.isfinite().all() for t in weights.values())
+
+
+def test_the_weight_check_finds_nan_and_inf_in_any_dtype_and_passes_huge_finite_values():
+    """Max-abs per tensor: a huge finite weight is no false alarm (a norm would overflow), an empty shard is fine."""
+    from easyref.train.distributed import DistEnv, nonfinite
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    named = [
+        ("huge", torch.full((4, 4), 3e38)),
+        ("empty_shard", torch.empty(0)),
+        ("bf16_inf", torch.tensor([1.0, math.inf], dtype=torch.bfloat16)),
+        ("nan", torch.tensor([[0.0, math.nan]])),
+        ("fine", torch.zeros(3, requires_grad=True)),
+    ]
+    assert nonfinite(named, env) == ["bf16_inf", "nan"]
+    assert nonfinite([], env) == []
