@@ -128,6 +128,20 @@ def test_impossible_sizes_steps_and_values_exit_2_naming_the_flag(tiny_models, r
     assert not (tmp_path / "o.png").exists()
 
 
+def test_a_prompt_longer_than_serving_takes_is_refused_at_once(tiny_models, refs, tmp_path, capsys):
+    """One limit for generate and serving (a 100 KB prompt took 171 s: the MLLM reads all of it)."""
+    from easyref import captions
+    from easyref.registry import pyfunc
+
+    assert pyfunc.MAX_PROMPT_CHARS == captions.MAX_PROMPT_CHARS == 2000
+    for flag in ("--prompt", "--negative-prompt"):
+        assert main(generate_args(tiny_models, refs, tmp_path / "o.png", flag, "x" * 100_000)) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert f"{flag} is 100,000 characters; give at most 2,000 (the limit serving applies too)" in line
+    assert not (tmp_path / "o.png").exists()
+    assert main(generate_args(tiny_models, refs, tmp_path / "o.png", "--prompt", "a ball " * 285 + "x" * 5)) == 0
+
+
 def test_out_that_is_a_folder_exits_2(tiny_models, refs, tmp_path, capsys):
     assert main(generate_args(tiny_models, refs, tmp_path)) == 2
     assert f"--out {tmp_path} is a folder" in _one_error_line(capsys.readouterr().err)

@@ -112,6 +112,33 @@ def test_dreambench_without_prompts_file_is_a_user_error(tmp_path):
         load_dreambench(tmp_path, DreamBenchConfig())
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b"'a caf\xe9 {0} {1}'.format(unique_token, class_token)", "not UTF-8 (byte 0xe9 at offset"),
+        (b"'a {0} {1} and {2}'.format(unique_token, class_token)", "has the placeholder {2}; only {0}"),
+        (b"'a {x} {1}'.format(unique_token, class_token)", "has the placeholder {x}; only {0}"),
+        (b"'a {1:>999999999}'.format(unique_token, class_token)", "has the placeholder {1:>999999999}; only {0}"),
+        (b"'a {1} }'.format(unique_token, class_token)", "is not a valid template (Single '}' encountered"),
+    ],
+    ids=["not-utf8", "index-2", "name-x", "format-spec", "lone-brace"],
+)
+def test_a_bad_dreambench_prompts_file_exits_2_with_one_line_naming_file_and_line(tmp_path, capsys, line, message):
+    from easyref.cli import main
+
+    root = write_dreambench(tmp_path / "db", subjects=1)
+    prompts = root / "prompts_and_classes.txt"
+    lines = prompts.read_bytes().splitlines()
+    number = next(i for i, x in enumerate(lines, start=1) if x.startswith(b"'a red"))
+    lines[number - 1] = line
+    prompts.write_bytes(b"\n".join(lines) + b"\n")
+    args = ["evaluate", "--checkpoint", str(tmp_path), "--dreambench", str(root), "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    (error,) = [x for x in err.splitlines() if "error" in x]
+    assert f"{prompts}:{number}: " in error and message in error and "Traceback" not in err
+
+
 def test_max_samples_takes_the_groups_in_turn(tmp_path):
     """DreamBench has many prompts per subject: the first N rows would all be the first subject's."""
     dreambench = write_dreambench(tmp_path / "db", subjects=3)

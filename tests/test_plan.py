@@ -106,6 +106,47 @@ def test_bad_input_is_one_line(tmp_path: Path):
         assert needle in result.stderr and "Traceback" not in result.stderr
 
 
+def _plan_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "easyref.cli", "plan", "--stage", "pretrain", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--resolution", "65536"], "--resolution must be a multiple of 64 from 64 to 4096, got 65536"),
+        (["--references", "1000"], "--references must be between 1 and 32, got 1000"),
+        (["--ref-side", "28000"], "--ref-side must be a multiple of 28 from 28 to 1344, got 28000"),
+        (["--batch", "100000"], "--batch must be between 1 and 1024, got 100000"),
+        (["--gpus", "10000000"], "--gpus must be between 1 and 100000, got 10000000"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_flags_past_their_bounds_exit_2_before_any_tracing(tiny_models: Path, flags, message):
+    """`--resolution 65536 --references 1000` traced for minutes; every flag has a maximum, checked first."""
+    result = _plan_cli("--profile", str(tiny_models), "--ref-side", "56", *flags)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert message in line
+
+
+def test_json_output_that_cannot_be_written_exits_2_before_the_plan_is_computed(tiny_models: Path, tmp_path: Path):
+    """A folder, a path under a file: refused first (no plan printed), not a traceback after the whole computation."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for target, message in (
+        (tmp_path, f"--json {tmp_path} is a folder; give a file name such as {tmp_path / 'plan.json'}"),
+        (a_file / "plan.json", f"--json {a_file / 'plan.json'}: {a_file} is not a folder"),
+    ):
+        result = _plan_cli(
+            "--profile", str(tiny_models), "--resolution", "64", "--references", "1", "--json", str(target)
+        )
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert message in line
+
+
 @pytest.mark.slow
 def test_real_profile_matches_the_paper_counts(tmp_path: Path):
     """The real configs, built with the project's classes on meta: IP k/v 340.8M, projector 5.5M, head + tokens

@@ -211,6 +211,50 @@ def test_second_registration_of_a_model_is_refused_naming_the_lock_holder(checkp
     assert "Traceback" not in done.stderr and _error_lines(done.stderr)[0].startswith("easyref register: error:")
 
 
+def test_one_tracking_store_spelled_differently_takes_one_registry_lock(tmp_path, monkeypatch):
+    """A doubled or trailing ``/``, or a relative spelling of the same sqlite file, is the same store: same lock."""
+    from easyref.registry.store import registry_lock
+
+    monkeypatch.chdir(tmp_path)
+    config = RegisterConfig(model_name="m", lock_dir=str(tmp_path / "locks"), lock_timeout_s=0.2)
+    with registry_lock(f"sqlite:///{tmp_path}/reg.db", "m", config):
+        for spelling in (f"sqlite:///{tmp_path}//reg.db", f"sqlite:///{tmp_path}/reg.db/", "sqlite:///reg.db"):
+            with pytest.raises(UserError, match="held the registry lock"), registry_lock(spelling, "m", config):
+                pass
+        with registry_lock(f"sqlite:///{tmp_path}/other.db", "m", config):  # another store: its own lock
+            pass
+
+
+def test_lock_dir_that_is_empty_a_file_or_unwritable_exits_2_with_one_line(checkpoints, tiny_models, tmp_path):
+    from easyref.config import load_section
+    from easyref.registry.store import registry_lock
+
+    params = tmp_path / "params.yaml"
+    params.write_text('register:\n  lock_dir: ""\n')
+    with pytest.raises(UserError, match=r"register: lock_dir is empty: name the folder"):
+        load_section(RegisterConfig, params, "register")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    unwritable = tmp_path / "read-only"
+    unwritable.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes anywhere; sysfs refuses new folders even to root
+        unwritable = Path("/sys/kernel")
+    for folder in (a_file, a_file / "sub", unwritable):
+        config = RegisterConfig(model_name="m", lock_dir=str(folder), lock_timeout_s=0.2)
+        with pytest.raises(UserError, match=rf"register.lock_dir {folder}: cannot take the registry lock"):
+            with registry_lock(sqlite_uri(tmp_path), "m", config):
+                pass
+    params.write_text(f"register:\n  lock_dir: {a_file}\n")
+    metrics = write_metrics(tmp_path / "a/metrics.json", checkpoints[0])
+    done = _cli(
+        *("--checkpoint", str(checkpoints[0]), "--metrics", str(metrics), "--model-name", "m"),
+        *("--base", str(tiny_models), "--params", str(params), "--tracking-uri", sqlite_uri(tmp_path)),
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = _error_lines(done.stderr)
+    assert f"register.lock_dir {a_file}: cannot take the registry lock" in line and "(Not a directory)" in line
+
+
 def test_model_names_mlflow_refuses_exit_2_with_one_line(checkpoints, tiny_models, tmp_path):
     for bad in ("team/easyref", "a:b", "it's", " padded", "", "x" * 300):
         with pytest.raises(ValueError, match="model_name"):

@@ -143,6 +143,36 @@ def test_a_corrupt_entry_is_recomputed_and_counted(runs, workdir, tiny_models):
     assert cached.captions.seen == 4  # counted on every call, hit or miss
 
 
+def test_an_entry_copied_under_another_key_or_base_is_recomputed_not_trained_on(tiny_models, tmp_path):
+    """Each entry records its key and fingerprint: another caption's states (or another base's) are never a hit."""
+    from easyref.train.cache import ConditioningCache, caption_key, target_key
+    from easyref.train.recipe import Conditioner, step_generator
+
+    base = _base(tiny_models)
+    fresh = Conditioner(base, (0.0, 0.0, 0.0))
+    cache = ConditioningCache.open(tmp_path / "cache", base)
+    cached = Conditioner(base, (0.0, 0.0, 0.0), cache=cache)
+    captions = ["a red star", "a blue square"]
+    target = torch.linspace(-1, 1, 2 * 3 * RESOLUTION * RESOLUTION).reshape(2, 3, RESOLUTION, RESOLUTION)
+    cached.encode_text(captions)
+    cached.encode_latents(target, step_generator(0, 0, 0, 0))
+    shutil.copyfile(cache.text.path(caption_key(captions[0])), cache.text.path(caption_key(captions[1])))
+    shutil.copyfile(cache.latents.path(target_key(target[0])), cache.latents.path(target_key(target[1])))
+    text, pooled = cached.encode_text(captions)
+    want_text, want_pooled = fresh.encode_text(captions)
+    assert torch.equal(text, want_text) and torch.equal(pooled, want_pooled)
+    latents = cached.encode_latents(target, step_generator(0, 0, 0, 0))
+    assert torch.equal(latents, fresh.encode_latents(target, step_generator(0, 0, 0, 0)))
+    assert cache.counts()["cache_corrupt"] == 2
+    # an entry moved into another base's folder (same key) is not that base's entry either
+    other = ConditioningCache(tmp_path / "cache", "0" * 20, cache.text.root.name)
+    key = target_key(target[0])
+    other.latents.path(key).parent.mkdir(parents=True)
+    shutil.copyfile(cache.latents.path(key), other.latents.path(key))
+    assert other.latents.get(key) is None and other.counts()["cache_corrupt"] == 1
+    assert cache.latents.get(key) is not None and cache.text.get(caption_key(captions[1])) is not None
+
+
 def test_cache_and_compile_come_from_params_and_flags(tmp_path):
     import yaml
 

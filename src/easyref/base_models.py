@@ -264,6 +264,9 @@ class BaseModels:
     ) -> BaseModels:
         """Load the parts from ``sdxl`` (and the reference processor from ``mllm`` with ``model_config``'s pixel
         limits, instruction and aggregation) onto ``device`` in ``torch_dtype`` (``None``: as stored)."""
+        from easyref.quiet import quiet_pil_fallback
+
+        quiet_pil_fallback()  # before diffusers imports CLIPImageProcessor
         from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -305,6 +308,9 @@ class BaseModels:
     def pipeline(self, unet: Any, scheduler: Any = None, **parts: Any) -> Any:
         """A ``StableDiffusionXLPipeline`` over these parts and ``unet`` (``scheduler``: default the DDIM one;
         ``parts``: e.g. ``feature_extractor``); nothing is loaded or copied."""
+        from easyref.quiet import quiet_pil_fallback
+
+        quiet_pil_fallback()  # before diffusers imports CLIPImageProcessor
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline(

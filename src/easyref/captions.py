@@ -18,6 +18,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 _CACHE_LIMIT = 100_000
+MAX_PROMPT_CHARS = 2000
+"""The longest prompt (and negative prompt) a request takes, in characters: serving (``easyref.registry.pyfunc``)
+answers 400 past it and ``easyref generate`` exits 2. The MLLM reads the whole prompt, so its cost grows with the
+length (a 100 KB prompt took 171 s of a 7 s generation); 2000 characters is far past what the text encoders read."""
 _SHARED: weakref.WeakKeyDictionary[Any, CaptionFit] = weakref.WeakKeyDictionary()
 
 

@@ -23,6 +23,7 @@ import math
 import sys
 from pathlib import Path
 
+from easyref.captions import MAX_PROMPT_CHARS
 from easyref.errors import UserError
 
 HELP = "generate images from a prompt and a group of reference images"
@@ -125,6 +126,11 @@ def check_arguments(args: argparse.Namespace, max_steps: int) -> None:
     """Refuse values that would crash, hang or exhaust memory later, naming the flag (before any model loads)."""
     if not args.ref and args.scale != 0:
         raise UserError("give the reference group with --ref IMAGE (repeat it), or --scale 0 for text-only SDXL")
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise UserError(
+                f"{flag} is {len(text):,} characters; give at most {MAX_PROMPT_CHARS:,} (the limit serving applies too)"
+            )
     if not 1 <= args.num_images <= MAX_IMAGES:
         raise UserError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
     if not 1 <= args.steps <= max_steps:

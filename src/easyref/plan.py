@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ CARDS_GB = (80, 141)
 HEADROOM = 0.9
 """A plan fits a card when its estimate is at most this fraction of the card's memory."""
 GB = 1e9
+LIMITS = {"gpus": 100_000, "batch": 1024, "references": 32, "resolution": 4096, "ref_side": 1344}
+"""Largest values of the flags: 4096 px is the largest side `easyref generate` takes (16x SDXL's 1024 px tokens),
+32 references what serving accepts (``easyref.registry.pyfunc.MAX_REFERENCES``), 1344 px a reference of 2304 patches."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +72,30 @@ class Plan:
     ip_layers: int
 
 
+def check_shape(gpus: int, batch: int, resolution: int, references: int, ref_side: int) -> None:
+    """Each flag within :data:`LIMITS` (a plan past them traces for minutes and answers nothing useful)."""
+    for name, value in (("gpus", gpus), ("batch", batch), ("references", references)):
+        if not 1 <= value <= LIMITS[name]:
+            raise UserError(f"--{name} must be between 1 and {LIMITS[name]}, got {value}")
+    if not 64 <= resolution <= LIMITS["resolution"] or resolution % 64:
+        raise UserError(f"--resolution must be a multiple of 64 from 64 to {LIMITS['resolution']}, got {resolution}")
+    if not 28 <= ref_side <= LIMITS["ref_side"] or ref_side % 28:
+        raise UserError(f"--ref-side must be a multiple of 28 from 28 to {LIMITS['ref_side']}, got {ref_side}")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse an output path that cannot be written (a folder, under a file, a read-only folder) before any work."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name such as {path / 'plan.json'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is not a folder; give a file path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {parent} is not writable; give a file path under a writable folder")
+
+
 def make_plan(
     profile: str,
     stage: str,
@@ -89,13 +117,7 @@ def make_plan(
     from easyref.plan_measure import PLAN_PARTS, trace_step
     from easyref.train.config import STAGE_DEFAULTS
 
-    for name, value in (("gpus", gpus), ("batch", batch), ("references", references)):
-        if value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
-    if resolution < 64 or resolution % 64:
-        raise UserError(f"--resolution must be a multiple of 64 (>= 64), got {resolution}")
-    if ref_side < 28 or ref_side % 28:
-        raise UserError(f"--ref-side must be a multiple of 28, got {ref_side}")
+    check_shape(gpus, batch, resolution, references, ref_side)
     root = config_root(profile)
     defaults = STAGE_DEFAULTS[stage]
     parts, rank = list(defaults["parts"]), int(defaults["lora_rank"])
@@ -189,6 +211,9 @@ def format_plan(plan: Plan) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file(args.json, "--json")
+    check_shape(args.gpus, args.batch, args.resolution, args.references, args.ref_side)
     plan = make_plan(
         args.profile,
         args.stage,

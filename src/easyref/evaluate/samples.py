@@ -119,6 +119,44 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 _PROMPT_LINE = re.compile(r"""^\s*(['"])(?P<template>.*)\1\s*\.format\(""")
 
 
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines; bytes that are not UTF-8 are refused naming the line (the prompts become captions)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{path}:{line}: not UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start}); save the file as UTF-8"
+        ) from None
+
+
+def _check_template(template: str, where: str) -> None:
+    """Only the placeholders ``{0}`` (unique token) and ``{1}`` (class), the latter required; ``{{``/``}}`` are
+    literal braces. Anything else (``{2}``, ``{x}``, ``{}``, a format spec or an attribute) is refused, naming the
+    line, before it can fail or expand inside ``str.format``."""
+    import string
+
+    fields = []
+    try:
+        for _, name, spec, conversion in string.Formatter().parse(template):
+            if name is None:
+                continue
+            if name not in ("0", "1") or spec or conversion:
+                field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+                raise UserError(
+                    f"{where}: prompt {template!r} has the placeholder {field}; only {{0}} (the unique token) and "
+                    "{1} (the class) are filled (write {{ and }} for literal braces)"
+                )
+            fields.append(name)
+    except ValueError as exc:  # an unmatched brace
+        raise UserError(
+            f"{where}: prompt {template!r} is not a valid template ({exc}); write {{{{ and }}}} for literal braces"
+        ) from None
+    if "1" not in fields:
+        raise UserError(f"{where}: prompt {template!r} has no {{1}} (class) placeholder")
+
+
 def parse_dreambench_prompts(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
     """``(classes, object_prompts, live_prompts)`` of DreamBench's ``prompts_and_classes.txt``.
 
@@ -129,7 +167,7 @@ def parse_dreambench_prompts(path: Path) -> tuple[dict[str, str], list[str], lis
     classes: dict[str, str] = {}
     prompts: dict[str, list[str]] = {"object": [], "live": []}
     section = "object"
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(_read_lines(path), start=1):
         line = raw.strip()
         lowered = line.lower()
         if lowered.startswith("live subject prompts"):
@@ -138,8 +176,7 @@ def parse_dreambench_prompts(path: Path) -> tuple[dict[str, str], list[str], lis
             section = "object"
         elif match := _PROMPT_LINE.match(line):
             template = match["template"]
-            if "{1}" not in template:
-                raise UserError(f"{path}:{number}: prompt {template!r} has no {{1}} (class) placeholder")
+            _check_template(template, f"{path}:{number}")
             prompts[section].append(template)
         elif "," in line and " " not in line.split(",")[0] and lowered != "subject_name,class":
             subject, cls = (s.strip() for s in line.split(",", 1))

@@ -93,6 +93,11 @@ class RegisterConfig:
 
     def __post_init__(self) -> None:
         check_model_name(self.model_name)
+        if self.lock_dir is not None and not self.lock_dir.strip():
+            raise ValueError(
+                "lock_dir is empty: name the folder of the registry lock, or null for the system temp folder (this "
+                "host only)"
+            )
         if self.base_models is not None:
             missing = [p for p in BASE_PARTS if p not in self.base_models]
             extra = sorted(set(self.base_models) - set(BASE_PARTS))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import pandas as pd
 
+from easyref.captions import MAX_PROMPT_CHARS
 from easyref.registry.config import BASE_PARTS
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 # Requests outside these bounds get HTTP 400 with a message naming the field (never a 200 with garbage or a timeout).
 MAX_ROWS = 16
 MAX_STEPS = 200
-MAX_PROMPT_CHARS = 2000
 MAX_REFERENCES = 32
 MAX_REFERENCE_B64_CHARS = 16 * 1024 * 1024
 MAX_REFERENCE_PIXELS = 16_000_000
@@ -146,6 +146,9 @@ def fetch_base(ref: str, part: str) -> str:
         return mlflow.artifacts.download_artifacts(artifact_uri=ref)
     repo, revision = ref.rsplit("@", 1)
     if part == "sdxl":
+        from easyref.quiet import quiet_pil_fallback
+
+        quiet_pil_fallback()  # before diffusers imports CLIPImageProcessor
         from diffusers import DiffusionPipeline
 
         return str(DiffusionPipeline.download(repo, revision=revision))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import os
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -49,22 +51,51 @@ MODEL_DESCRIPTION = (
 )
 
 
+def canonical_tracking_uri(uri: str) -> str:
+    """One spelling per tracking store, for the lock's key: a sqlite or file store is named by its resolved path
+    (``sqlite:////a//reg.db``, ``sqlite:////a/reg.db/`` and a relative ``sqlite:///reg.db`` run from ``/a`` are one
+    store); other URIs get a lower-case scheme and host and no doubled or trailing ``/`` in the path."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    scheme, _, rest = uri.partition(":")
+    scheme = scheme.lower()
+    if scheme == "sqlite" and rest.startswith("///"):
+        path, sep, query = rest[3:].partition("?")
+        return f"sqlite:///{Path(path).resolve()}{sep}{query}" if path and path != ":memory:" else uri
+    if scheme == "file" or "://" not in uri:
+        local = urlsplit(uri).path if scheme == "file" else uri
+        return f"file://{Path(local).resolve()}"
+    parts = urlsplit(uri)
+    path = "/".join(piece for piece in parts.path.split("/") if piece)
+    return urlunsplit((scheme, parts.netloc.lower(), f"/{path}" if path else "", parts.query, ""))
+
+
 @contextlib.contextmanager
 def registry_lock(tracking_uri: str, model_name: str, config: RegisterConfig) -> Iterator[None]:
-    """One registration at a time per (tracking URI, model name), among processes sharing ``config.lock_dir``."""
+    """One registration at a time per (tracking store, model name), among processes sharing ``config.lock_dir``."""
     from easyref.locking import FolderLocked, output_lock
 
-    key = hashlib.sha256(f"{tracking_uri}\0{model_name}".encode()).hexdigest()[:16]
-    folder = Path(config.lock_dir or tempfile.gettempdir()) / f"easyref-registry-{key}"
-    try:
-        with output_lock(folder, f"register {model_name}", timeout=config.lock_timeout_s):
-            yield
-    except FolderLocked as exc:
-        holder = str(exc).split("; wait for it")[0]  # drop output_lock's hint about --out
-        raise UserError(
-            f"another registration of {model_name!r} held the registry lock for over {config.lock_timeout_s:.0f}s "
-            f"({holder}); wait for it or raise register.lock_timeout_s"
-        ) from None
+    key = hashlib.sha256(f"{canonical_tracking_uri(tracking_uri)}\0{model_name}".encode()).hexdigest()[:16]
+    root = Path(config.lock_dir or tempfile.gettempdir())
+    folder = root / f"easyref-registry-{key}"
+    with contextlib.ExitStack() as stack:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):  # filelock would take an unwritable lock file for a holder
+                raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+            stack.enter_context(output_lock(folder, f"register {model_name}", timeout=config.lock_timeout_s))
+        except FolderLocked as exc:
+            holder = str(exc).split("; wait for it")[0]  # drop output_lock's hint about --out
+            raise UserError(
+                f"another registration of {model_name!r} held the registry lock for over "
+                f"{config.lock_timeout_s:.0f}s ({holder}); wait for it or raise register.lock_timeout_s"
+            ) from None
+        except OSError as exc:  # a file in the way, no permission, a read-only volume
+            raise UserError(
+                f"register.lock_dir {root}: cannot take the registry lock in {folder} ({exc.strerror or exc}); "
+                "point register.lock_dir at a writable folder"
+            ) from None
+        yield
 
 
 def base_models(base: Path | None, config: RegisterConfig) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:

@@ -201,6 +201,9 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[str], c
 
 def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path | None = None) -> dict[str, Any]:
     """Train the tiny SDXL base and write its trained parts to ``out``; returns the manifest."""
+    from easyref.quiet import quiet_pil_fallback
+
+    quiet_pil_fallback()  # before diffusers imports CLIPImageProcessor
     import torch
     from diffusers import StableDiffusionXLPipeline
 
@@ -260,6 +263,9 @@ def write_preview(sdxl: Path, data: Path, png: Path, resolution: int = 64, seed:
     Rows: 8 demo images (one per colour), their reconstructions, then two seeds of 30-step DDIM samples (guidance
     7.5) for :data:`PREVIEW_CAPTIONS`, whose captions are written under the grid.
     """
+    from easyref.quiet import quiet_pil_fallback
+
+    quiet_pil_fallback()  # before diffusers imports CLIPImageProcessor
     import torch
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     from PIL import Image, ImageDraw

@@ -85,6 +85,9 @@ def _seeded(seed: int, offset: int) -> None:
 
 def write_sdxl(path: Path, seed: int, width: int = 1) -> Path:
     """A random tiny SDXL folder (``StableDiffusionXLPipeline`` layout)."""
+    from easyref.quiet import quiet_pil_fallback
+
+    quiet_pil_fallback()  # before diffusers imports CLIPImageProcessor
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 

@@ -14,8 +14,9 @@ Layout: ``CACHE/latents/<vae fingerprint>/<key[:2]>/<key>.safetensors`` and the 
   device type. A changed base never reads another base's entries. File hashes are memoised by path, size and
   modification time in ``CACHE/file_hashes.json``, so a 2 GB base is hashed once.
 * Writes are atomic (a temporary file, then ``os.replace``): ranks and processes can share one folder. Every entry
-  carries the sha256 of its tensors; an entry that is unreadable, truncated or does not match is recomputed and
-  overwritten, and counted (``cache_corrupt``).
+  carries the sha256 of its tensors, its own key and its store's fingerprint; an entry that is unreadable,
+  truncated, does not match its checksum, or was written for another key or fingerprint (a file copied or moved
+  under another name) is recomputed and overwritten, and counted (``cache_corrupt``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from easyref.data.parquet import sha256_file
 from easyref.errors import UserError
 
-FORMAT = "1"
+FORMAT = "2"  # 2: entries record their key and fingerprint
 LATENT_PARTS = ("vae",)
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 HASH_MEMO = "file_hashes.json"
@@ -117,6 +118,8 @@ class EntryStore:
     """One kind of entry (latents or text) under one fingerprint: atomic writes, checked reads, counts."""
 
     root: Path
+    fingerprint: str = ""
+    """The base's fingerprint for this kind of entry; each entry records it and the key it was written for."""
     hits: int = 0
     misses: int = 0
     corrupt: int = 0
@@ -134,8 +137,11 @@ class EntryStore:
         try:  # any unreadable entry (truncated, garbage, other tensors) is recomputed, not fatal
             header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
             tensors = safetensors.torch.load(data)
-            if set(tensors) != set(self.names) or header["__metadata__"]["sha256"] != _tensor_digest(tensors):
+            meta = header["__metadata__"]
+            if set(tensors) != set(self.names) or meta["sha256"] != _tensor_digest(tensors):
                 raise ValueError("contents do not match the recorded checksum")
+            if meta["key"] != key or meta["fingerprint"] != self.fingerprint:
+                raise ValueError("an entry written for another key or base")
         except Exception:
             self.corrupt += 1
             return None
@@ -143,7 +149,7 @@ class EntryStore:
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        metadata = {"sha256": _tensor_digest(tensors), "format": FORMAT}
+        metadata = {"sha256": _tensor_digest(tensors), "format": FORMAT, "key": key, "fingerprint": self.fingerprint}
         _atomic_write_bytes(self.path(key), safetensors.torch.save(tensors, metadata=metadata))
 
     def lookup(self, keys: list[str]) -> list[dict[str, torch.Tensor]] | None:
@@ -161,8 +167,8 @@ class ConditioningCache:
 
     def __init__(self, root: Path, latent_fp: str, text_fp: str):
         self.root = root
-        self.latents = EntryStore(root / "latents" / latent_fp, names=("parameters",))
-        self.text = EntryStore(root / "text" / text_fp, names=("text", "pooled"))
+        self.latents = EntryStore(root / "latents" / latent_fp, latent_fp, names=("parameters",))
+        self.text = EntryStore(root / "text" / text_fp, text_fp, names=("text", "pooled"))
         self.files_hashed = 0
         """Base files :meth:`open` read to fingerprint them (0 when every hash came from the memo)."""
 

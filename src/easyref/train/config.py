@@ -16,6 +16,7 @@ without ``--init``; a stage started from a checkpoint takes the checkpoint's mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,10 @@ from easyref.model import PARTS, ModelConfig
 
 Stage = Literal["pretrain", "single_ref", "multi_ref"]
 STAGES: tuple[str, ...] = ("pretrain", "single_ref", "multi_ref")
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: a larger lr overflows to inf in the optimizer's float32 arithmetic."""
+MAX_SEED = 2**63 - 1
 
 # The paper's three stages: lr 1e-4 / 4e-5 / 2e-5 (LoRA rank 128 as in the authors' code).
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -128,8 +133,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.save_every < 0:
             raise ValueError(f"save_every must be >= 0, got {self.save_every}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self._check_numbers()
         probs = (self.drop_text, self.drop_image, self.drop_both)
         if any(p < 0 for p in probs) or sum(probs) > 1:
             raise ValueError(f"drop probabilities must be >= 0 and sum to <= 1, got {probs}")
@@ -140,6 +144,24 @@ class TrainConfig:
                 "compile_unet is not supported with fsdp (untested: FSDP2 wants each block compiled after fully_shard); "
                 "set one of them to false"
             )
+
+    def _check_numbers(self) -> None:
+        """The optimizer's numbers finite and in range (a NaN or an inf lr trains a model of NaNs), counts >= 0."""
+        assert self.lr is not None
+        if not (math.isfinite(self.lr) and 0 < self.lr <= FLOAT32_MAX):
+            raise ValueError(
+                f"lr must be a finite number > 0 (and at most {FLOAT32_MAX:.4g}, the largest float32), got {self.lr}"
+            )
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must both be in [0, 1), got {list(self.betas)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 = load in the training process), got {self.num_workers}")
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum * world_size

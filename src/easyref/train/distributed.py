@@ -93,6 +93,20 @@ def sum_counts(counts: list[int], env: DistEnv) -> list[int]:
     return [round(float(x)) for x in all_reduce_mean(local, env) * env.world_size]
 
 
+def nonfinite(named: list[tuple[str, torch.Tensor]], env: DistEnv) -> list[str]:
+    """Names of the tensors with a NaN or an inf element on any rank (each rank checks its own shard; every rank
+    gets the same answer). One max-abs reduction per tensor and one all-reduce."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for _, t in named]  # FSDP2 DTensor -> this rank's shard
+    flags = torch.zeros(len(local), dtype=torch.float32, device=env.device)
+    filled = [i for i, t in enumerate(local) if t.numel()]  # a shard can be empty
+    if filled:
+        with torch.no_grad():
+            norms = torch._foreach_norm([local[i].detach() for i in filled], float("inf"))
+            flags[filled] = (~torch.stack([n.float() for n in norms]).isfinite()).float()
+    bad = all_reduce_mean(flags, env).cpu().tolist()
+    return [name for (name, _), flag in zip(named, bad, strict=True) if flag > 0]
+
+
 def broadcast_object(obj: object, env: DistEnv) -> object:
     """Rank 0's ``obj`` on every rank."""
     if not env.distributed:

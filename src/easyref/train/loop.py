@@ -38,7 +38,7 @@ from easyref.train.tracking import MlflowTracker, NullTracker, Previewer, git_co
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; nothing was saved from the poisoned step."""
+    """The loss, or the weights after an update, became NaN or infinite; nothing was saved from the poisoned step."""
 
 
 @dataclass
@@ -183,7 +183,8 @@ class Trainer:
         else:
             self.objective = D.wrap_ddp(self.objective, env)
         self.is_ddp = isinstance(self.objective, torch.nn.parallel.DistributedDataParallel)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
@@ -272,7 +273,8 @@ class Trainer:
 
     def train_step(self, step: int, batches: Iterator[dict]) -> float:
         """One optimizer step over ``grad_accum`` micro-batches (gradients synchronised on the last); the loss,
-        averaged over micro-batches and ranks, is checked before the update: NaN/inf stops the run."""
+        averaged over micro-batches and ranks, is checked before the update and the weights after it: NaN/inf stops
+        the run before anything of it is saved."""
         config, env = self.config, self.env
         micro_losses = []
         for micro in range(config.grad_accum):
@@ -298,6 +300,12 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if bad := D.nonfinite(self.named_params, env):  # a finite loss can still give a NaN/inf update
+            raise TrainingDiverged(
+                f"step {step + 1}'s update made {len(bad)} trainable weight tensor(s) NaN or infinite ({bad[0]} ...); "
+                f"stopped without saving them. Last good checkpoint: {ckpt.latest_checkpoint(self.out) or 'none'}. "
+                f"Lower lr ({config.lr}) or set max_grad_norm"
+            )
         return step_loss
 
     def track(self, done: int, loss: float, seconds: float) -> None:
