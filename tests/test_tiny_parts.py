@@ -116,3 +116,17 @@ def test_ip_adapter_was_trained_to_follow_its_image(tiny_models):
     own, other_loss = torch.cat(losses["own"]), torch.cat(losses["other"])
     assert float((other_loss - own).mean()) > 0, (float(own.mean()), float(other_loss.mean()))
     assert float((other_loss > own).float().mean()) > 0.6
+
+
+def test_pretrain_tiny_refuses_bad_values_and_gives_the_same_bytes_twice(tmp_path, capsys):
+    """`easyref pretrain-tiny PART`: one line for a bad value; a (shortened) run is reproducible to the byte."""
+    from easyref.cli import main
+
+    assert main(["pretrain-tiny", "dino", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    short = ["--steps", "2", "--per-subject", "1", "--batch", "8"]
+    for name in ("a", "b"):
+        assert main(["pretrain-tiny", "dino", *short, "--out", str(tmp_path / name)]) == 0
+    first, second = (json.loads((tmp_path / n / assets.MANIFEST).read_text()) for n in ("a", "b"))
+    assert first["files"] == second["files"]
+    assert first["config"]["steps"] == 2 and first["check"].keys() == {"auc"}

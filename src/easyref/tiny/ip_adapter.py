@@ -85,8 +85,8 @@ def _cross_attentions(unet: Any) -> list[tuple[int, Any]]:
 
 def trained_state(unet: Any) -> dict[str, Any]:
     """The adapter's weights in the flat ``image_proj.*`` / ``ip_adapter.*`` layout of ``ip-adapter_sdxl``."""
-    proj = unet.encoder_hid_proj.image_projection_layers[0]
-    tensors = {f"image_proj.{k}": v for k, v in proj.state_dict().items()}
+    proj = unet.encoder_hid_proj.image_projection_layers[0]  # diffusers' ImageProjection: image_embeds, norm
+    tensors = {f"image_proj.{k.replace('image_embeds.', 'proj.')}": v for k, v in proj.state_dict().items()}
     for key_id, attn in _cross_attentions(unet):
         tensors[f"ip_adapter.{key_id}.to_k_ip.weight"] = attn.processor.to_k_ip[0].weight
         tensors[f"ip_adapter.{key_id}.to_v_ip.weight"] = attn.processor.to_v_ip[0].weight
@@ -102,6 +102,7 @@ def train_ip_adapter(sdxl: Path, encoder: Path, config: IPAdapterPretrainConfig)
     from tqdm.auto import tqdm
     from transformers import CLIPVisionModelWithProjection
 
+    from easyref.captions import CaptionFit
     from easyref.metrics import _load_image_processor
     from easyref.tiny.data import draw
 
@@ -116,7 +117,8 @@ def train_ip_adapter(sdxl: Path, encoder: Path, config: IPAdapterPretrainConfig)
         pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         posterior = pipe.vae.encode(pixels).latent_dist
         captions = sorted({d.caption for d in drawn} | {""})
-        text, _, pooled, _ = pipe.encode_prompt(prompt=captions, device="cpu", do_classifier_free_guidance=False)
+        fitted = CaptionFit.for_pipeline(pipe)(captions)  # cut to 77 tokens as every caller of the pipeline does
+        text, _, pooled, _ = pipe.encode_prompt(prompt=fitted, device="cpu", do_classifier_free_guidance=False)
     caption_index = {c: i for i, c in enumerate(captions)}
     generator = torch.Generator().manual_seed(config.seed)
     unet = pipe.unet
