@@ -37,7 +37,11 @@ demo: setup
 	@echo "Done. Where to look:"
 	@echo "  evaluation report:  outputs/eval/report.html   (metrics: outputs/eval/metrics.json, dvc metrics show)"
 	@cat outputs/register.txt
-	@echo "  registered model:   models:/easyref@champion   (outputs/register.txt)"
+	@if grep -q "@champion ->" outputs/register.txt; then \
+		echo "  registered model:   models:/easyref@champion   (outputs/register.txt)"; \
+	else \
+		echo "  registered model:   models:/easyref@challenger (the gate kept it from @champion: see the lines above)"; \
+	fi
 	@echo "  MLflow UI:          $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then http://127.0.0.1:5000; experiment easyref-pipeline: one run per make demo, the stages nested)"
 	@echo "  loss curves:        $(VENV)/bin/dvc plots show   (outputs/runs/*/loss.csv; offline: outputs/runs/*/loss.png)"
 	@echo "  keep this result:   git add dvc.lock && git commit -m 'demo result'   (and $(VENV)/bin/dvc push with a remote)"

@@ -43,8 +43,8 @@ class MLLMPretrainConfig:
 
     seed: int = 0
     data_seed: int = 3001
-    per_subject: int = 48
-    steps: int = 3000
+    per_subject: int = 64
+    steps: int = 4000
     batch: int = 12
     lr: float = 1e-3
     warmup: int = 100
