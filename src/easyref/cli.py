@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("easyref.data.demo", "write the synthetic demo dataset of image groups"),
     "ingest": ("easyref.data.ingest", "ingest image sources into a manifest of groups (with rejections)"),
     "split": ("easyref.data.split", "split a manifest into train / held-in / held-out groups"),
+    "pack": ("easyref.data.pack", "pack a split table's images into sequential training shards (folder or S3)"),
     "generate": ("easyref.generate", "generate images from a prompt and a group of reference images"),
     "evaluate": ("easyref.evaluate", "evaluate a checkpoint: CLIP-I / CLIP-T / DINO-I, reference gain, baselines"),
     "compare": ("easyref.evaluate.compare", "compare evaluations in the paper's table layout, beside its figures"),
