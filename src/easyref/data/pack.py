@@ -41,12 +41,12 @@ BATCH_ROWS = 8192
 class PackConfig:
     """The ``pack`` section of ``params.yaml``; command-line flags override it."""
 
-    shard_mb: int = 512
+    shard_mb: float = 512.0
     """A new shard starts when the next group would make this one larger (a group larger than this gets its own)."""
 
     def __post_init__(self) -> None:
-        if self.shard_mb < 1:
-            raise ValueError(f"shard_mb must be at least 1, got {self.shard_mb}")
+        if not self.shard_mb > 0:
+            raise ValueError(f"shard_mb must be positive, got {self.shard_mb}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", type=Path, required=True, help="folder the table's image paths are relative to")
     parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     parser.add_argument("--params", type=Path, help="read defaults from the 'pack' section of this params.yaml")
-    parser.add_argument("--shard-mb", type=int, help="largest shard in MB (default 512)")
+    parser.add_argument("--shard-mb", type=float, help="largest shard in MB (default 512)")
     parser.add_argument("--s3-endpoint", help="S3 API endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
 
 
@@ -166,7 +166,7 @@ def pack(split: Path, image_root: Path, out: str, config: PackConfig, endpoint: 
                                                                      "group_size")}
     with tempfile.TemporaryDirectory(prefix=".pack-", dir=local) as tmp:
         shards = _write_shards(table.take(pa.array(order)), order, codes[order], image_root, store, Path(tmp),
-                               config.shard_mb * 1_000_000, location)
+                               int(config.shard_mb * 1_000_000), location)
         index = table.append_column("shard", pa.array(location["shard"], pa.int32()))
         for name in ("offset", "size", "group_offset", "group_size"):
             index = index.append_column(name, pa.array(location[name], pa.int64()))
