@@ -80,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 class _ShardWriter:
-    """One tar shard being written to a local temp file, hashed as it is written."""
+    """One tar shard being written to a local temp file, hashed as it is written.
+
+    Headers come from ``tarfile.TarInfo`` (ustar, no time, owner or mode of this machine); the members and the end of
+    the archive are laid out as ``tarfile`` lays them out, without its per-member copies."""
 
     def __init__(self, folder: Path, number: int):
         from easyref.data.shards import shard_name
@@ -88,35 +91,27 @@ class _ShardWriter:
         self.name, self.path = shard_name(number), folder / f".{shard_name(number)}.tmp"
         self.fh: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()
         self.digest = hashlib.sha256()
-        self.tar = tarfile.open(fileobj=self, mode="w", format=tarfile.USTAR_FORMAT)
-        self.groups = self.images = 0
+        self.offset = self.groups = self.images = 0
 
-    def write(self, data: bytes) -> int:  # the file object tarfile writes through
+    def _write(self, data: bytes) -> None:
         self.digest.update(data)
-        return self.fh.write(data)
-
-    def tell(self) -> int:
-        return self.fh.tell()
-
-    @property
-    def offset(self) -> int:
-        return self.tar.offset
+        self.fh.write(data)
+        self.offset += len(data)
 
     def add(self, name: str, data: bytes) -> int:
         """Append a member; returns the offset of its data."""
-        import io
-
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644
-        header = len(info.tobuf(tarfile.USTAR_FORMAT, self.tar.encoding, self.tar.errors))
-        start = self.tar.offset + header
-        self.tar.addfile(info, io.BytesIO(data))
+        self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        start = self.offset
+        self._write(data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE))
         return start
 
     def close(self) -> dict[str, Any]:
-        self.tar.close()
+        end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # the end-of-archive blocks, then padding to a whole record
+        self._write(end + tarfile.NUL * (-(self.offset + len(end)) % tarfile.RECORDSIZE))
         self.fh.close()
-        return {"name": self.name, "bytes": self.path.stat().st_size, "sha256": self.digest.hexdigest(),
+        return {"name": self.name, "bytes": self.offset, "sha256": self.digest.hexdigest(),
                 "groups": self.groups, "images": self.images}
 
 
