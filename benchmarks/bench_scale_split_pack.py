@@ -4,8 +4,8 @@
 
 Writes a synthetic manifest (:func:`bench_split.make_manifest`: group sizes 1-5, mean 2.1) and one tiny JPEG file
 per image (8x8 px, about 300 bytes: the files' count is the paper's, their bytes are not), then runs ``easyref split``
-and ``easyref pack`` on the training split, each in its own child process, and prints each one's wall time and peak
-RSS (``getrusage(RUSAGE_CHILDREN)`` after each child, so a figure is the larger of the children so far) next to the
+and ``easyref pack`` on the training split, each in its own child process, and prints each one's wall time, CPU time
+and peak RSS (``getrusage(RUSAGE_CHILDREN)`` after each child, so a figure is the larger of the children so far) next to the
 2 GB target, and the shards written. Then it opens the packed set as the trainer does (:class:`ShardDataset`,
 in this process) and reads a few samples. Needs about 3.5 GB of disk at 1M groups (tar's 512-byte blocks dominate
 for tiny images).
@@ -48,11 +48,14 @@ def write_tiny_images(manifest: Path, root: Path, variants: int = 64) -> int:
     return len(paths)
 
 
-def timed(command: list[str]) -> tuple[float, float]:
-    """Run ``command``; its wall time and the children's peak RSS so far (GiB)."""
+def timed(command: list[str]) -> tuple[float, float, float]:
+    """Run ``command``; its wall time, its CPU time (user + system) and the children's peak RSS so far (GiB)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(command, check=True)
-    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, cpu, after.ru_maxrss / 2**20
 
 
 def main() -> int:
@@ -72,9 +75,9 @@ def main() -> int:
         write_tiny_images(manifest, root)
         print(f"input: {args.groups} groups, {n_images} images and their files ({time.perf_counter() - t0:.0f} s)",
               flush=True)  # fmt: skip
-        split_s, split_gib = timed([*easyref, "split", "--manifest", str(manifest), "--out", str(work / "split")])
+        split_s, split_cpu, split_gib = timed([*easyref, "split", "--manifest", str(manifest), "--out", str(work / "split")])
         table = work / "split" / "train.parquet"
-        pack_s, pack_gib = timed([*easyref, "pack", "--split", str(table), "--image-root", str(root),
+        pack_s, pack_cpu, pack_gib = timed([*easyref, "pack", "--split", str(table), "--image-root", str(root),
                                   "--out", str(work / "shards"), "--shard-mb", str(args.shard_mb)])  # fmt: skip
         marker = json.loads((work / "shards" / "shards.json").read_text())
         total = sum(s["bytes"] for s in marker["shards"])
@@ -87,9 +90,9 @@ def main() -> int:
         open_s = time.perf_counter() - t0
         samples = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 100))]
         own_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"split  {split_s:7.1f} s   peak RSS {split_gib:5.2f} GiB   target {TARGET_GIB:.0f} GiB  "
+    print(f"split  {split_s:7.1f} s wall {split_cpu:7.1f} s CPU   peak RSS {split_gib:5.2f} GiB   target {TARGET_GIB:.0f} GiB  "
           f"ratio {split_gib / TARGET_GIB:.2f}")  # fmt: skip
-    print(f"pack   {pack_s:7.1f} s   peak RSS {pack_gib:5.2f} GiB   target {TARGET_GIB:.0f} GiB  "
+    print(f"pack   {pack_s:7.1f} s wall {pack_cpu:7.1f} s CPU   peak RSS {pack_gib:5.2f} GiB   target {TARGET_GIB:.0f} GiB  "
           f"ratio {pack_gib / TARGET_GIB:.2f}   ({marker['images']} images, {marker['groups']} groups, "
           f"{len(marker['shards'])} shards, {total / 1e9:.2f} GB)")  # fmt: skip
     print(f"open   {open_s:7.1f} s   ShardDataset over the index, {len(samples)} samples read; this process's peak "

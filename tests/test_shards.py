@@ -202,3 +202,11 @@ def test_train_from_s3_shards_gives_the_files_losses_and_resumes_exactly_after_a
         log = _killed_then_resumed(args, out, capsys)
     assert "resuming from" in log and "(step 2)" in log
     assert _losses(out) == files_losses
+
+
+def test_params_yaml_pack_section_is_valid():
+    from components.testing import REPO_ROOT
+    from easyref.config import from_dict, load_yaml
+    from easyref.data.pack import PackConfig
+
+    assert from_dict(PackConfig, load_yaml(REPO_ROOT / "params.yaml")["pack"], "pack").shard_mb == 512
