@@ -155,7 +155,7 @@ def pack(split: Path, image_root: Path, out: str, config: PackConfig, endpoint: 
         local.mkdir(parents=True, exist_ok=True)
     base = {"format": FORMAT, "command": "easyref pack", "complete": False}
     store.put_bytes(MARKER, _json(base))
-    codes = table.column("group").dictionary_encode().combine_chunks().indices.to_numpy(zero_copy_only=False)
+    codes = table.column("group").combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False)
     order = np.argsort(codes, kind="stable")  # rows group by group, groups by first row
     location = {c: np.zeros(table.num_rows, dtype=np.int64) for c in ("shard", "offset", "size", "group_offset",
                                                                      "group_size")}
