@@ -63,6 +63,7 @@ def main() -> int:
     parser.add_argument("--groups", type=int, default=1_000_000)
     parser.add_argument("--shard-mb", type=float, default=512.0)
     parser.add_argument("--work", type=Path, help="folder for the data (default: a temp folder)")
+    parser.add_argument("--reuse", action="store_true", help="keep the input already in --work (same --groups)")
     args = parser.parse_args()
     easyref = [sys.executable, "-m", "easyref.cli"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,11 +72,16 @@ def main() -> int:
         root.mkdir(parents=True, exist_ok=True)
         manifest = root / "manifest.parquet"
         t0 = time.perf_counter()
-        n_images = make_manifest(manifest, args.groups)
-        write_tiny_images(manifest, root)
+        if args.reuse and manifest.is_file():
+            n_images = pq.read_metadata(manifest).num_rows
+        else:
+            n_images = make_manifest(manifest, args.groups)
+            write_tiny_images(manifest, root)
         print(f"input: {args.groups} groups, {n_images} images and their files ({time.perf_counter() - t0:.0f} s)",
               flush=True)  # fmt: skip
-        split_s, split_cpu, split_gib = timed([*easyref, "split", "--manifest", str(manifest), "--out", str(work / "split")])
+        split_s, split_cpu, split_gib = timed(
+            [*easyref, "split", "--manifest", str(manifest), "--out", str(work / "split"), "--fresh"]
+        )
         table = work / "split" / "train.parquet"
         pack_s, pack_cpu, pack_gib = timed([*easyref, "pack", "--split", str(table), "--image-root", str(root),
                                   "--out", str(work / "shards"), "--shard-mb", str(args.shard_mb)])  # fmt: skip

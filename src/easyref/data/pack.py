@@ -125,15 +125,16 @@ def _read_table(split: Path) -> pa.Table:
         raise UserError(f"--split {split}: no such file; pass the split table (e.g. data/split/train.parquet)")
     commit.check(split)
     try:
-        table = pq.read_table(split)
+        names = pq.read_schema(split).names
+        missing = [c for c in COLUMNS if c not in names]
+        table = None if missing else pq.read_table(split, columns=list(COLUMNS))
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise UserError(f"--split {split}: not a readable parquet table ({exc})") from None
-    missing = [c for c in COLUMNS if c not in table.column_names]
-    if missing:
+    if table is None:
         raise UserError(f"--split {split}: missing column(s) {missing}; pass a table written by easyref split")
     if table.num_rows == 0:
         raise UserError(f"--split {split}: no images to pack")
-    return table.select(list(COLUMNS))
+    return table
 
 
 def pack(split: Path, image_root: Path, out: str, config: PackConfig, endpoint: str | None = None) -> dict[str, Any]:
@@ -160,8 +161,10 @@ def pack(split: Path, image_root: Path, out: str, config: PackConfig, endpoint: 
     location = {c: np.zeros(table.num_rows, dtype=np.int64) for c in ("shard", "offset", "size", "group_offset",
                                                                      "group_size")}
     with tempfile.TemporaryDirectory(prefix=".pack-", dir=local) as tmp:
-        shards = _write_shards(table.take(pa.array(order)), order, codes[order], image_root, store, Path(tmp),
+        grouped = table if (np.diff(order) == 1).all() else table.take(pa.array(order))  # a split's rows: grouped
+        shards = _write_shards(grouped, order, codes[order], image_root, store, Path(tmp),
                                int(config.shard_mb * 1_000_000), location)
+        del grouped
         index = table.append_column("shard", pa.array(location["shard"], pa.int32()))
         for name in ("offset", "size", "group_offset", "group_size"):
             index = index.append_column(name, pa.array(location[name], pa.int64()))
