@@ -52,6 +52,7 @@ def test_pack_writes_webdataset_shards_byte_identically(workspace, packed, tmp_p
     table = pd.read_parquet(workspace["split"] / "train.parquet")
     assert marker["complete"] and len(marker["shards"]) > 1 and marker["images"] == len(table) == len(index)
     assert list(index["image_id"]) == list(table["image_id"])  # the split table's rows, in its order
+    assert all(s["bytes"] <= 50_000 or s["groups"] == 1 for s in marker["shards"])  # --shard-mb unless one group is more
     groups_seen = []
     for shard in marker["shards"]:
         with tarfile.open(packed / shard["name"]) as tar:

@@ -200,31 +200,32 @@ def _write_shards(
 
     def flush() -> None:
         nonlocal writer, number
-        size = sum(512 + -(-len(data) // 512) * 512 for _, _, data in pending) + 1024  # its members, padded
-        if writer.offset and writer.offset + size > shard_bytes:
-            shards.append(writer.close())
-            store.put_file(writer.path, writer.name)
-            writer = _ShardWriter(tmp, len(shards))
         key, number = f"{number:09d}", number + 1  # a WebDataset key: no dot
-        record = {"group": pending[0][1]["group"], "images": []}
-        members = []
+        record: dict[str, Any] = {"group": pending[0][1]["group"], "images": []}
+        members = [(-1, f"{key}.json", b"")]
         for i, (row, meta, data) in enumerate(pending):
-            suffix = Path(meta["path"]).suffix.lower() or ".img"
-            member = f"{key}.{i}{suffix}"
+            member = f"{key}.{i}{Path(meta['path']).suffix.lower() or '.img'}"
             record["images"].append({k: meta[k] for k in ("image_id", "caption", "width", "height", "path")}
                                     | {"member": member})
             members.append((row, member, data))
-        writer.add(f"{key}.json", _json(record))
+        members[0] = (-1, members[0][1], _json(record))
+        # the group's members, padded, and the most the end of the archive can add: no shard passes shard_bytes
+        # unless one group alone does
+        size = sum(tarfile.BLOCKSIZE + -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for *_, data in members)
+        if writer.offset and writer.offset + size + 2 * tarfile.BLOCKSIZE + tarfile.RECORDSIZE > shard_bytes:
+            shards.append(writer.close())
+            store.put_file(writer.path, writer.name)
+            writer = _ShardWriter(tmp, len(shards))
         first = None
         for row, member, data in members:
             start = writer.add(member, data)
-            first = start if first is None else first
-            location["shard"][row], location["offset"][row], location["size"][row] = len(shards), start, len(data)
-        end = writer.offset
-        for row, _, _ in members:
-            location["group_offset"][row], location["group_size"][row] = first, end - first
+            if row >= 0:
+                first = start if first is None else first
+                location["shard"][row], location["offset"][row], location["size"][row] = len(shards), start, len(data)
+        for row, *_ in members[1:]:
+            location["group_offset"][row], location["group_size"][row] = first, writer.offset - first
         writer.groups += 1
-        writer.images += len(members)
+        writer.images += len(members) - 1
         pending.clear()
 
     for batch in rows.to_batches(max_chunksize=BATCH_ROWS):
