@@ -5,9 +5,10 @@
 Writes a synthetic manifest (:func:`bench_split.make_manifest`: group sizes 1-5, mean 2.1) and one tiny JPEG file
 per image (8x8 px, about 300 bytes: the files' count is the paper's, their bytes are not), then runs ``easyref split``
 and ``easyref pack`` on the training split, each in its own child process, and prints each one's wall time, CPU time
-and peak RSS (that child's own, from ``os.wait4``) next to the 2 GB target, and the shards written. Then it opens the packed set as the trainer does (:class:`ShardDataset`,
-in this process) and reads a few samples. Needs about 13 GB of disk at 1M groups: 2.1M files of one 4 KB block and
-4.6 GB of shards (tar's 512-byte headers and padding dominate for tiny images). ``--reuse`` keeps the input of an
+and peak RSS (that child's own, from ``os.wait4``) next to the 2 GB target, and the shards written. Then it opens
+the packed set as the trainer does (:class:`ShardDataset`, in this process) and reads a few samples. Needs about
+13 GB of disk at 1M groups: 2.1M files of one 4 KB block and 4.6 GB of shards (tar's 512-byte headers and padding
+dominate for tiny images). ``--reuse`` keeps the input of an
 earlier run in ``--work`` (writing 2.1M files took 13 minutes on this loaded machine).
 """
 
@@ -99,9 +100,10 @@ def main() -> int:
         open_s = time.perf_counter() - t0
         samples = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 100))]
         own_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"split  {split_s:7.1f} s wall {split_cpu:7.1f} s CPU   peak RSS {split_gib:5.2f} GiB   target {TARGET_GIB:.0f} GiB  "
+    target = f"target {TARGET_GIB:.0f} GiB"
+    print(f"split  {split_s:7.1f} s wall {split_cpu:7.1f} s CPU   peak RSS {split_gib:5.2f} GiB   {target}  "
           f"ratio {split_gib / TARGET_GIB:.2f}")  # fmt: skip
-    print(f"pack   {pack_s:7.1f} s wall {pack_cpu:7.1f} s CPU   peak RSS {pack_gib:5.2f} GiB   target {TARGET_GIB:.0f} GiB  "
+    print(f"pack   {pack_s:7.1f} s wall {pack_cpu:7.1f} s CPU   peak RSS {pack_gib:5.2f} GiB   {target}  "
           f"ratio {pack_gib / TARGET_GIB:.2f}   ({marker['images']} images, {marker['groups']} groups, "
           f"{len(marker['shards'])} shards, {total / 1e9:.2f} GB)")  # fmt: skip
     print(f"open   {open_s:7.1f} s   ShardDataset over the index, {len(samples)} samples read; this process's peak "

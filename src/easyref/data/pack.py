@@ -50,7 +50,7 @@ class PackConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", type=Path, required=True, help="the split table to pack, e.g. data/split/train.parquet")
+    parser.add_argument("--split", type=Path, required=True, help="the split table, e.g. data/split/train.parquet")
     parser.add_argument("--image-root", type=Path, required=True, help="folder the table's image paths are relative to")
     parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     parser.add_argument("--params", type=Path, help="read defaults from the 'pack' section of this params.yaml")
