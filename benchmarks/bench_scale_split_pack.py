@@ -106,8 +106,9 @@ def main() -> int:
     print(f"pack   {pack_s:7.1f} s wall {pack_cpu:7.1f} s CPU   peak RSS {pack_gib:5.2f} GiB   {target}  "
           f"ratio {pack_gib / TARGET_GIB:.2f}   ({marker['images']} images, {marker['groups']} groups, "
           f"{len(marker['shards'])} shards, {total / 1e9:.2f} GB)")  # fmt: skip
+    made = "the index and torch" if args.reuse else "the index, torch and the input's generation"
     print(f"open   {open_s:7.1f} s   ShardDataset over the index, {len(samples)} samples read; this process's peak "
-          f"RSS {own_gib:.2f} GiB (the manifest generation included)")  # fmt: skip
+          f"RSS {own_gib:.2f} GiB ({made})")  # fmt: skip
     return 0
 
 
