@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest-shard": ("easyref.data.ingest_shards", "ingest one shard of the images (one pod of a fanned-out ingest)"),
     "ingest-merge": ("easyref.data.ingest_merge", "merge the folders of ingest-shard into one ingest output"),
     "split": ("easyref.data.split", "split a manifest into train / held-in / held-out groups"),
+    "pack": ("easyref.data.pack", "pack a split table's images into sequential training shards (folder or S3)"),
     "generate": ("easyref.generate", "generate images from a prompt and a group of reference images"),
     "evaluate": ("easyref.evaluate", "evaluate a checkpoint: CLIP-I / CLIP-T / DINO-I, reference gain, baselines"),
     "compare": ("easyref.evaluate.compare", "compare evaluations in the paper's table layout, beside its figures"),

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from easyref.data.split_types import HELD_IN, HELD_OUT, TRAIN, SplitConfig, Thresholds
 from easyref.errors import UserError
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-    from easyref.data.split import SplitConfig, Thresholds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,8 +47,6 @@ class Pins:
         """``group_split`` (by threshold) with the pinned groups put back where they were."""
         import pyarrow.compute as pc
 
-        from easyref.data.split import HELD_IN, HELD_OUT, TRAIN
-
         split = group_split.copy()
         for value_set, value in ((self.train_groups, TRAIN), (self.held_in, HELD_IN), (self.held_out, HELD_OUT)):
             split[pc.is_in(names, value_set=value_set).to_numpy(zero_copy_only=False)] = value
@@ -63,7 +61,6 @@ def load_pins(path: Path, config: SplitConfig) -> tuple[SplitConfig, Pins]:
     import pyarrow.parquet as pq
 
     from easyref.data import commit
-    from easyref.data.split import Thresholds
 
     train_file = path.parent / "train.parquet"
     try:

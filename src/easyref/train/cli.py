@@ -50,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group = parser.add_argument_group("overrides of params.yaml")
     group.add_argument("--base", help="folder with the base models sdxl/ and mllm/")
-    group.add_argument("--data", help="training data: split manifest (.parquet) or folder of groups")
+    group.add_argument(
+        "--data",
+        help="training data: split table (.parquet), packed shards (folder or s3:// prefix, easyref pack) or folder "
+        "of groups",
+    )
     group.add_argument("--image-root", dest="image_root", help="folder the split table's image paths are relative to")
     group.add_argument("--preview-data", dest="preview_data", help="samples for the preview grids")
     group.add_argument("--max-steps", dest="max_steps", type=int)

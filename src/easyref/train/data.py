@@ -199,29 +199,42 @@ def build_dataset(
     path: str | Path, *, stage: str, resolution: int, max_references: int, image_root: str | Path, seed: int = 0
 ) -> Dataset:
     """The dataset behind ``--data``: a split table (``.parquet``, read by :class:`easyref.data.dataset.GroupDataset`
-    with image paths relative to ``image_root``) or a folder of groups (:class:`FolderGroups`)."""
-    path = Path(path)
-    if path.is_dir() and (path / "captions.jsonl").is_file():
-        return FolderGroups(path, resolution, max_references)
-    if not path.is_file():
-        raise UserError(f"--data {path}: no such split table (.parquet) or folder of groups (with captions.jsonl)")
+    with image paths relative to ``image_root``), a packed set of shards (a folder or ``s3://`` prefix with
+    ``shards.json``, read by :class:`easyref.data.shards.ShardDataset`: the split table's samples) or a folder of
+    groups (:class:`FolderGroups`)."""
     from easyref.data.dataset import DatasetConfig, GroupDataset
+    from easyref.data.shards import ShardDataset, is_shards
 
+    shards = is_shards(path)
+    if not shards:
+        path = Path(path)
+        if path.is_dir() and (path / "captions.jsonl").is_file():
+            return FolderGroups(path, resolution, max_references)
+        if not path.is_file():
+            raise UserError(
+                f"--data {path}: no such split table (.parquet), packed set (with shards.json) or folder of groups "
+                "(with captions.jsonl)"
+            )
     try:
         config = DatasetConfig(stage=stage, resolution=resolution, max_refs=max_references, seed=seed)
     except ValueError as exc:
         raise UserError(f"--data {path}: {exc}") from exc
-    return GroupDataset(path, image_root, config)
+    return ShardDataset(path, config) if shards else GroupDataset(path, image_root, config)
 
 
 def dataset_fingerprint(path: str | Path) -> str:
     """A short content hash of the training data, for the MLflow tag and the resume check.
 
-    A split table: its bytes (it records each image's hash). A folder of groups: ``captions.jsonl`` plus the name
-    and size of every image file, so adding, removing or replacing an image changes it.
+    A split table: its bytes (it records each image's hash). A packed set: its ``shards.json`` (every shard's and
+    the index's SHA-256). A folder of groups: ``captions.jsonl`` plus the name and size of every image file, so
+    adding, removing or replacing an image changes it.
     """
     import hashlib
 
+    from easyref.data.shards import fingerprint, is_shards
+
+    if is_shards(path):
+        return fingerprint(path)
     path = Path(path)
     file = path / "captions.jsonl" if path.is_dir() else path
     if not file.is_file():
