@@ -47,6 +47,9 @@ class StageRequest:
     """Where the stage's ``final`` checkpoint is copied (the component's ``Model`` artifact)."""
     init_dir: str = ""
     """The previous stage's checkpoint (empty for pretraining)."""
+    data: str = ""
+    """Packed training shards to train from (``s3://`` prefix written by the pack component); empty = the split's
+    ``train.parquet`` and the ingested image files."""
     max_steps: int = 0
     """Optimizer steps (0 = the params' value)."""
     launcher: str = "torchrun"
@@ -87,7 +90,8 @@ def _log(message: str) -> None:
 def _train_flags(req: StageRequest, params_file: Path, split_dir: Path, image_root: Path, run_dir: Path,
                  init: Path | None) -> list[str]:
     flags = ["train", "--stage", req.stage, "--params", str(params_file), "--out", str(run_dir),
-             "--base", req.base_models, "--data", str(split_dir / "train.parquet"), "--image-root", str(image_root)]
+             "--base", req.base_models, "--data", req.data or str(split_dir / "train.parquet"),
+             "--image-root", str(image_root)]
     if (split_dir / "held_in.parquet").is_file():
         flags += ["--preview-data", str(split_dir / "held_in.parquet")]
     if init is not None:

@@ -151,8 +151,9 @@ def build_pipeline(
     params: dict[str, Any], image: str | None = None, launcher: str | None = None, shards: int | None = None
 ):
     """The ``@dsl.pipeline`` function, its parameter defaults taken from ``params``; ``launcher`` (default
-    ``cluster.launcher``) decides the training tasks' pods and ``shards`` (default ``ingest.shards``) the ingest
-    tasks: both shape the graph, so they are fixed when compiling."""
+    ``cluster.launcher``) decides the training tasks' pods, ``shards`` (default ``ingest.shards``) the ingest
+    tasks and ``cluster.pack_destination`` whether a pack task writes the training shards the stages stream: all
+    shape the graph, so they are fixed when compiling."""
     launcher = launcher or str(params["cluster"]["launcher"])
     if launcher not in LAUNCHERS:
         raise SystemExit(f"cluster.launcher / --launcher: expected one of {', '.join(LAUNCHERS)}, got {launcher!r}")
@@ -166,6 +167,7 @@ def build_pipeline(
 
     from components.evaluate.component import evaluate
     from components.finetune.component import finetune
+    from components.pack.component import pack
     from components.pretrain.component import pretrain
     from components.register.component import register
     from components.settings import BASE_IMAGE
@@ -174,6 +176,10 @@ def build_pipeline(
     params = without_nulls(params)
     cluster = params["cluster"]
     mount_path = cluster["mount_path"]
+    pack_to = str(cluster.get("pack_destination") or "")
+    if pack_to and not pack_to.startswith("s3://"):
+        raise SystemExit(f"cluster.pack_destination: expected an s3://bucket/prefix every training pod can read, "
+                         f"got {pack_to!r}")
 
     @dsl.pipeline(name=PIPELINE_NAME, description="EasyRef: ingest, split, three training stages, evaluate, register")
     def easyref_full(
@@ -205,6 +211,11 @@ def build_pipeline(
         split = on_cluster(
             split_groups(ingested=data.outputs["ingested"], config=split_config), cluster, shared_pvc, "split"
         )
+        packed = None
+        if pack_to:  # the training split as WebDataset shards in object storage; the stages stream them
+            packed = pack(split=split.outputs["split"], ingested=data.outputs["ingested"], destination=pack_to,
+                          config=dict(params["pack"]))
+            on_cluster(packed, cluster, shared_pvc, "pack").set_display_name("pack")
         common = dict(
             split=split.outputs["split"],
             ingested=data.outputs["ingested"],
@@ -221,11 +232,14 @@ def build_pipeline(
             mount_path=mount_path,
             secret_env=trainjob_secret_env(cluster),
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            data=pack_to,
             **tracking,
         )
 
         def training(task):
             """A TrainJob submitter is a small CPU pod; a torchrun task trains in its pod with GPUs and /dev/shm."""
+            if packed is not None:
+                task.after(packed)  # the shards it reads are written by the pack task
             if launcher == "trainjob":
                 return on_cluster(task, cluster, shared_pvc, "submit")
             return on_gpus(task, cluster, shared_pvc, pod_gpus, "train")

@@ -103,6 +103,31 @@ def test_sharded_ingest_is_a_parallel_for_then_a_merge_that_split_reads(sharded_
         assert executors[name]["pvcMount"] and executors[name]["podMetadata"]["labels"]
 
 
+def test_a_pack_destination_adds_a_pack_task_and_the_stages_train_from_its_shards(tmp_path_factory) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["cluster"]["pack_destination"] = "s3://bucket/shards/v1"
+    params_file = tmp_path_factory.mktemp("pack") / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    spec, executors = compiled(tmp_path_factory, "--params", str(params_file))
+    tasks = spec["root"]["dag"]["tasks"]
+    packed = tasks["pack"]
+    assert packed["inputs"]["parameters"]["destination"]["runtimeValue"]["constant"] == "s3://bucket/shards/v1"
+    assert packed["inputs"]["artifacts"]["split"]["taskOutputArtifact"]["producerTask"] == "split-groups"
+    for name in ("pretrain", "finetune", "finetune-2"):
+        assert "pack" in tasks[name]["dependentTasks"], name
+        assert tasks[name]["inputs"]["parameters"]["data"]["runtimeValue"]["constant"] == "s3://bucket/shards/v1"
+    assert executors["exec-pack"]["podMetadata"]["labels"]  # on the cluster like the other tasks
+    # without a destination the graph has no pack task and the stages read the split's files
+    plain, _ = compiled(tmp_path_factory)
+    assert "pack" not in plain["root"]["dag"]["tasks"]
+    bad = dict(params, cluster={**params["cluster"], "pack_destination": "/mnt/shards"})
+    params_file.write_text(yaml.safe_dump(bad))
+    done = subprocess.run([sys.executable, str(ROOT / "pipelines" / "full.py"), "compile", "--out",
+                           str(params_file.with_name("x.yaml")), "--params", str(params_file)],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "pack_destination" in done.stderr
+
+
 def test_parameters_default_to_params_yaml(package: tuple[dict, dict]) -> None:
     spec, _ = package
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -29,6 +29,7 @@ def finetune(
     secret_env: list = [],  # noqa: B006
     run_id: str = "local",
     mlflow_tracking_uri: str = "",
+    data: str = "",
 ):
     """Finetune from the previous stage's checkpoint: the whole MLLM, the adapter and a UNet LoRA.
 
@@ -52,6 +53,8 @@ def finetune(
         secret_env: ``NAME=SECRET:KEY`` environment variables of the TrainJob.
         run_id: Pipeline run id.
         mlflow_tracking_uri: MLflow server (empty = ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        data: Packed training shards (``s3://`` prefix of the pack task) to train from; empty = the split's
+            files.
         checkpoint: The stage's ``final`` checkpoint.
         metrics: Steps and the last logged loss.
     """
@@ -68,7 +71,7 @@ def finetune(
         train_config=config, out_dir=checkpoint.path, init_dir=init.path, max_steps=max_steps, launcher=launcher,
         nproc=nproc, nodes=nodes, gpus_per_node=gpus_per_node, node_cpu=str(node_resources.get("cpu", "")),
         node_memory=str(node_resources.get("memory", "")), image=image, namespace=namespace, pvc=pvc,
-        mount_path=mount_path, secret_env=list(secret_env), run_id=run_id,
+        mount_path=mount_path, secret_env=list(secret_env), run_id=run_id, data=data,
     ))
     checkpoint.metadata.update(info)
     for key, value in tracked_metrics(info).items():

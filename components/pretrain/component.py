@@ -27,6 +27,7 @@ def pretrain(
     secret_env: list = [],  # noqa: B006
     run_id: str = "local",
     mlflow_tracking_uri: str = "",
+    data: str = "",
 ):
     """Train the final MLLM layer, reference tokens, projector and IP key/value projections on ``train.parquet``.
 
@@ -48,6 +49,8 @@ def pretrain(
         secret_env: ``NAME=SECRET:KEY`` environment variables of the TrainJob (MLflow, S3 credentials).
         run_id: Pipeline run id (names the TrainJob and its staging folder).
         mlflow_tracking_uri: MLflow server (empty = ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
+        data: Packed training shards (``s3://`` prefix of the pack task) to train from; empty = the split's
+            files.
         checkpoint: The stage's ``final`` checkpoint (``easyref.safetensors`` + ``easyref_config.json``).
         metrics: Steps and the last logged loss.
     """
@@ -62,7 +65,7 @@ def pretrain(
         train_config=config, out_dir=checkpoint.path, max_steps=max_steps, launcher=launcher, nproc=nproc,
         nodes=nodes, gpus_per_node=gpus_per_node, node_cpu=str(node_resources.get("cpu", "")),
         node_memory=str(node_resources.get("memory", "")), image=image, namespace=namespace, pvc=pvc,
-        mount_path=mount_path, secret_env=list(secret_env), run_id=run_id,
+        mount_path=mount_path, secret_env=list(secret_env), run_id=run_id, data=data,
     ))
     checkpoint.metadata.update(info)
     for key, value in tracked_metrics(info).items():
