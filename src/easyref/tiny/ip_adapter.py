@@ -24,25 +24,24 @@ from pathlib import Path
 from typing import Any
 
 from easyref.tiny import assets
+from easyref.tiny.common import PretrainConfig, add_config_arguments, config_from_args, take_step
 
 SUBFOLDER = "sdxl_models"
 WEIGHTS = "ip-adapter_sdxl.safetensors"
 
 
 @dataclass(kw_only=True)
-class IPAdapterPretrainConfig:
+class IPAdapterPretrainConfig(PretrainConfig):
     """How the tiny IP-Adapter is trained (the defaults made the packaged one)."""
 
-    seed: int = 0
     data_seed: int = 4001
     per_subject: int = 32
-    steps: int = 1500
     batch: int = 16
     lr: float = 5e-4
     drop: float = 0.05
     """Probability of each of: image dropped, caption dropped, both dropped."""
     resolution: int = 64
-    threads: int = 1
+    """Side the training images are resized to (the tiny UNet's native size)."""
 
 
 def image_encoder(ip_clip: Path, out: Path) -> None:
@@ -148,11 +147,7 @@ def train_ip_adapter(sdxl: Path, encoder: Path, config: IPAdapterPretrainConfig)
                     added_cond_kwargs={"text_embeds": pooled[rows], "time_ids": time_ids,
                                        "image_embeds": [image[:, None]]}).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        take_step(loss, opt, None, losses, bar)
     return trained_state(unet), losses
 
 
@@ -190,22 +185,11 @@ def pretrain_ip_adapter(out: Path, config: IPAdapterPretrainConfig) -> dict[str,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None, help="where to write it (default: the packaged asset)")
-    defaults = IPAdapterPretrainConfig()
-    for name in ("seed", "data_seed", "per_subject", "steps", "batch", "threads"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
-                            help=f"(default {getattr(defaults, name)})")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"(default {defaults.lr})")
+    add_config_arguments(parser, IPAdapterPretrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from easyref.errors import UserError
-
-    for name in ("per_subject", "steps", "batch", "threads"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    config = IPAdapterPretrainConfig(**{k: getattr(args, k) for k in asdict(IPAdapterPretrainConfig())
-                                        if hasattr(args, k)})
+    config = config_from_args(IPAdapterPretrainConfig(), args)
     out = args.out or assets.asset("ip_adapter")
     manifest = pretrain_ip_adapter(out, config)
     print(f"pretrain-tiny ip_adapter: wrote {out} in {manifest['seconds']} s (loss {manifest['loss_last100']:.4f})")

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from easyref.tiny import assets
+from easyref.tiny.common import PretrainConfig, add_config_arguments, config_from_args, take_step, warmed_adamw
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
 PARTS = ("clip", "dino", "ip_clip")
 """``ip_clip`` is a second CLIP (other seeds) whose vision tower becomes the IP-Adapter's image encoder, as
@@ -35,22 +35,13 @@ IP-Adapter-SDXL's OpenCLIP encoder is another model than the CLIP that judges.""
 
 
 @dataclass(kw_only=True)
-class JudgeConfig:
-    """How a tiny judge is pretrained (the defaults made the packaged ones)."""
+class JudgeConfig(PretrainConfig):
+    """How a tiny judge is pretrained (:data:`DEFAULTS` made the packaged ones)."""
 
-    seed: int = 0
-    """Seed of the random model the training starts from and of the training's randomness."""
-    data_seed: int = 1001
-    """Seed of the pretraining images (:func:`easyref.tiny.data.draw`)."""
-    per_subject: int = 64
-    """Images drawn per catalogue subject (48 subjects)."""
-    steps: int = 1500
-    batch: int = 128
-    lr: float = 1e-3
     warmup: int = 100
+    """Steps of linear learning-rate warm-up."""
     temperature: float = 0.2
     """SimCLR's temperature (CLIP learns its own)."""
-    threads: int = 1
 
 
 DEFAULTS = {
@@ -60,19 +51,24 @@ DEFAULTS = {
 }
 
 
-def _pixels(processor: Any, images: list[Image.Image]) -> torch.Tensor:
+def _training_images(folder: Path, drawn: list[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The drawn images at the model's input side, ``(N, 3, S, S)`` in [0, 1], and its processor's mean and std
+    (so that augmentations work on pixels and the model sees what its processor would give it)."""
+    import numpy as np
     import torch
 
-    return torch.cat([processor(images=images[i : i + 256], return_tensors="pt")["pixel_values"]
-                      for i in range(0, len(images), 256)])
+    from easyref.metrics import _load_image_processor
+
+    processor = _load_image_processor(str(folder))
+    side = processor.crop_size["height"]
+    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    raw = torch.from_numpy(np.stack([np.asarray(d.image.convert("RGB").resize((side, side))) for d in drawn]))
+    return raw.permute(0, 3, 1, 2).float() / 255.0, mean, std
 
 
 def _optimizer(params: list[Any], config: JudgeConfig) -> tuple[Any, Any]:
-    import torch
-
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.05)
-    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup))
-    return opt, warm
+    return warmed_adamw(params, config.lr, config.warmup, weight_decay=0.05)
 
 
 def train_clip(folder: Path, config: JudgeConfig) -> list[float]:
@@ -84,24 +80,17 @@ def train_clip(folder: Path, config: JudgeConfig) -> list[float]:
     negative. The images' pale backgrounds are tinted at random half the time, so background colour alone cannot
     identify an image.
     """
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPModel
 
-    from easyref.metrics import _load_image_processor
     from easyref.tiny.data import describe, draw
 
     drawn = draw(config.data_seed, config.per_subject)
     model = CLIPModel.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    processor = _load_image_processor(str(folder))
-    side = processor.crop_size["height"]
-    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
-    raw = torch.from_numpy(np.stack([np.asarray(d.image.convert("RGB").resize((side, side))) for d in drawn]))
-    images = raw.permute(0, 3, 1, 2).float() / 255.0
+    images, mean, std = _training_images(folder, drawn)
     texts_of = [(describe(d.subject), d.full_caption, d.caption) for d in drawn]
     generator = torch.Generator().manual_seed(config.seed)
     opt, warm = _optimizer(list(model.parameters()), config)
@@ -120,12 +109,7 @@ def train_clip(folder: Path, config: JudgeConfig) -> list[float]:
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
         target = same / same.sum(-1, keepdim=True)
         loss = (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        warm.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        take_step(loss, opt, warm, losses, bar)
     model.eval().save_pretrained(folder)
     return losses
 
@@ -169,22 +153,15 @@ def _views(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def train_dino(folder: Path, config: JudgeConfig) -> list[float]:
     """SimCLR training of the DINOv2 in ``folder`` (written by ``build.write_dino``), in place."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import Dinov2Model
 
-    from easyref.metrics import _load_image_processor
     from easyref.tiny.data import draw
 
-    processor = _load_image_processor(str(folder))
-    side = processor.crop_size["height"]
-    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
     drawn = draw(config.data_seed, config.per_subject)
-    raw = torch.from_numpy(np.stack([np.asarray(d.image.convert("RGB").resize((side, side))) for d in drawn]))
-    images = raw.permute(0, 3, 1, 2).float() / 255.0
+    images, mean, std = _training_images(folder, drawn)
     model = Dinov2Model.from_pretrained(folder)
     width = model.config.hidden_size
     torch.manual_seed(config.seed)
@@ -202,12 +179,7 @@ def train_dino(folder: Path, config: JudgeConfig) -> list[float]:
         n = len(batch)
         partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
         loss = F.cross_entropy(logits, partner)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        warm.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        take_step(loss, opt, warm, losses, bar)
     model.eval().save_pretrained(folder)
     return losses
 
@@ -293,21 +265,11 @@ def _data_module_file() -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None, help="where to write it (default: the packaged asset)")
-    for name, kind in (("seed", int), ("data_seed", int), ("per_subject", int), ("steps", int), ("batch", int),
-                       ("lr", float), ("threads", int)):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"(default: the part's {name})")
+    add_config_arguments(parser, JudgeConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from easyref.errors import UserError
-
-    defaults = asdict(DEFAULTS[args.part])
-    overrides = {k: getattr(args, k) for k in defaults if getattr(args, k, None) is not None}
-    for name in ("per_subject", "steps", "batch", "threads"):
-        if overrides.get(name, 1) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {overrides[name]}")
-    config = JudgeConfig(**{**defaults, **overrides})
+    config = config_from_args(DEFAULTS[args.part], args)
     out = args.out or assets.asset(args.part)
     manifest = pretrain_judge(args.part, out, config)
     print(f"pretrain-tiny {args.part}: wrote {out} in {manifest['seconds']} s; check {manifest['check']}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from easyref.tiny import assets
+from easyref.tiny.common import PretrainConfig, add_config_arguments, config_from_args, take_step, warmed_adamw
 
 if TYPE_CHECKING:
     import torch
@@ -38,20 +39,17 @@ ATTRIBUTES = {
 
 
 @dataclass(kw_only=True)
-class MLLMPretrainConfig:
+class MLLMPretrainConfig(PretrainConfig):
     """How the tiny MLLM is pretrained (the defaults made the packaged one)."""
 
-    seed: int = 0
     data_seed: int = 3001
-    per_subject: int = 64
     steps: int = 4000
     batch: int = 12
-    lr: float = 1e-3
     warmup: int = 100
+    """Steps of linear learning-rate warm-up."""
     min_pixels: int = 16 * 28 * 28
     """Image sizes as the tiny profile's EasyRef reads its references (params.yaml train.model)."""
     max_pixels: int = 25 * 28 * 28
-    threads: int = 1
 
 
 def _processor(folder: Path, config: MLLMPretrainConfig) -> Any:
@@ -151,19 +149,13 @@ def train_mllm(folder: Path, config: MLLMPretrainConfig) -> list[float]:
     processor.image_processor = _MemoImageProcessor(processor.image_processor)
     model = Qwen2VLForConditionalGeneration.from_pretrained(folder)
     generator = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup))
+    opt, warm = warmed_adamw(list(model.parameters()), config.lr, config.warmup)
     model.train()
     losses = []
     for _ in (bar := tqdm(range(config.steps), desc="mllm", dynamic_ncols=True)):
         picks = torch.randint(0, len(drawn), (config.batch,), generator=generator).tolist()
         loss = model(**_batch(processor, [_turn(drawn, by_subject, i, generator) for i in picks])).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        warm.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        take_step(loss, opt, warm, losses, bar)
     model.eval().save_pretrained(folder)
     return losses
 
@@ -245,21 +237,11 @@ def pretrain_mllm(out: Path, config: MLLMPretrainConfig) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None, help="where to write it (default: the packaged asset)")
-    defaults = MLLMPretrainConfig()
-    for name in ("seed", "data_seed", "per_subject", "steps", "batch", "threads"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
-                            help=f"(default {getattr(defaults, name)})")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"(default {defaults.lr})")
+    add_config_arguments(parser, MLLMPretrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from easyref.errors import UserError
-
-    for name in ("per_subject", "steps", "batch", "threads"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    config = MLLMPretrainConfig(**{k: getattr(args, k) for k in asdict(MLLMPretrainConfig()) if hasattr(args, k)})
+    config = config_from_args(MLLMPretrainConfig(), args)
     out = args.out or assets.asset("mllm")
     manifest = pretrain_mllm(out, config)
     print(f"pretrain-tiny mllm: wrote {out} in {manifest['seconds']} s; check {manifest['check']}")

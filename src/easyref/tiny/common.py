@@ -1,0 +1,72 @@
+"""What every offline pretraining of a tiny part shares: its settings' common fields, its command-line flags and
+the optimizer step with its progress bar."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+Config = TypeVar("Config", bound="PretrainConfig")
+POSITIVE = ("per_subject", "steps", "batch", "threads")
+
+
+@dataclass(kw_only=True)
+class PretrainConfig:
+    """The settings every part's pretraining has (each part's subclass sets the defaults that made it)."""
+
+    seed: int = 0
+    """Seed of the random model the training starts from and of the training's own randomness."""
+    data_seed: int = 1001
+    """Seed of the pretraining images (:func:`easyref.tiny.data.draw`): never the demo's seed 0."""
+    per_subject: int = 64
+    """Images drawn per catalogue subject (48 subjects)."""
+    steps: int = 1500
+    """Optimizer steps."""
+    batch: int = 128
+    """Samples per step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    threads: int = 1
+    """torch threads; fixed, so that the same command gives the same bytes."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[PretrainConfig]) -> None:
+    """``--out`` and one flag per int / float setting of ``config_class`` (default: the part's packaged value)."""
+    parser.add_argument("--out", type=Path, default=None, help="where to write it (default: the packaged asset)")
+    for field in fields(config_class):
+        kind = {"int": int, "float": float}.get(str(field.type))
+        if kind is not None:
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
+                                help=f"(default: the packaged part's {field.name})")
+
+
+def config_from_args(defaults: Config, args: argparse.Namespace) -> Config:
+    """``defaults`` with the flags given; counts below 1 are one line (exit 2)."""
+    from easyref.errors import UserError
+
+    given = {k: getattr(args, k) for k in asdict(defaults) if getattr(args, k, None) is not None}
+    for name in POSITIVE:
+        if given.get(name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {given[name]}")
+    return replace(defaults, **given)
+
+
+def warmed_adamw(params: list[Any], lr: float, warmup: int, weight_decay: float = 0.0) -> tuple[Any, Any]:
+    """AdamW with a linear warm-up over ``warmup`` steps."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+
+
+def take_step(loss: Any, opt: Any, schedule: Any, losses: list[float], bar: Any) -> None:
+    """Backward, update, schedule; the loss recorded and shown on the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if schedule is not None:
+        schedule.step()
+    losses.append(float(loss.detach()))
+    bar.set_postfix(loss=f"{losses[-1]:.4f}")
