@@ -13,28 +13,23 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from components.testing import mlflow_store
 from easyref.cli import main
 from easyref.locking import HOLDER_NAME, output_lock
-from tests.train_fixtures import copy_run, easyref_process, easyref_run, message_lines, write_groups, write_params
+from tests.train_fixtures import (
+    copy_run,
+    easyref_process,
+    easyref_run,
+    message_lines,
+    train_args,
+    train_workspace,
+    write_groups,
+)
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_models) -> Path:
-    root = tmp_path_factory.mktemp("adv_train")
-    write_groups(root / "groups")
-    write_params(root / "params.yaml", tiny_models, root / "groups")
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_store(root / "mlflow.db")
-    yield root
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
-
-
-def train_args(work: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--stage", "pretrain", "--params", str(work / "params.yaml"), "--out", str(out), *extra]
+    with train_workspace(tmp_path_factory.mktemp("adv_train"), tiny_models) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

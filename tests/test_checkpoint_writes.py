@@ -15,31 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from components.testing import mlflow_store
 from easyref.atomic import CHECKSUMS, FolderWriter, damage
 from easyref.cli import main
 from easyref.model import read_checkpoint_config
-from tests.train_fixtures import copy_run, write_groups, write_params
+from tests.train_fixtures import copy_run, train_args, train_workspace
 
 ERROR = "easyref train: error: "
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_models) -> Path:
-    root = tmp_path_factory.mktemp("ckpt_writes")
-    write_groups(root / "groups")
-    write_params(root / "params.yaml", tiny_models, root / "groups")
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_store(root / "mlflow.db")
-    yield root
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
-
-
-def train_args(work: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--stage", "pretrain", "--params", str(work / "params.yaml"), "--out", str(out), *extra]
+    with train_workspace(tmp_path_factory.mktemp("ckpt_writes"), tiny_models) as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

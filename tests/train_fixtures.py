@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -66,3 +68,27 @@ def easyref_run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.
 def message_lines(stderr: str) -> list[str]:
     """The lines of a command's stderr that say something to the user, less the thread-count notice."""
     return [line for line in stderr.strip().splitlines() if not line.startswith("[easyref] CPU threads")]
+
+
+@contextmanager
+def train_workspace(root: Path, tiny_models: Path) -> Iterator[Path]:
+    """``root`` with two small groups, a ``params.yaml`` for the tiny models and, while open, this process's MLflow
+    tracking URI on a fresh store there (restored on leaving)."""
+    from components.testing import mlflow_store
+
+    write_groups(root / "groups")
+    write_params(root / "params.yaml", tiny_models, root / "groups")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_store(root / "mlflow.db")
+    try:
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def train_args(work: Path, out: Path, *extra: str) -> list[str]:
+    """``easyref train`` of stage 1 with the workspace's params into ``out``."""
+    return ["train", "--stage", "pretrain", "--params", str(work / "params.yaml"), "--out", str(out), *extra]
