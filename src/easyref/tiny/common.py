@@ -4,6 +4,7 @@ the optimizer step with its progress bar."""
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,3 +71,22 @@ def take_step(loss: Any, opt: Any, schedule: Any, losses: list[float], bar: Any)
         schedule.step()
     losses.append(float(loss.detach()))
     bar.set_postfix(loss=f"{losses[-1]:.4f}")
+
+
+def run_record(part: str, config: PretrainConfig, code_files: list[str], losses: list[float], started: float,
+               **extra: Any) -> dict[str, Any]:
+    """The manifest fields every pretrained part records (``assets.publish`` adds the files' sha256)."""
+    import torch
+
+    from easyref.tiny import assets
+
+    return {
+        "part": part,
+        "config": asdict(config),
+        "code_sha256": assets.code_fingerprint(code_files),
+        "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})",
+        **extra,
+        "loss_last100": sum(losses[-100:]) / len(losses[-100:]),
+        "seconds": round(time.time() - started, 1),
+        "torch": torch.__version__,
+    }

@@ -19,12 +19,12 @@ import argparse
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from easyref.tiny import assets
-from easyref.tiny.common import PretrainConfig, add_config_arguments, config_from_args, take_step
+from easyref.tiny.common import PretrainConfig, add_config_arguments, config_from_args, run_record, take_step
 
 SUBFOLDER = "sdxl_models"
 WEIGHTS = "ip-adapter_sdxl.safetensors"
@@ -160,28 +160,18 @@ def pretrain_ip_adapter(out: Path, config: IPAdapterPretrainConfig) -> dict[str,
 
     torch.set_num_threads(config.threads)
     started = time.time()
-    staged = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staged, ignore_errors=True)
-    folder = staged / SUBFOLDER
-    image_encoder(assets.asset("ip_clip"), folder / "image_encoder")
     with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "ip_adapter" / SUBFOLDER
+        image_encoder(assets.asset("ip_clip"), folder / "image_encoder")
         sdxl = build.write_sdxl(Path(tmp) / "sdxl", seed=config.seed)
         assets.install(assets.asset("sdxl"), sdxl, build.SDXL_TRAINED)
         tensors, losses = train_ip_adapter(sdxl, folder / "image_encoder", config)
-    save_file(tensors, folder / WEIGHTS)
-    base = assets.read_manifest(assets.asset("sdxl"))
-    manifest = {
-        "part": "ip_adapter",
-        "config": asdict(config),
-        "code_sha256": assets.code_fingerprint([__file__]),
-        "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})",
-        "base_unet_sha256": base["files"]["unet/diffusion_pytorch_model.safetensors"],
-        "image_encoder_from": "tiny_ip_clip",
-        "loss_last100": sum(losses[-100:]) / len(losses[-100:]),
-        "seconds": round(time.time() - started, 1),
-        "torch": torch.__version__,
-    }
-    return assets.publish(staged, out, manifest)
+        save_file(tensors, folder / WEIGHTS)
+        base = assets.read_manifest(assets.asset("sdxl"))
+        record = run_record("ip_adapter", config, [__file__], losses, started,
+                            base_unet_sha256=base["files"]["unet/diffusion_pytorch_model.safetensors"],
+                            image_encoder_from="tiny_ip_clip")
+        return assets.publish(folder.parent, out, record)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,12 +19,19 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from easyref.tiny import assets
-from easyref.tiny.common import PretrainConfig, add_config_arguments, config_from_args, take_step, warmed_adamw
+from easyref.tiny.common import (
+    PretrainConfig,
+    add_config_arguments,
+    config_from_args,
+    run_record,
+    take_step,
+    warmed_adamw,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -224,11 +231,11 @@ def pretrain_judge(part: str, out: Path, config: JudgeConfig) -> dict[str, Any]:
     """Write a random judge of the tiny architecture, train it, check it, and publish it to ``out``."""
     import torch
 
+    from easyref.data import demo
     from easyref.tiny import build
 
     torch.set_num_threads(config.threads)
     started = time.time()
-    staged = out.with_name(out.name + ".tmp")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / part
         if part == "dino":
@@ -238,27 +245,9 @@ def pretrain_judge(part: str, out: Path, config: JudgeConfig) -> dict[str, Any]:
             build.write_clip(folder, config.seed)
             losses = train_clip(folder, config)
         assets.forget_source_path(folder / "config.json")
-        import shutil
+        record = run_record(part, config, [__file__, build.__file__, demo.__file__], losses, started)
+        return assets.publish(folder, out, {**record, "check": check(part, folder)})
 
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(folder, staged)
-    manifest = {
-        "part": part,
-        "config": asdict(config),
-        "code_sha256": assets.code_fingerprint([__file__, build.__file__, _data_module_file()]),
-        "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})",
-        "loss_last100": sum(losses[-100:]) / len(losses[-100:]),
-        "seconds": round(time.time() - started, 1),
-        "torch": torch.__version__,
-        "check": check(part, staged),
-    }
-    return assets.publish(staged, out, manifest)
-
-
-def _data_module_file() -> str:
-    from easyref.data import demo
-
-    return demo.__file__
 
 
 # -- command line -----------------------------------------------------------------------------------------------------

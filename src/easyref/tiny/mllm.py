@@ -16,15 +16,21 @@ names the right colour, shape and pattern.
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from easyref.tiny import assets
-from easyref.tiny.common import PretrainConfig, add_config_arguments, config_from_args, take_step, warmed_adamw
+from easyref.tiny.common import (
+    PretrainConfig,
+    add_config_arguments,
+    config_from_args,
+    run_record,
+    take_step,
+    warmed_adamw,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -215,25 +221,14 @@ def pretrain_mllm(out: Path, config: MLLMPretrainConfig) -> dict[str, Any]:
 
     torch.set_num_threads(config.threads)
     started = time.time()
-    staged = out.with_name(out.name + ".tmp")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "mllm"
         build.write_qwen2vl(folder, config.seed)
         losses = train_mllm(folder, config)
         assets.forget_source_path(folder / "config.json")
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(folder, staged)
-    manifest = {
-        "part": "mllm",
-        "config": asdict(config),
-        "code_sha256": assets.code_fingerprint([__file__, build.__file__, demo.__file__, model_module.__file__]),
-        "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})",
-        "loss_last100": sum(losses[-100:]) / len(losses[-100:]),
-        "seconds": round(time.time() - started, 1),
-        "torch": torch.__version__,
-        "check": check(staged, config),
-    }
-    return assets.publish(staged, out, manifest)
+        code = [__file__, build.__file__, demo.__file__, model_module.__file__]
+        record = run_record("mllm", config, code, losses, started)
+        return assets.publish(folder, out, {**record, "check": check(folder, config)})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
