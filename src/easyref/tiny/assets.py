@@ -30,8 +30,10 @@ NOT_MODEL = (MANIFEST, PREVIEW, "checksums.sha256")
 
 def file_checksums(folder: Path) -> dict[str, str]:
     """sha256 of every model file under ``folder`` (not :data:`NOT_MODEL`), by relative path."""
+    from easyref.data.parquet import sha256_file
+
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(folder)): sha256_file(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in NOT_MODEL
     }
