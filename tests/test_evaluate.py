@@ -146,6 +146,7 @@ def evaluation(tiny_models, checkpoint, tmp_path_factory) -> Path:
     params.write_text(
         "evaluate:\n  batch_size: 2\n  report_samples: 2\n  reference_gain:\n    timesteps: 2\n"
         "  report_note: tiny models, toy data\n  lora_baseline:\n    steps: 3\n  caption_subsets:\n    no_zero: ['0']\n"
+        "  palette: {red: [215, 30, 35], blue: [30, 70, 210], green: [30, 150, 60]}\n"
         f"  dreambench:\n    folder: {dreambench}\n"
     )
     code = main(
@@ -194,6 +195,10 @@ def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
     table = pd.read_csv(evaluation / "out/samples.csv")
     sub = table.query("section == 'held_out' and method == 'easyref' and group != 'group-0'")
     assert metrics["no_zero/easyref.colour"] == pytest.approx(sub["colour"].mean(), abs=1e-5)
+    # with a palette, colour_match is a rate: each sample's share of targets with its generated image's colour
+    rows = table.query("section == 'held_out' and method == 'easyref'")
+    assert set(rows["colour_match"].unique()) <= {0.0, 1.0}  # one target per held-out sample here
+    assert metrics["easyref.colour_match"] == pytest.approx(rows["colour_match"].mean(), abs=1e-5)
     # paired: EasyRef minus each baseline on the same samples, per section (Table 3's comparison)
     held_out = table.query("section == 'held_out'").set_index("sample_id")
     for baseline in ("text", "ip_adapter", "lora", "easyref_swapped"):

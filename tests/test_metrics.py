@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,28 @@ def test_unloadable_metric_model_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="evaluate.metrics.clip"):
         ClipEmbedder.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_named_colour_tells_every_demo_colour_and_orange_from_brown():
+    """The colour_match metric's classifier names the subject colour of drawn demo images (all 8, patterns
+    included; one hue for orange and brown), and no colour for a plain background."""
+    from PIL import Image
+
+    from easyref.data.demo import BACKGROUNDS, COLOURS
+    from easyref.metrics import named_colour
+    from easyref.tiny.data import CHECK_SEED, draw
+
+    drawn = draw(CHECK_SEED, 1)
+    grounds = list(BACKGROUNDS.values())
+    named = [named_colour(d.image, COLOURS, grounds) for d in drawn]
+    assert named == [d.subject.colour for d in drawn]
+    assert named_colour(Image.new("RGB", (64, 64), BACKGROUNDS["cream"]), COLOURS, grounds) is None
+
+
+def test_params_palette_is_the_demo_data_palette():
+    from easyref.config import load_yaml
+    from easyref.data.demo import BACKGROUNDS, COLOURS
+
+    params = load_yaml(Path(__file__).resolve().parent.parent / "params.yaml")["evaluate"]
+    assert {k: tuple(v) for k, v in params["palette"].items()} == COLOURS
+    assert [tuple(v) for v in params["palette_backgrounds"]] == list(BACKGROUNDS.values())

@@ -11,8 +11,9 @@ import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METRICS = ("clip_i", "clip_t", "dino_i", "colour")
-METRIC_LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I", "colour": "Colour"}
+METRICS = ("clip_i", "clip_t", "dino_i", "colour", "colour_match")
+METRIC_LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_i": "DINO-I", "colour": "Colour",
+                 "colour_match": "Colour match"}
 SWAPPED = "easyref_swapped"
 """The checkpoint generating with another group's references (same caption and seed): the visual reference check."""
 TEXT = "text"
@@ -159,6 +160,12 @@ class EvaluateConfig:
     e.g. ``no_colour: [red, blue, ...]``: the samples where only the references show the colour."""
     report_note: str = ""
     """One line at the top of the report saying what this evaluation can and cannot show."""
+    palette: dict[str, list[int]] = field(default_factory=dict)
+    """Named subject colours (``red: [215, 30, 35]``); when given, the metric ``colour_match`` is the share of
+    targets whose subject is drawn in the same named colour as the generated image's (a rate, where ``colour`` is
+    a similarity). Data whose subjects have no such palette (real photographs) leave it empty."""
+    palette_backgrounds: list[list[int]] = field(default_factory=list)
+    """Background colours that are nobody's subject (pixels near them do not vote for a colour)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -171,5 +178,8 @@ class EvaluateConfig:
             raise ValueError(f"unknown baseline(s) {unknown}; choose from {', '.join(known)}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        for name, rgb in {**self.palette, **dict(enumerate(self.palette_backgrounds))}.items():
+            if len(rgb) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in rgb):
+                raise ValueError(f"palette: {name!r} must be three integers 0-255 (R, G, B), got {rgb!r}")
         if PAIRED in self.caption_subsets:
             raise ValueError(f"caption_subsets: {PAIRED!r} names the paired comparisons' keys; choose another name")

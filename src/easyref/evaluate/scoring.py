@@ -42,7 +42,7 @@ def score(
     import pandas as pd
     import torch
 
-    from easyref.metrics import EmbeddingCache, colour_similarity, cosine
+    from easyref.metrics import EmbeddingCache, colour_similarity, cosine, named_colour
 
     clip, dino = embedders or load_embedders(config, device)
     cache = EmbeddingCache(cache_file)
@@ -51,6 +51,9 @@ def score(
     target_emb = {e.name: cache.embed_files(e, targets, store) for e in (clip, dino)}
     cache.save()
     captions = clip.embed_texts([s.caption for s in samples])
+    palette = {name: tuple(rgb) for name, rgb in config.palette.items()}
+    grounds = [tuple(rgb) for rgb in config.palette_backgrounds]
+    target_colour = {t: named_colour(store(t), palette, grounds) for t in targets} if palette else {}
     rows = []
     for method, images in generated.items():
         gen = {e.name: e.embed_images(images) for e in (clip, dino)}
@@ -69,6 +72,10 @@ def score(
                 row[key] = float(cosine(g, target_emb[name][torch.tensor(t_idx)]).mean())
             row["clip_t"] = float(clip_t[i])
             row["colour"] = sum(colour_similarity(images[i], store(t)) for t in sample.targets) / len(sample.targets)
+            if palette:
+                drawn = named_colour(images[i], palette, grounds)
+                row["colour_match"] = sum(drawn is not None and drawn == target_colour[t]
+                                          for t in sample.targets) / len(sample.targets)
             rows.append(row)
     return pd.DataFrame(rows)
 
