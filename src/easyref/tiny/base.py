@@ -8,14 +8,16 @@ same diffusers classes and on-disk layout:
 2. its ``scaling_factor`` is calibrated as Stable Diffusion's was: 1 / std of the latents of the training images,
    so scaled latents have unit variance and the diffusion schedule means what it says;
 3. the UNet and both CLIP text encoders are trained text-to-image (epsilon MSE, DDPM schedule, 10% empty
-   captions for classifier-free guidance) on those latents.
+   captions for classifier-free guidance, half the captions naming colour, pattern and shape) on those latents.
 
-The data is the demo dataset drawn with another seed (:attr:`BasePretrainConfig.data_seed`) than the one the demo
-trains and evaluates EasyRef on: the base knows every colour, shape and pattern, but has never seen an image of the
-demo's test sets. Everything is seeded and runs with a fixed number of threads, so the same command gives the
-same bytes on the same kind of machine. The result is packaged with the library (``easyref/assets/tiny_sdxl``) and
-``easyref tiny-models`` starts from it; ``pretrain.json`` there records the settings, the data and code it was made
-from, and the checksum of every file.
+Both trainings end on a cosine decay of their learning rate. The data is demo-style images drawn by
+:func:`easyref.tiny.data.draw` with another seed than the demo's: the base knows every colour, shape and pattern,
+but has never seen an image of the demo's test sets. Everything is seeded and runs with a fixed number of threads,
+so the same command gives the same bytes on the same kind of machine. The result is packaged with the library
+(``easyref/assets/tiny_sdxl``) and ``easyref tiny-models`` starts from it; ``pretrain.json`` there records the
+settings, the data and code it was made from, the checksum of every file and the base's check
+(:mod:`easyref.tiny.base_check`: the VAE's error per colour, the share of text-to-image samples in the named colour
+and shape), and ``preview.png`` shows it.
 """
 
 from __future__ import annotations
@@ -182,6 +184,7 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[st
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
+    from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -193,6 +196,11 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[st
                                  final=config.final_lr)
     factor = pipe.vae.config.scaling_factor
     side = config.resolution
+    # Captions past the encoders' 77 byte tokens are cut by the pipeline (the subject words come first, the
+    # background last); its warning for every such batch would bury the progress bar.
+    quiet = diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl")
+    level = quiet.level
+    quiet.setLevel(diffusers_logging.ERROR)
     time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).repeat(config.unet_batch, 1)
     losses = []
     bar = tqdm(range(config.unet_steps), desc="unet", dynamic_ncols=True)
@@ -212,6 +220,7 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[st
         pred = pipe.unet(noisy, t, encoder_hidden_states=text,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         take_step(F.mse_loss(pred, noise), opt, schedule, losses, bar)
+    quiet.setLevel(level)
     for m in modules:
         m.eval().requires_grad_(False)
     return losses
