@@ -49,13 +49,10 @@ class MLLMPretrainConfig(PretrainConfig):
     """How the tiny MLLM is pretrained (the defaults made the packaged one)."""
 
     data_seed: int = 3001
-    per_subject: int = 128
-    steps: int = 6000
+    steps: int = 4000
     batch: int = 12
     warmup: int = 100
     """Steps of linear learning-rate warm-up."""
-    final_lr: float = 0.1
-    """The training ends on this share of the learning rate (cosine decay after the warm-up)."""
     min_pixels: int = 16 * 28 * 28
     """Image sizes as the tiny profile's EasyRef reads its references (params.yaml train.model)."""
     max_pixels: int = 25 * 28 * 28
@@ -158,8 +155,7 @@ def train_mllm(folder: Path, config: MLLMPretrainConfig) -> list[float]:
     processor.image_processor = _MemoImageProcessor(processor.image_processor)
     model = Qwen2VLForConditionalGeneration.from_pretrained(folder)
     generator = torch.Generator().manual_seed(config.seed)
-    opt, warm = warmed_adamw(list(model.parameters()), config.lr, config.warmup, total=config.steps,
-                             final=config.final_lr)
+    opt, warm = warmed_adamw(list(model.parameters()), config.lr, config.warmup)
     model.train()
     losses = []
     for _ in (bar := tqdm(range(config.steps), desc="mllm", dynamic_ncols=True)):
