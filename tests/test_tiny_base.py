@@ -102,3 +102,12 @@ def test_base_check_sees_the_trained_vae_keep_colours_a_random_one_loses(tiny_mo
     random = vae_colour_error(AutoencoderKL.from_pretrained(write_sdxl(tmp_path / "random", seed=0) / "vae"))
     assert len(trained) == 8 and trained.keys() == random.keys()
     assert sum(trained.values()) < 0.6 * sum(random.values()), (trained, random)
+
+
+def test_base_check_command_names_a_missing_model_folder(tmp_path, capsys):
+    from easyref.tiny.base_check import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2
+    assert "no model_index.json" in capsys.readouterr().err

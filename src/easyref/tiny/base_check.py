@@ -85,12 +85,11 @@ def text_to_image_rates(pipe: Any, clip_folder: Path, seeds: int = 1, steps: int
         "shape_rate": round(sum(shapes) / len(shapes), 3),
         "judge_shape_rate": round(sum(judge) / len(judge), 3),
         "colour_rate_per_colour": {c: round(sum(v) / len(v), 2) for c, v in per_colour.items()},
-        "images": images,
     }
 
 
 def check(sdxl: Path, clip_folder: Path, seeds: int = 1) -> dict[str, Any]:
-    """The base's check (see the module docstring); ``images`` holds the text-to-image samples it judged."""
+    """The base's check (see the module docstring)."""
     from easyref.quiet import quiet_pil_fallback
 
     quiet_pil_fallback()  # before diffusers imports CLIPImageProcessor
@@ -104,24 +103,26 @@ def check(sdxl: Path, clip_folder: Path, seeds: int = 1) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m easyref.tiny.base_check [SDXL_FOLDER] [CLIP_FOLDER]``: print the check of a tiny base as JSON
-    (default: the packaged base, judged by the packaged CLIP)."""
+    (default: the tiny models that ``easyref tiny-models`` wrote to ``models/tiny``)."""
     import argparse
     import json
 
     import torch
 
-    from easyref.tiny.assets import asset
-
     parser = argparse.ArgumentParser(prog="python -m easyref.tiny.base_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sdxl", nargs="?", type=Path, default=asset("sdxl"), help="an SDXL pipeline folder")
-    parser.add_argument("clip", nargs="?", type=Path, default=asset("clip"), help="the CLIP judge's folder")
+    parser.add_argument("sdxl", nargs="?", type=Path, default=Path("models/tiny/sdxl"),
+                        help="an SDXL pipeline folder (default: models/tiny/sdxl)")
+    parser.add_argument("clip", nargs="?", type=Path, default=Path("models/tiny/clip"),
+                        help="the CLIP judge's folder (default: models/tiny/clip)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
+    for folder, marker in ((args.sdxl, "model_index.json"), (args.clip, "config.json")):
+        if not (folder / marker).is_file():
+            parser.error(f"{folder}: no {marker}; write the tiny models first (easyref tiny-models --out models/tiny)"
+                         " or give the folders")
     torch.set_num_threads(args.threads)
-    result = check(args.sdxl, args.clip)
-    result.pop("images")
-    print(json.dumps(result, indent=2))
+    print(json.dumps(check(args.sdxl, args.clip), indent=2))
     return 0
 
 
