@@ -25,12 +25,13 @@ def processor(tiny_models, model_config) -> ReferenceProcessor:
 def _unet_inputs(unet, batch: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     cross = unet.config.cross_attention_dim
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
     return dict(
         sample=torch.randn(batch, 4, 16, 16, generator=g),
         timestep=torch.tensor([10, 500])[:batch],
         encoder_hidden_states=torch.randn(batch, 7, cross, generator=g),
         added_cond_kwargs={
-            "text_embeds": torch.randn(batch, 32, generator=g),
+            "text_embeds": torch.randn(batch, pooled, generator=g),
             "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]]).repeat(batch, 1),
         },
     )

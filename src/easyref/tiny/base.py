@@ -7,15 +7,22 @@ same diffusers classes and on-disk layout:
 1. the VAE is trained as an autoencoder (reconstruction MSE plus a small KL term, sampling the posterior);
 2. its ``scaling_factor`` is calibrated as Stable Diffusion's was: 1 / std of the latents of the training images,
    so scaled latents have unit variance and the diffusion schedule means what it says;
-3. the UNet and both CLIP text encoders are trained text-to-image (epsilon MSE, DDPM schedule, 10% empty
-   captions for classifier-free guidance) on those latents.
+3. the two text encoders are pretrained CLIP text towers, frozen, as SDXL's are (OpenAI CLIP ViT-L/14's and
+   OpenCLIP ViT-bigG/14's): the tiny judge CLIP's (``tiny_clip``) and the CLIP whose image tower is the
+   IP-Adapter's encoder (``tiny_ip_clip``), both trained contrastively on demo-style images by
+   :mod:`easyref.tiny.judges`; so the words of a caption reach the UNet already told apart by colour, shape and
+   pattern;
+4. the UNet alone is trained text-to-image (epsilon MSE, DDPM schedule, 10% empty captions for classifier-free
+   guidance, half the captions naming colour, pattern and shape) on those latents.
 
-The data is the demo dataset drawn with another seed (:attr:`BasePretrainConfig.data_seed`) than the one the demo
-trains and evaluates EasyRef on: the base knows every colour, shape and pattern, but has never seen an image of the
-demo's test sets. Everything is seeded and runs with a fixed number of threads, so the same command gives the
-same bytes on the same kind of machine. The result is packaged with the library (``easyref/assets/tiny_sdxl``) and
-``easyref tiny-models`` starts from it; ``pretrain.json`` there records the settings, the data and code it was made
-from, and the checksum of every file.
+Both trainings end on a cosine decay of their learning rate. The data is demo-style images drawn by
+:func:`easyref.tiny.data.draw` with another seed than the demo's: the base knows every colour, shape and pattern,
+but has never seen an image of the demo's test sets. Everything is seeded and runs with a fixed number of threads,
+so the same command gives the same bytes on the same kind of machine. The result is packaged with the library
+(``easyref/assets/tiny_sdxl``) and ``easyref tiny-models`` starts from it; ``pretrain.json`` there records the
+settings, the data and code it was made from, the checksum of every file and the base's check
+(:mod:`easyref.tiny.base_check`: the VAE's error per colour, the share of text-to-image samples in the named colour
+and shape), and ``preview.png`` shows it.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from typing import Any
 from easyref.tiny.assets import asset as _asset
 from easyref.tiny.assets import code_fingerprint, forget_source_path, publish
 from easyref.tiny.build import SDXL_TRAINED as TRAINED
+from easyref.tiny.common import take_step, warmed_adamw
 
-HELP = "pretrain the tiny SDXL base (VAE, then UNet + text encoders) on demo data, offline"
+HELP = "pretrain the tiny SDXL base (VAE, then the UNet on frozen CLIP text towers) on demo data, offline"
 ASSET = _asset("sdxl")
 
 
@@ -42,11 +50,13 @@ class BasePretrainConfig:
 
     seed: int = 0
     """Seed of the random tiny models the training starts from and of the training's own randomness."""
-    data_seed: int = 1
-    """Seed of the demo data drawn for base pretraining (the demo itself uses seed 0)."""
+    data_seed: int = 1002
+    """Seed of the pretraining images (:func:`easyref.tiny.data.draw`; the demo itself uses seed 0)."""
+    per_subject: int = 16
+    """Images drawn per catalogue subject (48 subjects)."""
     resolution: int = 64
     """Training images are resized to this square side (the UNet's native size)."""
-    vae_steps: int = 800
+    vae_steps: int = 3000
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
@@ -56,41 +66,90 @@ class BasePretrainConfig:
     chroma_weight: float = 1.0
     """Weight of the colour (Cb, Cr) errors against the brightness (Y) error in the VAE's reconstruction loss; an
     autoencoder fits brightness first and colour last, so > 1 teaches it the colours sooner."""
-    unet_steps: int = 2500
+    unet_steps: int = 4000
     unet_batch: int = 16
     unet_lr: float = 5e-4
     warmup_steps: int = 200
+    final_lr: float = 0.1
+    """Both trainings end on this share of their learning rate (cosine decay after the warm-up)."""
     drop_caption: float = 0.1
     """Share of empty captions, so the unconditional branch of guidance is learned too."""
+    full_caption: float = 0.5
+    """Share of captions that name colour, pattern and shape; the rest are the demo's, which leave some out."""
+    text_encoder: str = "clip"
+    text_encoder_2: str = "ip_clip"
+    """The packaged tiny CLIPs (:func:`easyref.tiny.assets.asset`) whose text towers become the two text encoders."""
     threads: int = 1
     """torch threads; fixed, so that the result is reproducible."""
+
+
+def load_text_towers(pipe: Any, config: BasePretrainConfig) -> dict[str, str]:
+    """Put the text towers of the packaged tiny CLIPs into ``pipe`` as its two (frozen) text encoders; returns
+    the sha256 of each CLIP they came from (its ``model.safetensors``)."""
+    from transformers import CLIPModel
+
+    from easyref.data.parquet import sha256_file
+    from easyref.tiny.assets import asset
+
+    sources = {}
+    for name, part in (("text_encoder", config.text_encoder), ("text_encoder_2", config.text_encoder_2)):
+        folder = asset(part)
+        clip = CLIPModel.from_pretrained(folder)
+        encoder = getattr(pipe, name)
+        # CLIPModel names the tower `text_model.*` and its projection `text_projection.*`, as CLIPTextModelWithProjection
+        # does; this transformers' CLIPTextModel names the tower's parts without the prefix
+        wanted = set(encoder.state_dict())
+        weights = {}
+        for key, value in clip.state_dict().items():
+            bare = key.removeprefix("text_model.")
+            if key in wanted or bare in wanted:
+                weights[key if key in wanted else bare] = value
+        encoder.load_state_dict(weights, strict=True)
+        encoder.eval().requires_grad_(False)
+        sources[name] = f"tiny_{part} {sha256_file(folder / 'model.safetensors')}"
+    return sources
 
 
 def base_fingerprint() -> str:
     """sha256 of the code that shapes the pretrained base: this module, the tiny models and the demo data."""
     from easyref.data import demo
-    from easyref.tiny import build
+    from easyref.tiny import build, data
 
-    return code_fingerprint([build.__file__, demo.__file__, __file__])
+    return code_fingerprint([build.__file__, demo.__file__, data.__file__, __file__])
 
 
 # -- data -------------------------------------------------------------------------------------------------------------
 
 
-def load_pairs(folder: Path, resolution: int) -> tuple[Any, list[str], list[str]]:
-    """``(images (N, 3, R, R) in [-1, 1], captions, image paths)`` of a folder in the demo-data layout."""
+def to_tensor(images: list[Any], resolution: int) -> Any:
+    """PIL images as one ``(N, 3, R, R)`` tensor in [-1, 1]."""
     import numpy as np
     import torch
     from PIL import Image
 
+    arrays = [np.asarray(im.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC), np.float32)
+              for im in images]
+    return (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0).contiguous()
+
+
+def load_pairs(folder: Path, resolution: int) -> tuple[Any, list[list[str]]]:
+    """``(images, captions)`` of a folder in the demo-data layout (each image with its one caption)."""
+    from PIL import Image
+
     rows = [json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines() if line.strip()]
-    arrays = []
+    images = []
     for row in rows:
         with Image.open(folder / row["image"]) as im:
-            small = im.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
-        arrays.append(np.asarray(small, dtype=np.float32))
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return images.contiguous(), [row["caption"] for row in rows], [row["image"] for row in rows]
+            images.append(im.convert("RGB"))
+    return to_tensor(images, resolution), [[row["caption"]] for row in rows]
+
+
+def draw_pairs(config: BasePretrainConfig) -> tuple[Any, list[list[str]]]:
+    """``(images, captions)`` drawn for pretraining: each image with its demo caption and its full caption."""
+    from easyref.tiny.data import draw
+
+    drawn = draw(config.data_seed, config.per_subject)
+    return to_tensor([d.image for d in drawn], config.resolution), [[d.caption, d.full_caption] for d in drawn]
 
 
 # -- training ---------------------------------------------------------------------------------------------------------
@@ -114,7 +173,8 @@ def train_vae(vae: Any, images: Any, config: BasePretrainConfig, generator: Any)
         vae.quant_conv.weight[half:].zero_()
         vae.quant_conv.bias[half:].fill_(config.initial_logvar)
     vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    opt, schedule = warmed_adamw(list(vae.parameters()), config.vae_lr, 0, total=config.vae_steps,
+                                 final=config.final_lr)
     losses = []
     bar = tqdm(range(config.vae_steps), desc="vae", dynamic_ncols=True)
     for _ in bar:
@@ -127,11 +187,7 @@ def train_vae(vae: Any, images: Any, config: BasePretrainConfig, generator: Any)
         if config.chroma_weight != 1.0:
             chroma = torch.einsum("ij,bjhw->bihw", CHROMA, recon - batch)
             loss = loss + (config.chroma_weight - 1.0) * chroma.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        take_step(loss, opt, schedule, losses, bar)
     vae.eval().requires_grad_(False)
     return losses
 
@@ -154,23 +210,29 @@ def calibrate_scaling_factor(means: Any) -> float:
     return float(f"{1.0 / float(means.std()):.5g}")
 
 
-def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[str], config: BasePretrainConfig,
+def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[str]], config: BasePretrainConfig,
                         generator: Any) -> list[float]:
-    """UNet + both text encoders, epsilon MSE on the scaled latents; returns the loss per step."""
+    """The UNet on the frozen text encoders, epsilon MSE on the scaled latents; returns the loss per step.
+
+    ``captions[i]`` are image i's captions: the first its own (the demo's style), the second, where there is one,
+    its full caption, taken with probability ``full_caption``."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
+    from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    modules = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
-    params = [p for m in modules for p in m.parameters()]
-    for m in modules:
-        m.train().requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.0)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    pipe.unet.train().requires_grad_(True)
+    opt, schedule = warmed_adamw(list(pipe.unet.parameters()), config.unet_lr, config.warmup_steps, total=config.unet_steps,
+                                 final=config.final_lr)
     factor = pipe.vae.config.scaling_factor
     side = config.resolution
+    # Captions past the encoders' 77 byte tokens are cut by the pipeline (the subject words come first, the
+    # background last); its warning for every such batch would bury the progress bar.
+    quiet = diffusers_logging.get_logger("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl")
+    level = quiet.level
+    quiet.setLevel(diffusers_logging.ERROR)
     time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).repeat(config.unet_batch, 1)
     losses = []
     bar = tqdm(range(config.unet_steps), desc="unet", dynamic_ncols=True)
@@ -179,23 +241,20 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[str], c
         eps_z = torch.randn(means[idx].shape, generator=generator)
         latents = (means[idx] + stds[idx] * eps_z) * factor
         keep = torch.rand(config.unet_batch, generator=generator) >= config.drop_caption
-        prompts = [captions[i] if k else "" for i, k in zip(idx.tolist(), keep.tolist(), strict=True)]
-        text, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=latents.device, num_images_per_prompt=1,
-                                                do_classifier_free_guidance=False)
+        full = (torch.rand(config.unet_batch, generator=generator) < config.full_caption).long()
+        prompts = [captions[i][min(f, len(captions[i]) - 1)] if k else ""
+                   for i, k, f in zip(idx.tolist(), keep.tolist(), full.tolist(), strict=True)]
+        with torch.no_grad():
+            text, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=latents.device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False)
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (config.unet_batch,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, t)
         pred = pipe.unet(noisy, t, encoder_hidden_states=text,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        warmup.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    for m in modules:
-        m.eval().requires_grad_(False)
+        take_step(F.mse_loss(pred, noise), opt, schedule, losses, bar)
+    quiet.setLevel(level)
+    pipe.unet.eval().requires_grad_(False)
     return losses
 
 
@@ -207,7 +266,9 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from easyref.data.demo import write_demo_data
+    from easyref.tiny import base_check
+    from easyref.tiny.assets import PREVIEW
+    from easyref.tiny.assets import asset as packaged
     from easyref.tiny.build import write_sdxl
 
     torch.set_num_threads(config.threads)
@@ -215,88 +276,42 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         sdxl = write_sdxl(Path(tmp) / "sdxl", seed=config.seed)
-        source = f"demo-data --seed {config.data_seed}" if data is None else Path(data).name
         if data is None:
-            data = Path(tmp) / "data"
-            write_demo_data(data, seed=config.data_seed)
-        images, captions, _ = load_pairs(Path(data), config.resolution)
+            source = f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})"
+            images, captions = draw_pairs(config)
+        else:
+            source = Path(data).name
+            images, captions = load_pairs(Path(data), config.resolution)
         pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+        text_towers = load_text_towers(pipe, config)
         generator = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)
         vae_losses = train_vae(pipe.vae, images, config, generator)
         means, stds = encode_latents(pipe.vae, images)
         pipe.vae.register_to_config(scaling_factor=calibrate_scaling_factor(means))
         unet_losses = train_text_to_image(pipe, means, stds, captions, config, generator)
+        trained = Path(tmp) / "base"  # the whole pipeline, for the check and the preview
+        pipe.save_pretrained(trained)
         staged = Path(tmp) / "trained"
         for part in TRAINED:
             getattr(pipe, part).save_pretrained(staged / part)
             forget_source_path(staged / part / "config.json")
+        checked = base_check.check(trained, packaged("clip"))
+        base_check.write_preview(trained, staged / PREVIEW)
         manifest = {
             "config": asdict(config),
             "code_sha256": base_fingerprint(),
             "data": source,
             "images": len(captions),
+            "text_encoders_from": text_towers,
             "scaling_factor": pipe.vae.config.scaling_factor,
             "vae_loss_last100": sum(vae_losses[-100:]) / len(vae_losses[-100:]),
             "unet_loss_last100": sum(unet_losses[-100:]) / len(unet_losses[-100:]),
             "seconds": round(time.time() - started, 1),
             "torch": torch.__version__,
+            "check": {k: v for k, v in checked.items() if k != "images"},
         }
         return publish(staged, out, manifest)
-
-
-PREVIEW_CAPTIONS = (
-    "a large red circle in the centre on a white background",
-    "a large blue square in the centre on a white background",
-    "a large green triangle in the centre on a cream background",
-    "a large yellow star in the centre on a light grey background",
-    "a large striped purple hexagon in the centre on a white background",
-    "a large orange cross in the centre on a pale blue background",
-    "a large checkered teal circle in the centre on a white background",
-    "a large polka-dot brown square in the centre on a white background",
-)
-
-
-def write_preview(sdxl: Path, data: Path, png: Path, resolution: int = 64, seed: int = 0) -> None:
-    """A picture of what the base can do: demo images, their VAE reconstructions, text-to-image samples.
-
-    Rows: 8 demo images (one per colour), their reconstructions, then two seeds of 30-step DDIM samples (guidance
-    7.5) for :data:`PREVIEW_CAPTIONS`, whose captions are written under the grid.
-    """
-    from easyref.quiet import quiet_pil_fallback
-
-    quiet_pil_fallback()  # before diffusers imports CLIPImageProcessor
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-    from PIL import Image, ImageDraw
-
-    from easyref.data.demo import COLOURS
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    images, _, names = load_pairs(data, resolution)
-    picks = [next(i for i, n in enumerate(names) if colour in n.split("/")[0].split("-")) for colour in COLOURS]
-    with torch.no_grad():
-        recon = pipe.vae.decode(pipe.vae.encode(images[picks]).latent_dist.mean).sample
-    rows = [pipe.image_processor.postprocess(batch) for batch in (images[picks], recon)]
-    for s in (seed, seed + 1):
-        rows.append(pipe(list(PREVIEW_CAPTIONS), num_inference_steps=30, guidance_scale=7.5, height=resolution,
-                         width=resolution, generator=torch.Generator().manual_seed(s)).images)
-    cell, label = resolution * 2, 14
-    labels = ["demo images", "VAE reconstructions", "text to image, seed 0", "text to image, seed 1"]
-    canvas = Image.new("RGB", (8 * cell, len(rows) * (cell + label) + 8 * 12 + 6), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (row, text) in enumerate(zip(rows, labels, strict=True)):
-        y = r * (cell + label)
-        draw.text((2, y + 1), text, fill="black")
-        for c, im in enumerate(row):
-            canvas.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + label))
-    y = len(rows) * (cell + label) + 4
-    for i, caption in enumerate(PREVIEW_CAPTIONS):
-        draw.text((2, y + 12 * i), f"column {i + 1}: {caption}", fill="black")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(png)
 
 
 # -- command line -----------------------------------------------------------------------------------------------------
@@ -308,7 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="a folder in the demo-data layout (default: demo data drawn with --data-seed)")
     defaults = BasePretrainConfig()
-    for name in ("seed", "data_seed", "vae_steps", "unet_steps", "threads"):
+    for name in ("seed", "data_seed", "per_subject", "vae_steps", "unet_steps", "threads"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=f"(default {getattr(defaults, name)})")
     for name in ("vae_lr", "chroma_weight"):
@@ -319,14 +334,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from easyref.errors import UserError
 
-    for name in ("vae_steps", "unet_steps", "threads"):
+    for name in ("per_subject", "vae_steps", "unet_steps", "threads"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    config = BasePretrainConfig(seed=args.seed, data_seed=args.data_seed, vae_steps=args.vae_steps,
+    config = BasePretrainConfig(seed=args.seed, data_seed=args.data_seed, per_subject=args.per_subject,
+                                vae_steps=args.vae_steps,
                                 unet_steps=args.unet_steps, threads=args.threads, vae_lr=args.vae_lr,
                                 chroma_weight=args.chroma_weight)
     manifest = pretrain_base(args.out, config, args.data)
     print(f"pretrain-base: wrote {args.out} in {manifest['seconds']} s (scaling_factor "
           f"{manifest['scaling_factor']}, final losses vae {manifest['vae_loss_last100']:.4f}, "
-          f"unet {manifest['unet_loss_last100']:.4f})")
+          f"unet {manifest['unet_loss_last100']:.4f}); check {manifest['check']}")
     return 0

@@ -1,4 +1,5 @@
-"""What the tiny SDXL base can do, measured on held-back images and captions (``python -m easyref.tiny.base_check``).
+"""What the tiny SDXL base can do, measured on held-back images and captions (``python -m easyref.tiny.base_check``),
+and its preview picture.
 
 * ``vae_colour_error``: for each of the demo's 8 colours, how far (RGB distance, 0-255 scale) the mean colour of the
   subject's pixels moves through the VAE (encode, decode) on held-back images; 0 = kept exactly. A VAE that
@@ -99,6 +100,65 @@ def check(sdxl: Path, clip_folder: Path, seeds: int = 1) -> dict[str, Any]:
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return {"vae_colour_error": vae_colour_error(pipe.vae), **text_to_image_rates(pipe, clip_folder, seeds)}
+
+
+PREVIEW_CAPTIONS = (
+    "a large red circle in the centre on a white background",
+    "a large blue square in the centre on a white background",
+    "a large green triangle in the centre on a cream background",
+    "a large yellow star in the centre on a light grey background",
+    "a large striped purple hexagon in the centre on a white background",
+    "a large orange cross in the centre on a pale blue background",
+    "a large checkered teal circle in the centre on a white background",
+    "a large polka-dot brown square in the centre on a white background",
+)
+
+
+def write_preview(sdxl: Path, png: Path, seed: int = 0) -> None:
+    """A picture of what the base can do: held-back images, their VAE reconstructions, text-to-image samples.
+
+    Rows: 8 held-back images (one per colour), their reconstructions, then two seeds of 30-step DDIM samples
+    (guidance 7.5) for :data:`PREVIEW_CAPTIONS`, whose captions are written under the grid.
+    """
+    from easyref.quiet import quiet_pil_fallback
+
+    quiet_pil_fallback()  # before diffusers imports CLIPImageProcessor
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from PIL import Image, ImageDraw
+
+    from easyref.data.demo import COLOURS
+    from easyref.tiny.data import CHECK_SEED, draw
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    drawn = draw(CHECK_SEED, 1)
+    picks = [next(d.image for d in drawn if d.subject.colour == colour) for colour in COLOURS]
+    pixels = np.stack([np.asarray(im.convert("RGB").resize((side, side)), np.float32) for im in picks])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1
+    with torch.no_grad():
+        recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample
+    rows = [pipe.image_processor.postprocess(batch) for batch in (images, recon)]
+    for s in (seed, seed + 1):
+        rows.append(pipe(list(PREVIEW_CAPTIONS), num_inference_steps=30, guidance_scale=7.5, height=side,
+                         width=side, generator=torch.Generator().manual_seed(s)).images)
+    cell, label = side * 2, 14
+    labels = ["held-back images", "VAE reconstructions", "text to image, seed 0", "text to image, seed 1"]
+    canvas = Image.new("RGB", (8 * cell, len(rows) * (cell + label) + 8 * 12 + 6), "white")
+    draw_on = ImageDraw.Draw(canvas)
+    for r, (row, text) in enumerate(zip(rows, labels, strict=True)):
+        y = r * (cell + label)
+        draw_on.text((2, y + 1), text, fill="black")
+        for c, im in enumerate(row):
+            canvas.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + label))
+    y = len(rows) * (cell + label) + 4
+    for i, caption in enumerate(PREVIEW_CAPTIONS):
+        draw_on.text((2, y + 12 * i), f"column {i + 1}: {caption}", fill="black")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(png)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,23 +58,24 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _clip_text_config(tokenizer, **overrides):
+def _clip_text_config(tokenizer):
+    """The text tower of every tiny CLIP: the judges' and SDXL's two text encoders (SDXL's are CLIP text towers:
+    OpenAI CLIP ViT-L/14's and OpenCLIP ViT-bigG/14's; the tiny base takes the tiny CLIPs' trained towers)."""
     from transformers import CLIPTextConfig
 
-    settings = dict(
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32,
-        intermediate_size=37,
+        hidden_size=64,
+        intermediate_size=128,
         num_attention_heads=4,
-        num_hidden_layers=2,
+        num_hidden_layers=3,
         max_position_embeddings=77,
         hidden_act="gelu",
-        projection_dim=32,
+        projection_dim=64,
     )
-    return CLIPTextConfig(**{**settings, **overrides})
 
 
 def _seeded(seed: int, offset: int) -> None:
@@ -105,10 +106,10 @@ def write_sdxl(path: Path, seed: int, width: int = 1) -> Path:
         attention_head_dim=(2 * width, 4 * width),
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
-        cross_attention_dim=64,  # = text_encoder + text_encoder_2 hidden sizes, as 768 + 1280 = 2048 in SDXL
+        cross_attention_dim=128,  # = text_encoder + text_encoder_2 hidden sizes, as 768 + 1280 = 2048 in SDXL
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text (32)
+        projection_class_embeddings_input_dim=112,  # 6 time ids x 8 + pooled text (64)
         norm_num_groups=8,
     )
     _seeded(seed, 2)
@@ -257,7 +258,7 @@ def write_clip(path: Path, seed: int) -> None:
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer = _clip_tokenizer()
-    text = _clip_text_config(tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=3, projection_dim=64)
+    text = _clip_text_config(tokenizer)
     config = CLIPConfig(text_config=text.to_dict(), vision_config=_clip_vision_config().to_dict(), projection_dim=64)
     _seeded(seed, 6)
     CLIPModel(config).save_pretrained(path)

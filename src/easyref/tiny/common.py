@@ -54,12 +54,22 @@ def config_from_args(defaults: Config, args: argparse.Namespace) -> Config:
     return replace(defaults, **given)
 
 
-def warmed_adamw(params: list[Any], lr: float, warmup: int, weight_decay: float = 0.0) -> tuple[Any, Any]:
-    """AdamW with a linear warm-up over ``warmup`` steps."""
+def warmed_adamw(params: list[Any], lr: float, warmup: int, weight_decay: float = 0.0, *, total: int = 0,
+                 final: float = 1.0) -> tuple[Any, Any]:
+    """AdamW with a linear warm-up over ``warmup`` steps; with ``total``, then a cosine decay that reaches
+    ``final`` x ``lr`` at step ``total``."""
+    import math
+
     import torch
 
+    def factor(step: int) -> float:
+        if step < warmup or total <= warmup:
+            return min(1.0, (step + 1) / max(1, warmup))
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def take_step(loss: Any, opt: Any, schedule: Any, losses: list[float], bar: Any) -> None:
