@@ -103,7 +103,7 @@ def test_base_draws_a_subject_on_a_pale_background(pipe):
 
 @pytest.mark.slow
 def test_pretrain_base_gives_the_same_bytes_twice(tmp_path):
-    config = BasePretrainConfig(vae_steps=2, unet_steps=2, vae_batch=2, unet_batch=2)
+    config = BasePretrainConfig(per_subject=1, vae_steps=2, unet_steps=2, vae_batch=2, unet_batch=2)
     first = pretrain_base(tmp_path / "a", config)
     second = pretrain_base(tmp_path / "b", config)
     assert first["files"] == second["files"]

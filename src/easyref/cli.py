@@ -16,7 +16,8 @@ from easyref.errors import UserError
 # command name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-models": ("easyref.tiny_models", "write the tiny SDXL / Qwen2-VL / CLIP / DINOv2 / IP-Adapter models"),
-    "pretrain-base": ("easyref.tiny.base", "pretrain the tiny SDXL base (VAE, then the UNet on frozen CLIP text towers) on demo data"),
+    "pretrain-base": ("easyref.tiny.base",
+                      "pretrain the tiny SDXL base (VAE, then the UNet on frozen CLIP text towers) on demo data"),
     "pretrain-tiny": ("easyref.tiny.cli", "pretrain a tiny judge, MLLM or IP-Adapter offline and package it"),
     "demo-data": ("easyref.data.demo", "write the synthetic demo dataset of image groups"),
     "ingest": ("easyref.data.ingest", "ingest image sources into a manifest of groups (with rejections)"),
