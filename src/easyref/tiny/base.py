@@ -12,8 +12,8 @@ same diffusers classes and on-disk layout:
    IP-Adapter's encoder (``tiny_ip_clip``), both trained contrastively on demo-style images by
    :mod:`easyref.tiny.judges`; so the words of a caption reach the UNet already told apart by colour, shape and
    pattern;
-4. the UNet alone is trained text-to-image (epsilon MSE, DDPM schedule, 10% empty captions for classifier-free
-   guidance, half the captions naming colour, pattern and shape) on those latents.
+4. the UNet alone is trained text-to-image (epsilon MSE, DDPM schedule, offset noise, 10% empty captions for
+   classifier-free guidance, half the captions naming colour, pattern and shape) on those latents.
 
 Both trainings end on a cosine decay of their learning rate. The data is demo-style images drawn by
 :func:`easyref.tiny.data.draw` with another seed than the demo's: the base knows every colour, shape and pattern,
@@ -66,7 +66,7 @@ class BasePretrainConfig:
     chroma_weight: float = 1.0
     """Weight of the colour (Cb, Cr) errors against the brightness (Y) error in the VAE's reconstruction loss; an
     autoencoder fits brightness first and colour last, so > 1 teaches it the colours sooner."""
-    unet_steps: int = 4000
+    unet_steps: int = 5000
     unet_batch: int = 16
     unet_lr: float = 5e-4
     warmup_steps: int = 200
@@ -76,6 +76,11 @@ class BasePretrainConfig:
     """Share of empty captions, so the unconditional branch of guidance is learned too."""
     full_caption: float = 0.5
     """Share of captions that name colour, pattern and shape; the rest are the demo's, which leave some out."""
+    noise_offset: float = 0.3
+    """Offset noise: each latent channel's noise gets one more normal draw times this, shared by all its pixels.
+    Without it an image's colours stay readable in the channel means of even the noisiest latents (signal-to-noise
+    0.1-0.3 at the last timestep, about 1 at nine tenths), so the UNet learns to take them from there rather than
+    from the caption, and from pure noise draws the colour the noise happens to suggest (docs/training.md)."""
     text_encoder: str = "clip"
     text_encoder_2: str = "ip_clip"
     """The packaged tiny CLIPs (:func:`easyref.tiny.assets.asset`) whose text towers become the two text encoders."""
@@ -96,8 +101,8 @@ def load_text_towers(pipe: Any, config: BasePretrainConfig) -> dict[str, str]:
         folder = asset(part)
         clip = CLIPModel.from_pretrained(folder)
         encoder = getattr(pipe, name)
-        # CLIPModel names the tower `text_model.*` and its projection `text_projection.*`, as CLIPTextModelWithProjection
-        # does; this transformers' CLIPTextModel names the tower's parts without the prefix
+        # CLIPModel names the tower `text_model.*` and its projection `text_projection.*`, as
+        # CLIPTextModelWithProjection does; this transformers' CLIPTextModel names the tower's parts without the prefix
         wanted = set(encoder.state_dict())
         weights = {}
         for key, value in clip.state_dict().items():
@@ -224,8 +229,8 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[st
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.unet.train().requires_grad_(True)
-    opt, schedule = warmed_adamw(list(pipe.unet.parameters()), config.unet_lr, config.warmup_steps, total=config.unet_steps,
-                                 final=config.final_lr)
+    opt, schedule = warmed_adamw(list(pipe.unet.parameters()), config.unet_lr, config.warmup_steps,
+                                 total=config.unet_steps, final=config.final_lr)
     factor = pipe.vae.config.scaling_factor
     side = config.resolution
     # Captions past the encoders' 77 byte tokens are cut by the pipeline (the subject words come first, the
@@ -248,6 +253,8 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[st
             text, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=latents.device, num_images_per_prompt=1,
                                                     do_classifier_free_guidance=False)
         noise = torch.randn(latents.shape, generator=generator)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (config.unet_batch,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, t)
         pred = pipe.unet(noisy, t, encoder_hidden_states=text,
@@ -326,7 +333,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("seed", "data_seed", "per_subject", "vae_steps", "unet_steps", "threads"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=f"(default {getattr(defaults, name)})")
-    for name in ("vae_lr", "chroma_weight"):
+    for name in ("vae_lr", "chroma_weight", "noise_offset"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
                             help=f"(default {getattr(defaults, name)})")
 
@@ -340,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     config = BasePretrainConfig(seed=args.seed, data_seed=args.data_seed, per_subject=args.per_subject,
                                 vae_steps=args.vae_steps,
                                 unet_steps=args.unet_steps, threads=args.threads, vae_lr=args.vae_lr,
-                                chroma_weight=args.chroma_weight)
+                                chroma_weight=args.chroma_weight, noise_offset=args.noise_offset)
     manifest = pretrain_base(args.out, config, args.data)
     print(f"pretrain-base: wrote {args.out} in {manifest['seconds']} s (scaling_factor "
           f"{manifest['scaling_factor']}, final losses vae {manifest['vae_loss_last100']:.4f}, "
