@@ -3,9 +3,10 @@
 The paper compares EasyRef with IP-Adapter-SDXL, a trained adapter: a CLIP image encoder (OpenCLIP ViT-bigG, not the
 CLIP that judges), an image projection to 4 tokens, and decoupled cross-attention whose ``to_k_ip`` / ``to_v_ip``
 start as copies of each layer's ``to_k`` / ``to_v``. Only the projection and those weights train; base and encoder
-stay frozen. The objective is the base's (epsilon MSE, DDPM schedule), conditioned on the CLIP embedding of the
-training image itself, with the image, the caption or both dropped 5% of the time each (IP-Adapter's recipe) so
-guidance works. At evaluation the multi-reference baseline feeds the mean embedding of the group's references.
+stay frozen. The objective is the base's and EasyRef's (epsilon MSE, DDPM schedule, offset noise), conditioned on
+the CLIP embedding of the training image itself, with the image, the caption or both dropped 5% of the time each
+(IP-Adapter's recipe) so guidance works. At evaluation the multi-reference baseline feeds the mean embedding of the
+group's references.
 
 The image encoder is the vision tower of the ``ip_clip`` judge (:mod:`easyref.tiny.judges`: a CLIP trained on other
 seeds than the CLIP that scores). The data is demo-style images drawn with other seeds than the demo's, with the
@@ -42,6 +43,8 @@ class IPAdapterPretrainConfig(PretrainConfig):
     """Probability of each of: image dropped, caption dropped, both dropped."""
     resolution: int = 64
     """Side the training images are resized to (the tiny UNet's native size)."""
+    noise_offset: float = 0.3
+    """Offset noise, as the tiny base's UNet was trained and EasyRef trains on it (``train.noise_offset``)."""
 
 
 def image_encoder(ip_clip: Path, out: Path) -> None:
@@ -104,6 +107,7 @@ def train_ip_adapter(sdxl: Path, encoder: Path, config: IPAdapterPretrainConfig)
     from easyref.captions import CaptionFit
     from easyref.metrics import _load_image_processor
     from easyref.tiny.data import draw
+    from easyref.train.recipe import training_noise
 
     drawn = draw(config.data_seed, config.per_subject)
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
@@ -141,7 +145,7 @@ def train_ip_adapter(sdxl: Path, encoder: Path, config: IPAdapterPretrainConfig)
         no_text = (draw_kind >= config.drop) & (draw_kind < 3 * config.drop)
         rows = [caption_index["" if t else drawn[i].caption] for i, t in zip(idx.tolist(), no_text.tolist(), strict=True)]
         image = torch.where(no_image[:, None], torch.zeros_like(embeds[idx]), embeds[idx])
-        noise = torch.randn(latents.shape, generator=generator)
+        noise = training_noise(latents.shape, config.noise_offset, generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch,), generator=generator)
         pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text[rows],
                     added_cond_kwargs={"text_embeds": pooled[rows], "time_ids": time_ids,

@@ -94,6 +94,10 @@ class TrainConfig:
     """Probability that a sample's references are dropped (one black image instead)."""
     drop_both: float = 0.1
     """Probability that both are dropped. The three events are exclusive, drawn once per sample."""
+    noise_offset: float = 0.0
+    """Offset noise: each latent channel's training noise gets one more normal draw times this, shared by all its
+    pixels (diffusers' ``--noise_offset``). Give the value the base was trained with (SDXL's report: 0.05; the tiny
+    base: 0.3), so that the adapter learns on the noise its UNet knows; 0 = plain Gaussian noise."""
     seed: int = 0
     """Seed of the data order, the noise, the timesteps, the CFG drops and freshly initialised weights."""
     num_workers: int = 0
@@ -152,7 +156,7 @@ class TrainConfig:
             raise ValueError(
                 f"lr must be a finite number > 0 (and at most {FLOAT32_MAX:.4g}, the largest float32), got {self.lr}"
             )
-        for name in ("weight_decay", "max_grad_norm"):
+        for name in ("weight_decay", "max_grad_norm", "noise_offset"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")

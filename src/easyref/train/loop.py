@@ -143,7 +143,8 @@ class Trainer:
         self.build_data()
         self.cache = ConditioningCache.open(config.cache_dir, self.base) if config.cache_dir else None
         self.conditioner = Conditioner(
-            self.base, (config.drop_text, config.drop_image, config.drop_both), cache=self.cache
+            self.base, (config.drop_text, config.drop_image, config.drop_both), cache=self.cache,
+            noise_offset=config.noise_offset,
         )
         self.build_optimizer()
 

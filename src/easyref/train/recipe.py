@@ -3,7 +3,8 @@
 Per sample, one draw decides the CFG drop (the paper's recipe): with ``drop_image`` the references become one
 black image (``None`` group), with ``drop_text`` the caption becomes empty for both the MLLM and the SDXL text
 encoders, with ``drop_both`` both happen. The target is VAE-encoded (``scaling_factor``), noised with the base
-model's DDPM schedule at ``t ~ U{0..999}``, and the model predicts the noise.
+model's DDPM schedule at ``t ~ U{0..999}`` (plus offset noise with ``noise_offset``), and the model predicts the
+noise.
 
 All randomness of a micro-step comes from one generator seeded by ``(seed, step, micro-step, rank)``, so a resumed
 run draws exactly what the uninterrupted run drew.
@@ -52,6 +53,15 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """``torch.autocast`` to ``dtype`` on ``device``, or nothing for ``None``."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def training_noise(shape: torch.Size, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise of ``shape`` (batch, channels, ...), plus ``offset`` x one normal draw per sample and channel
+    (offset noise; none drawn when ``offset`` is 0)."""
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn((*shape[:2], *[1] * (len(shape) - 2)), generator=generator)
+    return noise
 
 
 def draw_drops(
@@ -147,10 +157,11 @@ class Conditioner:
         drops: tuple[float, float, float],
         processor: ReferenceProcessor | None = None,
         cache: ConditioningCache | None = None,
+        noise_offset: float = 0.0,
     ):
         self.base, self.processor, self.cache = base, processor or base.processor, cache
         self.scheduler, self.device = base.noise_scheduler, base.device
-        self.drops = drops
+        self.drops, self.noise_offset = drops, noise_offset
         self.captions = CaptionFit.for_pipeline(base)  # the training captions' own counts (not the previews')
 
     def prepare(self, seed: int, rank: int) -> PrepareBatch:
@@ -215,7 +226,7 @@ class Conditioner:
         target = batch["target"]
         latents = self.encode_latents(target, generator)
         text, pooled = self.encode_text(captions)
-        noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
+        noise = training_noise(latents.shape, self.noise_offset, generator).to(self.device, latents.dtype)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (n,), generator=generator).to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
