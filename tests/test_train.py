@@ -149,6 +149,21 @@ def test_cfg_drops_are_exclusive_with_the_configured_rates():
     assert draw_drops(5, 0.1, 0.1, 0.1, step_generator(1, 2, 0, 0)) == draw_drops(5, 0.1, 0.1, 0.1, step_generator(1, 2, 0, 0))
 
 
+def test_offset_noise_moves_each_latent_channel_as_a_whole():
+    """Offset noise (`train.noise_offset`): one normal draw per sample and channel on top of the pixel noise, so a
+    channel's mean over a 16x16 latent varies by about the offset (0.3) instead of 1/16; 0 draws the plain noise."""
+    from easyref.train.recipe import step_generator, training_noise
+
+    shape = torch.Size((512, 4, 16, 16))
+    plain = training_noise(shape, 0.0, step_generator(0, 0, 0, 0))
+    assert torch.equal(plain, torch.randn(shape, generator=step_generator(0, 0, 0, 0)))
+    offset = training_noise(shape, 0.3, step_generator(0, 0, 0, 0))
+    shift = offset - plain  # the same for every pixel of a channel
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)
+    assert abs(float(plain.mean((2, 3)).std()) - 1 / 16) < 0.01
+    assert abs(float(offset.mean((2, 3)).std()) - (0.3**2 + 1 / 256) ** 0.5) < 0.02
+
+
 def test_trainjob_manifest_structure():
     from easyref.cli import build_parser
     from easyref.train.launch import config_from_args, render_trainjob

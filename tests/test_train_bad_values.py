@@ -24,8 +24,9 @@ from tests.train_fixtures import message_lines
         (("--num-workers", "-1"), "num_workers must be >= 0 (0 = load in the training process), got -1"),
         (("--seed", "-1"), "seed must be between 0 and 9223372036854775807, got -1"),
         (("--seed", str(2**64)), f"got {2**64}"),
+        (("--noise-offset=-0.1",), "noise_offset must be a finite number >= 0, got -0.1"),
     ],
-    ids=["lr-nan", "lr-inf", "lr-1e39", "lr-negative", "num-workers--1", "seed--1", "seed-2**64"],
+    ids=["lr-nan", "lr-inf", "lr-1e39", "lr-negative", "num-workers--1", "seed--1", "seed-2**64", "noise-offset--0.1"],
 )
 def test_values_that_cannot_train_exit_2_with_one_line_naming_the_value(work, tmp_path, capsys, flags, message):  # noqa: F811
     out = tmp_path / "out"

@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
     group.add_argument("--fsdp", action="store_true", default=None, help="shard with FSDP2 instead of DDP")
     group.add_argument("--seed", type=int)
+    group.add_argument("--noise-offset", dest="noise_offset", type=float,
+                       help="offset noise: one normal draw per sample and latent channel times this (0 = off)")
     group.add_argument("--num-workers", dest="num_workers", type=int)
     group.add_argument("--cache-dir", dest="cache_dir", help="conditioning cache folder (empty: off)")
     group.add_argument(
