@@ -120,6 +120,26 @@ def test_ip_adapter_was_trained_to_follow_its_image(tiny_models):
     assert float((other_loss > own).float().mean()) > 0.6
 
 
+def test_ip_adapter_baseline_had_the_training_budget_of_the_demos_stage_one():
+    """The two adapters are compared at equal training: the packaged IP-Adapter saw as many samples (steps x batch)
+    as the demo's stage 1 (`train.pretrain.max_steps` x `train.batch_size` x the 2 processes of dvc.yaml), with the
+    same offset noise. Changing either side asks for re-training the IP-Adapter (`easyref pretrain-tiny ip_adapter`)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())["train"]
+    processes = {int(n) for n in re.findall(r"--nproc_per_node (\d+) -m easyref.cli train --stage pretrain",
+                                            (root / "dvc.yaml").read_text())}
+    assert len(processes) == 1, processes
+    stage_one = params["pretrain"]["max_steps"] * params["batch_size"] * params.get("grad_accum", 1) * processes.pop()
+    config = json.loads((assets.asset("ip_adapter") / assets.MANIFEST).read_text())["config"]
+    assert config["steps"] * config["batch"] == stage_one
+    assert config["noise_offset"] == params["noise_offset"]
+
+
 def test_pretrain_tiny_refuses_bad_values_and_gives_the_same_bytes_twice(tmp_path, capsys):
     """`easyref pretrain-tiny PART`: one line for a bad value; a (shortened) run is reproducible to the byte."""
     from easyref.cli import main
