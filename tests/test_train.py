@@ -164,6 +164,20 @@ def test_offset_noise_moves_each_latent_channel_as_a_whole():
     assert abs(float(offset.mean((2, 3)).std()) - (0.3**2 + 1 / 256) ** 0.5) < 0.02
 
 
+def test_training_draws_the_configured_offset_noise(workdir, tiny_models, groups_dir, tracking_uri):
+    """`train.noise_offset` reaches the training step: the same seed and step with offset noise gives another loss,
+    and training twice with it gives the same loss (the offset comes from the step's generator too)."""
+    from easyref.train.loop import train
+
+    def first_loss(name: str, offset: float) -> float:
+        config = _config(tiny_models, groups_dir, max_steps=1, save_every=0, preview_every=-1, noise_offset=offset)
+        return train(config, out=workdir / name).losses[0]
+
+    plain, offset = first_loss("plain_noise", 0.0), first_loss("offset_noise", 3.0)
+    assert offset != plain
+    assert first_loss("offset_noise_again", 3.0) == offset
+
+
 def test_trainjob_manifest_structure():
     from easyref.cli import build_parser
     from easyref.train.launch import config_from_args, render_trainjob
