@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,3 +171,68 @@ def fast_params(params_file: Path) -> None:
     gate = params.get("register", {}).get("gate", [])
     params.setdefault("register", {})["gate"] = [r for r in gate if "min" not in r and "max" not in r]
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc (Linux)."""
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return tree
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its live descendants, deepest first."""
+    tree, order, level = _children(), [], [root]
+    while level:
+        order[:0] = level
+        level = [child for pid in level for child in tree.get(pid, [])]
+    return order
+
+
+def dump_stacks_and_stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop a hung process tree so that it says where it hung: each Python process in it (started with
+    ``PYTHONFAULTHANDLER=1``) prints every thread's stack on SIGABRT. The deepest processes go first, so their
+    parents are still alive to pass the stacks on (kfp.local and torchrun relay their children's output); what is
+    left after ``grace_s`` is killed."""
+    deadline = time.monotonic() + grace_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        tree = _children()
+        leaves = [pid for pid in _tree(proc.pid) if not tree.get(pid)]
+        for pid in leaves:
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+        time.sleep(2.0)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_watched(cmd: list[str], *, log: Path, timeout_s: float, **popen: Any) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with its stdout in ``log`` and its stderr in ``log`` + ``.stderr``; returns what
+    ``subprocess.run(..., capture_output=True, text=True)`` would. A run still going after ``timeout_s`` (keep it
+    under the test's own limit) is stopped by :func:`dump_stacks_and_stop` and fails the test with the end of its
+    output, where the stack of each process shows what it waited on."""
+    env = {**popen.pop("env", os.environ), "PYTHONFAULTHANDLER": "1"}
+    err = log.with_name(log.name + ".stderr")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out, err.open("w") as out_err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out_err, env=env, start_new_session=True, **popen)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            dump_stacks_and_stop(proc)
+            raise AssertionError(
+                f"{' '.join(map(str, cmd))} still ran after {timeout_s:.0f} s and was stopped; the end of its "
+                f"output ({log}):\n{log.read_text()[-12000:]}\nand of its stderr, with the stack of each "
+                f"process:\n{err.read_text()[-20000:]}"
+            ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), err.read_text())

@@ -13,7 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.testing import fast_params, fresh_copy, tool_env  # noqa: E402
+from components.testing import fast_params, fresh_copy, run_watched, tool_env  # noqa: E402
 
 STAGES = [
     "tiny_models",
@@ -29,7 +29,9 @@ STAGES = [
 
 
 def dvc(*args: str, cwd: Path, env: dict[str, str]) -> str:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    """``dvc ARGS`` in ``cwd``; its output (a hung run is stopped after 20 min with every process's stack)."""
+    done = run_watched([sys.executable, "-m", "dvc", *args], log=cwd.parent / f"dvc-{args[0]}.log",
+                       timeout_s=1200, cwd=cwd, env=env)
     if done.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done.stdout

@@ -15,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.testing import fast_params, tool_env  # noqa: E402
+from components.testing import fast_params, run_watched, tool_env  # noqa: E402
 
 TRAINING_EXECUTORS = ("exec-pretrain", "exec-finetune", "exec-finetune-2")
 
@@ -323,20 +323,11 @@ def test_local_runs_the_whole_pipeline_in_kfp_local(tmp_path: Path) -> None:
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     fast_params(params_file)
     env = tool_env(tmp_path)
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "pipelines" / "full.py"),
-            "--params",
-            str(params_file),
-            "local",
-            "--workdir",
-            str(tmp_path / "kfp"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+    # under 2 min on a free 2-core machine; past 20 min it has hung: stop it with each process's stack in the log
+    done = run_watched(
+        [sys.executable, str(ROOT / "pipelines" / "full.py"), "--params", str(params_file), "local",
+         "--workdir", str(tmp_path / "kfp")],
+        log=tmp_path / "full-local.log", timeout_s=1200, cwd=tmp_path, env=env,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "local run finished" in done.stdout
