@@ -54,6 +54,34 @@ def test_lora_tuning_lowers_the_loss_on_the_group(lora_run):
     assert len(losses) == 12 and np.mean(losses[-4:]) < np.mean(losses[:4])
 
 
+def test_lora_tuning_draws_offset_noise_when_asked(lora_run):
+    """`evaluate.lora_baseline.noise_offset` reaches the tuning steps: the same seeds give other losses with it."""
+    baseline, samples, store, config, _ = lora_run
+    import dataclasses
+
+    from easyref.evaluate.baselines.lora import ADAPTER
+
+    losses = {}
+    for offset in (0.0, 0.3, 0.3):
+        tuning = dataclasses.replace(config.lora_baseline, steps=2, noise_offset=offset)
+        with_offset = dataclasses.replace(config, lora_baseline=tuning)
+        losses.setdefault(offset, []).append(baseline.tune(samples[0], store, with_offset))
+        baseline.pipe.unet.delete_adapters(ADAPTER)
+    assert losses[0.3][0] == losses[0.3][1] and losses[0.3][0] != losses[0.0][0]
+
+
+def test_the_demo_tunes_the_lora_baseline_with_the_training_offset_noise():
+    from pathlib import Path
+
+    import yaml
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert params["evaluate"]["lora_baseline"]["noise_offset"] == params["train"]["noise_offset"] > 0
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="noise_offset must be a finite number >= 0"):
+            LoraBaselineConfig(noise_offset=bad)
+
+
 def _generators(samples):
     from easyref.evaluate.generation import seeded_generators
 

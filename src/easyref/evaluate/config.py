@@ -7,6 +7,7 @@ package of baselines) can import it without an import running back up. Baselines
 
 from __future__ import annotations
 
+import math
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +85,15 @@ class LoraBaselineConfig:
     """AdamW learning rate of the LoRA weights."""
     batch_size: int = 2
     """Reference images (with their captions) per fine-tuning step."""
+    noise_offset: float = 0.0
+    """Offset noise of the tuning steps, as ``train.noise_offset`` (give it the same value: EasyRef and the
+    IP-Adapter baseline train with it, and a like-for-like comparison tunes the LoRA with it too)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"lora_baseline: rank, steps and batch_size must be >= 1, got {self}")
+        if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
+            raise ValueError(f"lora_baseline: noise_offset must be a finite number >= 0, got {self.noise_offset}")
 
 
 @dataclass(kw_only=True)

@@ -60,7 +60,7 @@ class LoraBaseline:
         from peft import LoraConfig
 
         from easyref.model import LORA_TARGETS
-        from easyref.train.recipe import step_generator
+        from easyref.train.recipe import step_generator, training_noise
 
         lora: LoraBaselineConfig = config.lora_baseline
         unet, c = self.pipe.unet, self.conditioner
@@ -88,7 +88,7 @@ class LoraBaseline:
             pick = torch.randint(0, len(images), (lora.batch_size,), generator=generator)
             latents = c.encode_latents(images[pick], generator)
             text, pooled = c.encode_text([captions[i] for i in pick.tolist()])
-            noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+            noise = training_noise(latents.shape, lora.noise_offset, generator).to(latents.device, latents.dtype)
             timesteps = torch.randint(0, c.scheduler.config.num_train_timesteps, (len(pick),), generator=generator)
             timesteps = timesteps.to(latents.device)
             noisy = c.scheduler.add_noise(latents, noise, timesteps)
