@@ -178,6 +178,29 @@ def test_training_draws_the_configured_offset_noise(workdir, tiny_models, groups
     assert first_loss("offset_noise_again", 3.0) == offset
 
 
+def test_the_trainer_is_freed_before_the_process_group_ends(workdir, tiny_models, groups_dir, tracking_uri,
+                                                           monkeypatch):
+    """`train()` frees the trainer (and with it a DDP wrapper, which holds the process group) before `teardown()`:
+    a gloo group destroyed later, wherever the wrapper happened to be freed, could deadlock with its own worker
+    threads (the GIL against the group's work lock; see `distributed.teardown`)."""
+    import gc
+
+    from easyref.train import distributed as D
+    from easyref.train import loop
+
+    alive_at_teardown = []
+    real_teardown = D.teardown
+
+    def teardown(*args, **kwargs):
+        alive_at_teardown.append(sum(isinstance(o, loop.Trainer) for o in gc.get_objects()))
+        real_teardown(*args, **kwargs)
+
+    monkeypatch.setattr(D, "teardown", teardown)
+    config = _config(tiny_models, groups_dir, max_steps=1, save_every=0, preview_every=-1)
+    loop.train(config, out=workdir / "freed_before_teardown")
+    assert alive_at_teardown == [0]
+
+
 def test_trainjob_manifest_structure():
     from easyref.cli import build_parser
     from easyref.train.launch import config_from_args, render_trainjob

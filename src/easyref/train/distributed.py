@@ -7,6 +7,7 @@ The same code runs as a plain process (no ``WORLD_SIZE``: one rank, no process g
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,9 +69,26 @@ def setup(timeout_s: float = 1800) -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+GLOO_SETTLE_S = 0.5
+"""Seconds the main thread sleeps before a gloo process group is destroyed (see :func:`teardown`)."""
+
+
+def teardown(settle_s: float = GLOO_SETTLE_S) -> None:
+    """End the process group, if there is one. Drop every user of the group first (a DDP wrapper, an FSDP mesh):
+    the group's destructor must run here, where it is safe, not wherever the last of them is freed later.
+
+    gloo runs collectives on its own worker threads, and a worker retires a finished collective while holding the
+    group's work lock; freeing a tensor that Python has seen (the loss, a broadcast object) takes the GIL there. The
+    group's destructor takes the same lock, and it runs in the thread that drops the last reference, with the GIL
+    held. Destroyed right after the last collective (the barrier after the final checkpoint), the two can wait on
+    each other forever: seen (stacks taken with gdb) as a rank that wrote ``final`` and never exited, once in 24
+    two-process stages of the pipeline run twice at once on 2 cores. Sleeping ``settle_s`` first releases the GIL
+    while the workers retire their last collectives."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        time.sleep(settle_s)
+    dist.destroy_process_group()
 
 
 def barrier(env: DistEnv) -> None:

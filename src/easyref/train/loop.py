@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import sys
@@ -92,7 +93,11 @@ def train(
                 allow_config_change=allow_config_change,
                 restart_on_config_change=restart_on_config_change,
             )
-            return trainer.run()
+            try:
+                return trainer.run()
+            finally:  # its DDP wrapper holds the process group, which teardown must be the one to end
+                del trainer
+                gc.collect()  # the trainer's reference cycles too
     finally:
         D.teardown()
 
