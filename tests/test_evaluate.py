@@ -333,6 +333,31 @@ def test_per_sample_images_do_not_depend_on_batch_size(tiny_models, checkpoint, 
     assert np.abs(np.asarray(image, dtype=np.int16) - before).max() <= 2  # batched vs single MLLM padding
 
 
+def test_reference_scale_sets_how_strongly_easyref_follows_its_references(tiny_models, checkpoint, evaluation):
+    """`evaluate.reference_scale` reaches the sampler: 0 gives the text-only image of the same seed (this checkpoint
+    has no LoRA), 0.5 an image between, and a negative scale is refused."""
+    import numpy as np
+
+    from easyref.evaluate.config import EvaluateConfig
+    from easyref.evaluate.generation import generate_easyref
+    from easyref.evaluate.samples import ImageStore
+    from easyref.sampler import EasyRefSampler
+
+    sampler = EasyRefSampler.from_pretrained(tiny_models / "sdxl", tiny_models / "mllm", checkpoint=checkpoint)
+    samples = load_split(evaluation / "data/held_out.parquet")[:1]
+
+    def image(**kw):
+        config = EvaluateConfig(steps=2, batch_size=1, **{k: v for k, v in kw.items() if k != "text_only"})
+        (im,) = generate_easyref(sampler, samples, ImageStore(), config, text_only=kw.get("text_only", False))
+        return np.asarray(im, dtype=np.int16)
+
+    text, off, half, full = image(text_only=True), image(reference_scale=0.0), image(reference_scale=0.5), image()
+    assert np.array_equal(off, text)
+    assert np.abs(half - text).max() > 0 and np.abs(half - full).max() > 0
+    with pytest.raises(ValueError, match="reference_scale must be a finite number >= 0"):
+        EvaluateConfig(reference_scale=-1.0)
+
+
 def test_evaluate_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     from easyref.cli import main
 

@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=Path, help="read the 'evaluate' section of this params.yaml")
     parser.add_argument("--steps", type=int, help="DDIM steps (default 30)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance weight (default 7.5)")
+    parser.add_argument(
+        "--reference-scale", type=float,
+        help="scale of EasyRef's reference attention when generating (default 1 = as trained; 0 = off)",
+    )
     parser.add_argument("--seed", type=int, help="base seed of the per-sample seeds (default 0)")
     parser.add_argument(
         "--max-samples", type=int, help="evaluate at most N samples of each section, from its groups in turn"
@@ -79,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     flags = {
         "steps": args.steps,
         "guidance": args.guidance,
+        "reference_scale": args.reference_scale,
         "seed": args.seed,
         "max_samples": args.max_samples,
         "batch_size": args.batch_size,
@@ -191,6 +196,7 @@ def evaluate(
         "methods": ", ".join(dict.fromkeys(m for run in runs for m in run.generated)),
         "steps": config.steps,
         "guidance": config.guidance,
+        "reference_scale": config.reference_scale,
         "seconds": round(time.perf_counter() - started, 1),
         "captions_truncated": captions_cut,
         **combine({run.name: run.info() for run in runs}, main),

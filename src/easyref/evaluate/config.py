@@ -127,6 +127,9 @@ class EvaluateConfig:
     """DDIM steps (paper: 30)."""
     guidance: float = 7.5
     """Classifier-free guidance weight (paper: 7.5)."""
+    reference_scale: float = 1.0
+    """Scale of EasyRef's reference attention when it generates (own and swapped references; 1 = as trained, 0 =
+    the branch off). The reference gain is measured at the trained scale whatever this is."""
     negative_prompt: str = ""
     """Text of the unconditional branch."""
     height: int | None = None
@@ -176,6 +179,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not (math.isfinite(self.reference_scale) and self.reference_scale >= 0):
+            raise ValueError(f"reference_scale must be a finite number >= 0, got {self.reference_scale}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         known = known_baselines()

@@ -40,7 +40,8 @@ def generate_easyref(
     text_only: bool = False,
     references: Sequence[Sequence[Path]] | None = None,
 ) -> list[Image.Image]:
-    """One image per sample with the EasyRef sampler; ``text_only`` = reference scale 0 and any LoRA disabled;
+    """One image per sample with the EasyRef sampler at ``config.reference_scale``; ``text_only`` = reference scale 0
+    and any LoRA disabled;
     ``references`` replaces each sample's own reference group (the swapped-reference check)."""
     from tqdm.auto import tqdm
 
@@ -64,7 +65,7 @@ def generate_easyref(
                 height=config.height,
                 width=config.width,
                 generator=seeded_generators(batch),
-                scale=0.0 if text_only else None,
+                scale=0.0 if text_only else config.reference_scale,
                 progress=False,
             )
             bar.update(len(batch))
