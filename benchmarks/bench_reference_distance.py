@@ -46,13 +46,15 @@ def main() -> None:
                                                        root / "data" / "ingested")}
         for judge, embedder in embedders.items():
             print(f"{section}, {judge}: method, mean cosine to the references, to the target, references - target")
+            paths = sorted({p for s in samples.values() for p in (*s.references, *s.targets)})
+            known = dict(zip(paths, embedder.embed_images([store(p) for p in paths]), strict=True))  # once each
             for method, rows in table[table.section == section].groupby("method", sort=False):
                 to_refs, to_target = [], []
                 for row in rows.itertuples():
                     sample = samples[row.sample_id]
                     image = embedder.embed_images([Image.open(root / "outputs" / "eval" / row.image).convert("RGB")])
-                    for paths, out in ((sample.references, to_refs), (sample.targets, to_target)):
-                        others = embedder.embed_images([store(p) for p in paths])
+                    for group, out in ((sample.references, to_refs), (sample.targets, to_target)):
+                        others = torch.stack([known[p] for p in group])
                         out.append(float(cosine(image.expand(len(others), -1), others).mean()))
                 gap = mean_ci([a - b for a, b in zip(to_refs, to_target, strict=True)], 0.95)
                 print(f"  {method:18s} {sum(to_refs) / len(to_refs):.3f}  {sum(to_target) / len(to_target):.3f}  "

@@ -185,13 +185,13 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _tree(root: int) -> list[int]:
-    """``root`` and its live descendants, deepest first."""
-    tree, order, level = _children(), [], [root]
+def _leaves(root: int, tree: dict[int, list[int]]) -> list[int]:
+    """The processes of ``root``'s tree (``root`` included) that have no children of their own."""
+    leaves, level = [], [root]
     while level:
-        order[:0] = level
+        leaves += [pid for pid in level if not tree.get(pid)]
         level = [child for pid in level for child in tree.get(pid, [])]
-    return order
+    return leaves
 
 
 def dump_stacks_and_stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
@@ -201,9 +201,7 @@ def dump_stacks_and_stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
     left after ``grace_s`` is killed."""
     deadline = time.monotonic() + grace_s
     while proc.poll() is None and time.monotonic() < deadline:
-        tree = _children()
-        leaves = [pid for pid in _tree(proc.pid) if not tree.get(pid)]
-        for pid in leaves:
+        for pid in _leaves(proc.pid, _children()):
             try:
                 os.kill(pid, signal.SIGABRT)
             except ProcessLookupError:
