@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -191,6 +192,15 @@ def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
         metrics["easyref.loss_other"] - metrics["easyref.loss_own"], abs=1e-5
     )
     assert "text.reference_gain" not in metrics
+    # the gain per noise band: with 2 draws per sample, the bands they fell in average to the sample's gain
+    table = pd.read_csv(evaluation / "out/samples.csv").query("method == 'easyref' and section == 'held_out'")
+    bands = [c for c in table.columns if c.startswith("reference_gain_t")]
+    assert bands == ["reference_gain_t0_249", "reference_gain_t250_499", "reference_gain_t500_749",
+                     "reference_gain_t750_999"]
+    for _, row in table.iterrows():
+        assert row[bands].notna().sum() in (1, 2)
+        assert row[bands].mean() == pytest.approx(row["reference_gain"], abs=1e-7)
+    assert any(f"easyref.{b}" in metrics for b in bands)
     # the section over captions without the word "0": groups 1 and 2 only
     table = pd.read_csv(evaluation / "out/samples.csv")
     sub = table.query("section == 'held_out' and method == 'easyref' and group != 'group-0'")
@@ -274,6 +284,7 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
         "DINO-I",
         "Reference gain",
         "another group's references",
+        "By timestep",  # the gain per noise band (those at least 2 samples drew a timestep in)
         "tiny models, toy data",
         "data:image/png;base64,",
         "seconds per group",
@@ -282,6 +293,7 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
         "EasyRef (checkpoint) - SDXL, text only",
     ):
         assert text in html.unescape(report)
+    assert re.search(r"t (0-249|250-499|500-749|750-999): ", html.unescape(report))
     info = json.loads((out / "evaluation.json").read_text())
     assert info["num_groups"] == 3 and info["seconds_per_group.easyref"] > 0
     assert info["model.aggregation"] == "tokens" and info["model.num_tokens"] == 8
@@ -416,6 +428,20 @@ def test_report_template_is_installed_as_package_data():
     package = Path(easyref.evaluate.__file__).parent
     shipped = {p for pattern in patterns["easyref.evaluate"] for p in package.glob(pattern)}
     assert package / "templates" / "report.html.j2" in shipped
+
+
+def test_reference_gain_per_noise_band():
+    """Each draw's gain goes to the quarter of the schedule its timestep lies in; a band without a draw is NaN."""
+    import math
+
+    from easyref.evaluate.reference_gain import band_columns, per_band
+
+    assert [c for c, _, _ in band_columns(1000)][-1] == "reference_gain_t750_999"
+    bands = per_band([1.0, 2.0, 3.0, 4.0], [0, 260, 999, 249], 1000)
+    assert bands["reference_gain_t0_249"] == 2.5
+    assert bands["reference_gain_t250_499"] == 2.0
+    assert math.isnan(bands["reference_gain_t500_749"])
+    assert bands["reference_gain_t750_999"] == 3.0
 
 
 def test_report_shows_a_small_reference_gain_with_its_significant_digits():

@@ -1,5 +1,10 @@
 """Reference gain (no generation): the denoising loss of each sample's target with its own references vs with the
-references of a sample of another group, at the same timesteps and noise. Positive = the model uses the group."""
+references of a sample of another group, at the same timesteps and noise. Positive = the model uses the group.
+
+The gain is also given per quarter of the noise schedule (:func:`band_columns`): where an image's colours and layout
+are decided (high noise, the last quarter) or its edges and texture (low noise, the first). A model whose gain is all
+at low noise uses its references for detail only, and draws the colour the caption and the seed give.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +28,30 @@ def partners(samples: Sequence[Sample]) -> list[int | None]:
     return out
 
 
+NOISE_BANDS = 4
+"""The reference gain is also reported per this many equal ranges of the training timesteps."""
+
+
+def band_columns(num_train_timesteps: int) -> list[tuple[str, int, int]]:
+    """``(column, first, last)`` of each noise band, e.g. ``("reference_gain_t750_999", 750, 999)``."""
+    edges = [round(i * num_train_timesteps / NOISE_BANDS) for i in range(NOISE_BANDS + 1)]
+    return [(f"reference_gain_t{lo}_{hi - 1}", lo, hi - 1) for lo, hi in zip(edges, edges[1:], strict=False)]
+
+
+def per_band(gains: list[float], timesteps: list[int], num_train_timesteps: int) -> dict[str, float]:
+    """The mean gain of the draws whose timestep lies in each band (NaN for a band no draw fell in)."""
+    out = {}
+    for column, lo, hi in band_columns(num_train_timesteps):
+        inside = [g for g, t in zip(gains, timesteps, strict=True) if lo <= t <= hi]
+        out[column] = sum(inside) / len(inside) if inside else float("nan")
+    return out
+
+
 def reference_gain(
     sampler: EasyRefSampler, samples: Sequence[Sample], store: ImageStore, config: EvaluateConfig
 ) -> list[dict[str, float]]:
-    """Per sample: denoising loss with its own references, with another group's, and the gain (other - own).
+    """Per sample: denoising loss with its own references, with another group's, the gain (other - own), and the
+    gain per noise band (:func:`band_columns`).
 
     Both losses use the same target latents (VAE posterior mean), caption, timesteps and noise; only the reference
     group differs. The MLLM reads the sample's own caption in both cases.
@@ -42,11 +67,13 @@ def reference_gain(
     k = config.reference_gain.timesteps
     results: list[dict[str, float]] = []
     nan = float("nan")
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    no_bands = {column: nan for column, _, _ in band_columns(num_train_timesteps)}
     for sample, partner in tqdm(
         list(zip(samples, partners(samples), strict=True)), desc="reference gain", unit="sample"
     ):
         if partner is None:
-            results.append({"loss_own": nan, "loss_other": nan, "reference_gain": nan})
+            results.append({"loss_own": nan, "loss_other": nan, "reference_gain": nan, **no_bands})
             continue
         with torch.no_grad():
             target = pipe.image_processor.preprocess(store(sample.targets[0]), height=height, width=width)
@@ -59,7 +86,7 @@ def reference_gain(
                 do_classifier_free_guidance=False,
             )
             generator = torch.Generator().manual_seed(sample.seed)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (k,), generator=generator)
+            timesteps = torch.randint(0, num_train_timesteps, (k,), generator=generator)
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             noisy = scheduler.add_noise(latents, noise, timesteps.to(device))
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=text.dtype).repeat(
@@ -72,6 +99,8 @@ def reference_gain(
                 eps = model(
                     noisy, timesteps.to(device), text, pooled, time_ids, s[None].expand(k, -1, -1).to(text.dtype)
                 )
-                losses.append(torch.nn.functional.mse_loss(eps.float(), noise.float()).item())
-        results.append({"loss_own": losses[0], "loss_other": losses[1], "reference_gain": losses[1] - losses[0]})
+                losses.append(((eps.float() - noise.float()) ** 2).mean(dim=(1, 2, 3)))  # one loss per draw
+        own, other = losses[0].mean().item(), losses[1].mean().item()
+        bands = per_band((losses[1] - losses[0]).tolist(), timesteps.tolist(), num_train_timesteps)
+        results.append({"loss_own": own, "loss_other": other, "reference_gain": other - own, **bands})
     return results

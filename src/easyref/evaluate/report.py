@@ -137,9 +137,12 @@ def _gain(summary: dict[str, dict[str, Summary]]) -> dict[str, Any] | None:
     easyref = summary.get("easyref", {})
     if "reference_gain" not in easyref:
         return None
-    return {
+    cells = {
         k: _cell(easyref.get(m)) for k, m in (("other", "loss_other"), ("own", "loss_own"), ("gain", "reference_gain"))
     }
+    bands = [(m.removeprefix("reference_gain_t").replace("_", "-"), _cell(s)) for m, s in easyref.items()
+             if m.startswith("reference_gain_t")]
+    return {**cells, "bands": bands}
 
 
 TABLE3_METRICS = ("clip_i", "clip_t", "dino_i")

@@ -85,15 +85,18 @@ def summarize(
 ) -> dict[str, dict[str, Summary]]:
     """``{method: {metric: Summary}}`` over the samples of each method, then ``{"SUBSET/method": ...}`` over the
     samples whose caption contains none of the words of each of ``subsets``."""
-    columns = [c for c in (*METRICS, "loss_own", "loss_other", "reference_gain") if c in table.columns]
+    gains = [c for c in table.columns if c.startswith("reference_gain")]  # the gain and its noise bands
+    columns = [c for c in (*METRICS, "loss_own", "loss_other") if c in table.columns] + gains
     out: dict[str, dict[str, Summary]] = {}
     sections = [("", table)]
     for name, words in (subsets or {}).items():
         sections.append((f"{name}/", table[[not caption_mentions(c, words) for c in table["caption"]]]))
     for prefix, frame in sections:
         for method, rows in frame.groupby("method", sort=False):
+            summaries = {c: mean_ci(rows[c].tolist(), confidence) for c in columns if rows[c].notna().any()}
+            # a noise band that fewer than 2 samples drew a timestep in has no interval: left out, not a null
             out[f"{prefix}{method}"] = {
-                c: mean_ci(rows[c].tolist(), confidence) for c in columns if rows[c].notna().any()
+                c: s for c, s in summaries.items() if not (c.startswith("reference_gain_t") and s.count < 2)
             }
     return out
 
