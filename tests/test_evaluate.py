@@ -192,14 +192,16 @@ def test_evaluate_writes_one_table_with_checkpoint_and_baselines(evaluation):
         metrics["easyref.loss_other"] - metrics["easyref.loss_own"], abs=1e-5
     )
     assert "text.reference_gain" not in metrics
-    # the gain per noise band: with 2 draws per sample, the bands they fell in average to the sample's gain
+    # the gain per noise band, as a share of the own-reference loss: a sample whose 2 draws fell in one band has
+    # that band's share = its whole gain / its own loss
     table = pd.read_csv(evaluation / "out/samples.csv").query("method == 'easyref' and section == 'held_out'")
-    bands = [c for c in table.columns if c.startswith("reference_gain_t")]
-    assert bands == ["reference_gain_t0_249", "reference_gain_t250_499", "reference_gain_t500_749",
-                     "reference_gain_t750_999"]
+    bands = [c for c in table.columns if c.startswith("reference_gain_share_t")]
+    assert bands == [f"reference_gain_share_t{lo}_{lo + 249}" for lo in (0, 250, 500, 750)]
     for _, row in table.iterrows():
         assert row[bands].notna().sum() in (1, 2)
-        assert row[bands].mean() == pytest.approx(row["reference_gain"], abs=1e-7)
+        if row[bands].notna().sum() == 1:
+            share = row[bands].dropna().iloc[0]
+            assert share == pytest.approx(row["reference_gain"] / row["loss_own"], rel=1e-4)
     assert any(f"easyref.{b}" in metrics for b in bands)
     # the section over captions without the word "0": groups 1 and 2 only
     table = pd.read_csv(evaluation / "out/samples.csv")
@@ -284,7 +286,7 @@ def test_evaluate_writes_per_sample_table_images_grids_and_report(evaluation):
         "DINO-I",
         "Reference gain",
         "another group's references",
-        "By timestep",  # the gain per noise band (those at least 2 samples drew a timestep in)
+        "as a share of the loss with the own references, by timestep",  # per noise band
         "tiny models, toy data",
         "data:image/png;base64,",
         "seconds per group",
@@ -431,17 +433,19 @@ def test_report_template_is_installed_as_package_data():
 
 
 def test_reference_gain_per_noise_band():
-    """Each draw's gain goes to the quarter of the schedule its timestep lies in; a band without a draw is NaN."""
+    """Each draw goes to the quarter of the schedule its timestep lies in; a band's value is its draws' gain as a
+    share of their own-reference loss; a band without a draw is NaN."""
     import math
 
     from easyref.evaluate.reference_gain import band_columns, per_band
 
-    assert [c for c, _, _ in band_columns(1000)][-1] == "reference_gain_t750_999"
-    bands = per_band([1.0, 2.0, 3.0, 4.0], [0, 260, 999, 249], 1000)
-    assert bands["reference_gain_t0_249"] == 2.5
-    assert bands["reference_gain_t250_499"] == 2.0
-    assert math.isnan(bands["reference_gain_t500_749"])
-    assert bands["reference_gain_t750_999"] == 3.0
+    assert [c for c, _, _ in band_columns(1000)][-1] == "reference_gain_share_t750_999"
+    own, other = [0.1, 0.2, 0.01, 0.3], [0.11, 0.2, 0.012, 0.33]
+    bands = per_band(own, other, [0, 260, 999, 249], 1000)
+    assert bands["reference_gain_share_t0_249"] == pytest.approx((0.11 + 0.33 - 0.4) / 0.4)
+    assert bands["reference_gain_share_t250_499"] == 0.0
+    assert math.isnan(bands["reference_gain_share_t500_749"])
+    assert bands["reference_gain_share_t750_999"] == pytest.approx(0.2)  # a small loss, a large share
 
 
 def test_report_shows_a_small_reference_gain_with_its_significant_digits():

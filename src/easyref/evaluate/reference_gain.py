@@ -1,9 +1,10 @@
 """Reference gain (no generation): the denoising loss of each sample's target with its own references vs with the
 references of a sample of another group, at the same timesteps and noise. Positive = the model uses the group.
 
-The gain is also given per quarter of the noise schedule (:func:`band_columns`): where an image's colours and layout
-are decided (high noise, the last quarter) or its edges and texture (low noise, the first). A model whose gain is all
-at low noise uses its references for detail only, and draws the colour the caption and the seed give.
+The gain is also given per quarter of the noise schedule (:func:`band_columns`), as a share of the loss with the
+own references: at high noise (the last quarter) an image's colours and layout are decided, at low noise (the first)
+its edges and texture. A model whose references help at low noise only uses them for detail, and draws the colour
+that the caption and the seed give.
 """
 
 from __future__ import annotations
@@ -30,20 +31,25 @@ def partners(samples: Sequence[Sample]) -> list[int | None]:
 
 NOISE_BANDS = 4
 """The reference gain is also reported per this many equal ranges of the training timesteps."""
+BAND_PREFIX = "reference_gain_share_t"
 
 
 def band_columns(num_train_timesteps: int) -> list[tuple[str, int, int]]:
-    """``(column, first, last)`` of each noise band, e.g. ``("reference_gain_t750_999", 750, 999)``."""
+    """``(column, first, last)`` of each noise band, e.g. ``("reference_gain_share_t750_999", 750, 999)``."""
     edges = [round(i * num_train_timesteps / NOISE_BANDS) for i in range(NOISE_BANDS + 1)]
-    return [(f"reference_gain_t{lo}_{hi - 1}", lo, hi - 1) for lo, hi in zip(edges, edges[1:], strict=False)]
+    return [(f"{BAND_PREFIX}{lo}_{hi - 1}", lo, hi - 1) for lo, hi in zip(edges, edges[1:], strict=False)]
 
 
-def per_band(gains: list[float], timesteps: list[int], num_train_timesteps: int) -> dict[str, float]:
-    """The mean gain of the draws whose timestep lies in each band (NaN for a band no draw fell in)."""
+def per_band(own: list[float], other: list[float], timesteps: list[int], num_train_timesteps: int) -> dict[str, float]:
+    """Per noise band, the gain as a share of the loss with the own references, over the draws whose timestep lies
+    in it: ``(sum other - sum own) / sum own`` (NaN for a band no draw fell in). A share, not the loss difference:
+    the epsilon loss is ten times smaller at high noise than at low, so differences of different bands do not
+    compare, while shares do (and are the same in the image's units, where the loss is the epsilon loss / SNR)."""
     out = {}
     for column, lo, hi in band_columns(num_train_timesteps):
-        inside = [g for g, t in zip(gains, timesteps, strict=True) if lo <= t <= hi]
-        out[column] = sum(inside) / len(inside) if inside else float("nan")
+        inside = [i for i, t in enumerate(timesteps) if lo <= t <= hi]
+        mine = sum(own[i] for i in inside)
+        out[column] = (sum(other[i] for i in inside) - mine) / mine if inside else float("nan")
     return out
 
 
@@ -101,6 +107,6 @@ def reference_gain(
                 )
                 losses.append(((eps.float() - noise.float()) ** 2).mean(dim=(1, 2, 3)))  # one loss per draw
         own, other = losses[0].mean().item(), losses[1].mean().item()
-        bands = per_band((losses[1] - losses[0]).tolist(), timesteps.tolist(), num_train_timesteps)
+        bands = per_band(losses[0].tolist(), losses[1].tolist(), timesteps.tolist(), num_train_timesteps)
         results.append({"loss_own": own, "loss_other": other, "reference_gain": other - own, **bands})
     return results

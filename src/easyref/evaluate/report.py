@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from easyref.evaluate.config import HEADLINE_METHODS, METRIC_LABELS, METRICS, SWAPPED, TEXT
 from easyref.evaluate.paired import ORDERING_METRICS, is_paired, ordering_verdict
+from easyref.evaluate.reference_gain import BAND_PREFIX
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -133,6 +134,14 @@ def _rows(section: ReportSection) -> list[dict[str, Any]]:
     return rows
 
 
+def _share(s: Summary) -> Any:
+    from markupsafe import Markup
+
+    if s.low != s.low:
+        return f"{s.mean:+.1%}"
+    return Markup("{} <small>[{}, {}]</small>").format(f"{s.mean:+.1%}", f"{s.low:+.1%}", f"{s.high:+.1%}")
+
+
 def _gain(summary: dict[str, dict[str, Summary]]) -> dict[str, Any] | None:
     easyref = summary.get("easyref", {})
     if "reference_gain" not in easyref:
@@ -140,8 +149,8 @@ def _gain(summary: dict[str, dict[str, Summary]]) -> dict[str, Any] | None:
     cells = {
         k: _cell(easyref.get(m)) for k, m in (("other", "loss_other"), ("own", "loss_own"), ("gain", "reference_gain"))
     }
-    bands = [(m.removeprefix("reference_gain_t").replace("_", "-"), _cell(s)) for m, s in easyref.items()
-             if m.startswith("reference_gain_t")]
+    bands = [(m.removeprefix(BAND_PREFIX).replace("_", "-"), _share(s)) for m, s in easyref.items()
+             if m.startswith(BAND_PREFIX)]
     return {**cells, "bands": bands}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from easyref.evaluate.config import METRICS, EvaluateConfig
+from easyref.evaluate.reference_gain import BAND_PREFIX
 from easyref.stats import Summary, mean_ci
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def summarize(
             summaries = {c: mean_ci(rows[c].tolist(), confidence) for c in columns if rows[c].notna().any()}
             # a noise band that fewer than 2 samples drew a timestep in has no interval: left out, not a null
             out[f"{prefix}{method}"] = {
-                c: s for c, s in summaries.items() if not (c.startswith("reference_gain_t") and s.count < 2)
+                c: s for c, s in summaries.items() if not (c.startswith(BAND_PREFIX) and s.count < 2)
             }
     return out
 
