@@ -252,6 +252,33 @@ def test_cli_help_and_demo_layout(tmp_path: Path) -> None:
     assert os.path.getsize(tmp_path / "raw/red-star/000.png") > 0
 
 
+def test_demo_data_omit_colour_changes_the_captions_only(tmp_path: Path, capsys) -> None:
+    """`--omit-colour 1`: no caption names its subject's colour, and the images are those of the default; the
+    default leaves the colour out of some captions only; a share outside [0, 1] is refused."""
+    from easyref.data.demo import COLOURS
+
+    def captions(folder: Path) -> dict[str, str]:
+        lines = (folder / "captions.jsonl").read_text().splitlines()
+        return {row["image"]: row["caption"] for row in map(json.loads, lines)}
+
+    args = ["--size", "32", "--min-images", "3", "--max-images", "3"]
+    assert main(["demo-data", "--out", str(tmp_path / "default"), *args]) == 0
+    assert main(["demo-data", "--out", str(tmp_path / "none"), *args, "--omit-colour", "1"]) == 0
+    default, none = captions(tmp_path / "default"), captions(tmp_path / "none")
+    assert default.keys() == none.keys()
+
+    def named(caption: str, image: str) -> bool:
+        colour = next(c for c in COLOURS if c in image.split("/")[0].split("-"))
+        return f" {colour} " in caption.replace("pale blue", "").replace("pale green", "")
+
+    assert not any(named(c, image) for image, c in none.items())
+    assert 0.4 < sum(named(c, image) for image, c in default.items()) / len(default) < 0.8  # 60% name it
+    for image in list(default)[:20]:
+        assert (tmp_path / "default" / image).read_bytes() == (tmp_path / "none" / image).read_bytes()
+    assert main(["demo-data", "--out", str(tmp_path / "bad"), *args, "--omit-colour", "1.5"]) != 0
+    assert "--omit-colour 1.5: a share of captions, between 0 and 1" in capsys.readouterr().err
+
+
 def test_perceptual_hash_matches_imagehash() -> None:
     import imagehash
 

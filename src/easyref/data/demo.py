@@ -96,6 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     parser.add_argument("--min-images", type=int, default=4, help="fewest images per group (default 4)")
     parser.add_argument("--max-images", type=int, default=10, help="most images per group (default 10)")
+    parser.add_argument(
+        "--omit-colour", type=float, default=OMIT_COLOUR,
+        help=f"share of captions that leave out the subject's colour, which then only the references show (default "
+        f"{OMIT_COLOUR}; 1 = no caption names it, so the colour must come from the references)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,17 +110,22 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--size {args.size}: images must be at least 32 pixels wide")
     if not 3 <= args.min_images <= args.max_images:
         raise UserError(f"--min-images {args.min_images} --max-images {args.max_images}: need 3 <= min <= max")
+    if not 0 <= args.omit_colour <= 1:
+        raise UserError(f"--omit-colour {args.omit_colour}: a share of captions, between 0 and 1")
     n_images = write_demo_data(
-        args.out, seed=args.seed, size=args.size, min_images=args.min_images, max_images=args.max_images
+        args.out, seed=args.seed, size=args.size, min_images=args.min_images, max_images=args.max_images,
+        omit_colour=args.omit_colour,
     )
     print(f"demo-data: wrote {n_images} images in {len(catalogue())} groups to {args.out}")
     return 0
 
 
 def write_demo_data(
-    out: str | Path, *, seed: int = 0, size: int = 128, min_images: int = 4, max_images: int = 10
+    out: str | Path, *, seed: int = 0, size: int = 128, min_images: int = 4, max_images: int = 10,
+    omit_colour: float = OMIT_COLOUR,
 ) -> int:
-    """Write the demo dataset under ``out``; returns the number of images written."""
+    """Write the demo dataset under ``out``; returns the number of images written. ``omit_colour`` changes the
+    captions only: the images are the same for every value."""
     import numpy as np
 
     out = Path(out)
@@ -125,7 +135,7 @@ def write_demo_data(
         folder = out / subject.slug
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(int(rng.integers(min_images, max_images + 1))):
-            image, caption = draw_image(subject, rng, size)
+            image, caption = draw_image(subject, rng, size, omit_colour=omit_colour)
             name = f"{subject.slug}/{i:03d}.png"
             image.save(out / name, format="PNG")
             captions.append({"image": name, "caption": caption})
@@ -136,11 +146,12 @@ def write_demo_data(
 
 
 def draw_image(
-    subject: Subject, rng: np.random.Generator, size: int, *, full_caption: bool = False
+    subject: Subject, rng: np.random.Generator, size: int, *, full_caption: bool = False,
+    omit_colour: float = OMIT_COLOUR,
 ) -> tuple[Image.Image, str]:
     """One image of ``subject`` at a random place, size and rotation on a random background, with its caption.
 
-    The caption leaves out the colour or the pattern as often as :data:`OMIT_COLOUR` / :data:`OMIT_PATTERN` say,
+    The caption leaves out the colour or the pattern as often as ``omit_colour`` / :data:`OMIT_PATTERN` say,
     unless ``full_caption`` (the draws are made either way, so the image and later draws do not change).
     """
     from PIL import Image
@@ -155,7 +166,7 @@ def draw_image(
     texture = _texture(subject, big, rng)
     background.paste(texture, (0, 0), mask)
     image = background.resize((size, size), Image.Resampling.LANCZOS)
-    keep_colour, keep_pattern = rng.random() >= OMIT_COLOUR, rng.random() >= OMIT_PATTERN
+    keep_colour, keep_pattern = rng.random() >= omit_colour, rng.random() >= OMIT_PATTERN
     noun = subject.describe(colour=keep_colour or full_caption, pattern=keep_pattern or full_caption)
     caption = f"a {_size_word(radius / big)} {noun} {_position_words(cx / big, cy / big)} on {background_words}"
     return image, caption
