@@ -43,13 +43,14 @@ def band_columns(num_train_timesteps: int) -> list[tuple[str, int, int]]:
 def per_band(own: list[float], other: list[float], timesteps: list[int], num_train_timesteps: int) -> dict[str, float]:
     """Per noise band, the gain as a share of the loss with the own references, over the draws whose timestep lies
     in it: ``(sum other - sum own) / sum own`` (NaN for a band no draw fell in). A share, not the loss difference:
-    the epsilon loss is ten times smaller at high noise than at low, so differences of different bands do not
-    compare, while shares do (and are the same in the image's units, where the loss is the epsilon loss / SNR)."""
+    the epsilon loss is an order of magnitude smaller at high noise than at low (the tiny base: 0.007 against 0.09),
+    so differences of different bands do not compare, while shares do (per draw a share is also the same in the
+    image's units, where the loss is the epsilon loss / SNR)."""
     out = {}
     for column, lo, hi in band_columns(num_train_timesteps):
         inside = [i for i, t in enumerate(timesteps) if lo <= t <= hi]
         mine = sum(own[i] for i in inside)
-        out[column] = (sum(other[i] for i in inside) - mine) / mine if inside else float("nan")
+        out[column] = (sum(other[i] for i in inside) - mine) / mine if inside and mine > 0 else float("nan")
     return out
 
 
