@@ -37,8 +37,8 @@ class IPAdapterPretrainConfig(PretrainConfig):
 
     data_seed: int = 4001
     per_subject: int = 32
-    steps: int = 250
-    """250 steps of 16 = 4,000 samples: the budget of EasyRef's stage 1 in the demo (1000 steps of 4), so the two
+    steps: int = 500
+    """500 steps of 16 = 8,000 samples: the budget of EasyRef's stage 1 in the demo (2000 steps of 4), so the two
     adapters are compared at equal training (the paper's IP-Adapter-SDXL is its authors' long-trained release)."""
     batch: int = 16
     lr: float = 5e-4
