@@ -67,14 +67,15 @@ def test_ip_adapter_image_encoder_is_not_the_judge(tiny_models):
 
 @pytest.mark.slow
 def test_mllm_captions_what_held_back_images_show(tiny_models):
-    """Greedy captions of held-back images name the right colour and pattern (a random MLLM: never). Shapes it
-    names above chance (1 in 6) but far from reliably (docs/training.md): that part of the check is not met yet."""
+    """Greedy captions of held-back images name the right colour, shape and pattern, all three in >= 80% of them (a
+    random MLLM: never). Without its contrastive first stage it named the shape 0.45 of the time, and only through
+    the catalogue's pairing of pattern with shape (docs/training.md)."""
     from easyref.tiny.mllm import check
 
     torch.set_num_threads(1)
     result = check(tiny_models / "mllm", per_subject=1)
-    assert result["colour"] >= 0.8 and result["pattern"] >= 0.8, result
-    assert result["shape"] > 0.3, result
+    assert result["all"] >= 0.8, result
+    assert min(result["colour"], result["shape"], result["pattern"]) >= 0.8, result
 
 
 def test_ip_adapter_was_trained_to_follow_its_image(tiny_models):
@@ -152,3 +153,27 @@ def test_pretrain_tiny_refuses_bad_values_and_gives_the_same_bytes_twice(tmp_pat
     first, second = (json.loads((tmp_path / n / assets.MANIFEST).read_text()) for n in ("a", "b"))
     assert first["files"] == second["files"]
     assert first["config"]["steps"] == 2 and first["check"].keys() == {"auc"}
+
+
+def test_mllm_first_stage_trains_the_vision_tower_only(tmp_path):
+    """The MLLM's contrastive first stage (Qwen2-VL's ViT starts CLIP-trained) changes the vision tower and leaves
+    the language model as it was; it is measured by retrieving held-back images' subjects among the 48."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from easyref.tiny import build, mllm, mllm_vision
+    from easyref.tiny.data import draw
+
+    torch.set_num_threads(1)
+    config = mllm.MLLMPretrainConfig()
+    build.write_qwen2vl(tmp_path, config.seed)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    processor = mllm._processor(tmp_path, config).image_processor
+    losses, pair = mllm_vision.train_vision_tower(model, processor, draw(config.data_seed, 1), seed=0, steps=2,
+                                                  batch=8, lr=1e-3, warmup=100)
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("model.visual.") for name in changed), sorted(changed)[:4]
+    assert "model.visual.patch_embed.proj.weight" in changed
+    result = mllm_vision.check(pair, per_subject=1)
+    assert result.keys() == {"shape_top1", "subject_top1"} and 0 <= result["subject_top1"] <= result["shape_top1"] <= 1

@@ -1,9 +1,11 @@
 """Pretrain the tiny MLLM: a Qwen2-VL that has learned to see, as Qwen2-VL-2B has before EasyRef trains on it.
 
 The real EasyRef reads its references with a pretrained vision-language model; a random tiny Qwen2-VL understands
-nothing, so its hidden states carry little of what the references show. This module trains the tiny one (vision
-tower, merger and language model, next-token loss on the answer) on demo-style images drawn with other seeds than
-the demo's, on three kinds of user turn, each a chat-templated turn as Qwen2-VL is instructed:
+nothing, so its hidden states carry little of what the references show. This module trains the tiny one on
+demo-style images drawn with other seeds than the demo's, in two stages as Qwen2-VL was made: its vision tower
+first learns contrastively (:mod:`easyref.tiny.mllm_vision`: Qwen2-VL's ViT starts from a CLIP-trained one), then
+the whole model (vision tower at a tenth of the learning rate, merger and language model) learns next-token loss
+on the answer, on three kinds of user turn, each a chat-templated turn as Qwen2-VL is instructed:
 
 * ``Describe the image.`` -> the image's caption up to the background, naming size, pattern, colour, shape, place;
 * ``What do these images have in common?`` with 2-4 images of one subject -> ``a striped blue circle``;
@@ -56,6 +58,12 @@ class MLLMPretrainConfig(PretrainConfig):
     min_pixels: int = 16 * 28 * 28
     """Image sizes as the tiny profile's EasyRef reads its references (params.yaml train.model)."""
     max_pixels: int = 25 * 28 * 28
+    vision_steps: int = 1500
+    """Steps of the vision tower's contrastive first stage (0: none, the tower starts random)."""
+    vision_batch: int = 64
+    """(image, text) pairs per step of the first stage."""
+    vision_lr_scale: float = 0.1
+    """The vision tower's learning rate in the second stage, as a share of ``lr`` (it already sees)."""
 
 
 def _processor(folder: Path, config: MLLMPretrainConfig) -> Any:
@@ -139,30 +147,50 @@ def _batch(processor: Any, turns: list[tuple[list, str, str]]) -> dict[str, torc
     }
 
 
-def train_mllm(folder: Path, config: MLLMPretrainConfig) -> list[float]:
-    """Train the Qwen2-VL in ``folder`` (written by ``build.write_qwen2vl``) in place; losses per step."""
-    import torch
-    from tqdm.auto import tqdm
+def train_mllm(folder: Path, config: MLLMPretrainConfig) -> tuple[list[float], dict[str, Any]]:
+    """Train the Qwen2-VL in ``folder`` (written by ``build.write_qwen2vl``) in place, both stages; the second
+    stage's losses per step and the first stage's record (its last 100 steps' mean loss and its check)."""
     from transformers import Qwen2VLForConditionalGeneration
 
+    from easyref.tiny import mllm_vision
     from easyref.tiny.data import draw
 
     drawn = draw(config.data_seed, config.per_subject)
-    by_subject: dict[Any, list[int]] = {}
-    for i, d in enumerate(drawn):
-        by_subject.setdefault(d.subject, []).append(i)
     processor = _processor(folder, config)
     processor.image_processor = _MemoImageProcessor(processor.image_processor)
     model = Qwen2VLForConditionalGeneration.from_pretrained(folder)
-    generator = torch.Generator().manual_seed(config.seed)
-    opt, warm = warmed_adamw(list(model.parameters()), config.lr, config.warmup)
     model.train()
-    losses = []
+    vision: dict[str, Any] = {}
+    if config.vision_steps > 0:
+        vision_losses, pair = mllm_vision.train_vision_tower(
+            model, processor.image_processor, drawn, seed=config.seed, steps=config.vision_steps,
+            batch=config.vision_batch, lr=config.lr, warmup=config.warmup)
+        vision = {"loss_last100": sum(vision_losses[-100:]) / len(vision_losses[-100:]),
+                  "check": mllm_vision.check(pair)}
+    losses = _train_language(model, processor, drawn, config)
+    model.eval().save_pretrained(folder)
+    return losses, vision
+
+
+def _train_language(model: Any, processor: Any, drawn: list[Any], config: MLLMPretrainConfig) -> list[float]:
+    """The second stage: next-token loss on the answers of :func:`_turn`'s chat turns; losses per step."""
+    import torch
+    from tqdm.auto import tqdm
+
+    by_subject: dict[Any, list[int]] = {}
+    for i, d in enumerate(drawn):
+        by_subject.setdefault(d.subject, []).append(i)
+    tower = list(model.model.visual.parameters())
+    ids = {id(p) for p in tower}
+    groups = [{"params": tower, "lr": config.lr * config.vision_lr_scale},
+              {"params": [p for p in model.parameters() if id(p) not in ids]}]
+    generator = torch.Generator().manual_seed(config.seed)
+    opt, warm = warmed_adamw(groups, config.lr, config.warmup)
+    losses: list[float] = []
     for _ in (bar := tqdm(range(config.steps), desc="mllm", dynamic_ncols=True)):
         picks = torch.randint(0, len(drawn), (config.batch,), generator=generator).tolist()
         loss = model(**_batch(processor, [_turn(drawn, by_subject, i, generator) for i in picks])).loss
         take_step(loss, opt, warm, losses, bar)
-    model.eval().save_pretrained(folder)
     return losses
 
 
@@ -217,17 +245,17 @@ def pretrain_mllm(out: Path, config: MLLMPretrainConfig) -> dict[str, Any]:
 
     from easyref import model as model_module
     from easyref.data import demo
-    from easyref.tiny import build
+    from easyref.tiny import build, mllm_vision
 
     torch.set_num_threads(config.threads)
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "mllm"
         build.write_qwen2vl(folder, config.seed)
-        losses = train_mllm(folder, config)
+        losses, vision = train_mllm(folder, config)
         assets.forget_source_path(folder / "config.json")
-        code = [__file__, build.__file__, demo.__file__, model_module.__file__]
-        record = run_record("mllm", config, code, losses, started)
+        code = [__file__, mllm_vision.__file__, build.__file__, demo.__file__, model_module.__file__]
+        record = run_record("mllm", config, code, losses, started, vision_stage=vision)
         return assets.publish(folder, out, {**record, "check": check(folder, config)})
 
 
