@@ -3,6 +3,7 @@ reconstructs, and a UNet that draws the colour a caption names (what a real Easy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -122,12 +123,49 @@ def test_base_draws_the_colour_its_caption_names(pipe):
 
 
 @pytest.mark.slow
-def test_pretrain_base_gives_the_same_bytes_twice(tmp_path):
-    config = BasePretrainConfig(per_subject=1, vae_steps=2, unet_steps=2, vae_batch=2, unet_batch=2)
-    first = pretrain_base(tmp_path / "a", config)
-    second = pretrain_base(tmp_path / "b", config)
-    assert first["files"] == second["files"]
-    assert first["scaling_factor"] == second["scaling_factor"]
+def test_pretrain_base_resumed_after_its_first_runs_gives_the_bytes_of_one_run(tmp_path):
+    """The packaged base's second UNet run was made with --resume-from on the base its first runs had written: that
+    must be the same bytes as the documented command run from scratch (and so the run is reproducible)."""
+    config = BasePretrainConfig(per_subject=1, vae_steps=2, unet_steps=3, vae_batch=2, unet_batch=2,
+                                unet_restart_steps=3)
+    whole = pretrain_base(tmp_path / "whole", config)
+    first = pretrain_base(tmp_path / "first", dataclasses.replace(config, unet_restart_steps=0))
+    resumed = pretrain_base(tmp_path / "resumed", config, resume=tmp_path / "first")
+    assert whole["files"] == resumed["files"]
+    assert whole["scaling_factor"] == resumed["scaling_factor"]
+    assert first["files"]["unet/diffusion_pytorch_model.safetensors"] != whole["files"][
+        "unet/diffusion_pytorch_model.safetensors"]  # the second run did train
+    assert resumed["first_runs_resumed_from"]["unet"] == first["files"]["unet/diffusion_pytorch_model.safetensors"]
+
+
+@pytest.mark.parametrize(("earlier", "named"), [({"unet_restart_steps": 4000}, "already had its second UNet run"),
+                                                ({"per_subject": 8}, "per_subject")])
+def test_resume_refuses_a_base_made_otherwise(tmp_path, earlier, named):
+    from easyref.errors import UserError
+    from easyref.tiny.assets import MANIFEST
+    from easyref.tiny.base import load_first_run
+
+    config = BasePretrainConfig()
+    first_runs = {**dataclasses.asdict(config), "unet_restart_steps": 0}
+    manifest = {"config": {**first_runs, **earlier}, "text_encoders_from": {}, "files": {}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=named):
+        load_first_run(None, tmp_path, config, {})
+
+
+def test_resume_refuses_a_base_whose_files_changed(tmp_path):
+    from easyref.errors import UserError
+    from easyref.tiny.assets import MANIFEST
+    from easyref.tiny.base import load_first_run
+
+    config = BasePretrainConfig()
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"edited")
+    manifest = {"config": {**dataclasses.asdict(config), "unet_restart_steps": 0}, "text_encoders_from": {},
+                "files": {}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="differ from their checksums"):
+        load_first_run(None, tmp_path, config, {})
 
 
 def test_base_check_sees_the_trained_vae_keep_colours_a_random_one_loses(tiny_models, tmp_path):

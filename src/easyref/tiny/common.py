@@ -83,6 +83,11 @@ def take_step(loss: Any, opt: Any, schedule: Any, losses: list[float], bar: Any)
     bar.set_postfix(loss=f"{losses[-1]:.4f}")
 
 
+def last100(losses: list[float]) -> float:
+    """Mean of the last 100 losses (of all, when fewer): the final loss a manifest records."""
+    return sum(losses[-100:]) / len(losses[-100:])
+
+
 def run_record(part: str, config: PretrainConfig, code_files: list[str], losses: list[float], started: float,
                **extra: Any) -> dict[str, Any]:
     """The manifest fields every pretrained part records (``assets.publish`` adds the files' sha256)."""
@@ -96,7 +101,7 @@ def run_record(part: str, config: PretrainConfig, code_files: list[str], losses:
         "code_sha256": assets.code_fingerprint(code_files),
         "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})",
         **extra,
-        "loss_last100": sum(losses[-100:]) / len(losses[-100:]),
+        "loss_last100": last100(losses),
         "seconds": round(time.time() - started, 1),
         "torch": torch.__version__,
     }
