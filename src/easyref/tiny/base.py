@@ -69,11 +69,12 @@ class BasePretrainConfig:
     unet_steps: int = 5000
     unet_batch: int = 16
     unet_lr: float = 5e-4
-    unet_restart_steps: int = 4000
+    unet_restart_steps: int = 0
     unet_restart_lr: float = 2.5e-4
     """A second run of the UNet's training on the same data, with a fresh warm-up and cosine decay from this rate (a
-    warm restart, as SGDR's): after its first run the UNet still drew blobs and was improving (2000 more steps took
-    the named colour 0.63 -> 0.77 and the named shape 0.35 -> 0.44; docs/training.md). 0 = no second run."""
+    warm restart, as SGDR's). 4000 steps draw the named colour and shape more often (0.74 / 0.44 against 0.63 / 0.37
+    at guidance 3), but the demo's EasyRef learned half the reference gain on that base and its DINO-I fell for
+    every method, so the packaged base has none (0; docs/training.md, "A second UNet run")."""
     warmup_steps: int = 200
     final_lr: float = 0.1
     """Both trainings end on this share of their learning rate (cosine decay after the warm-up)."""
