@@ -125,6 +125,32 @@ def test_resume_with_different_settings_is_refused_naming_each_change(work, base
     assert {p.name: p.stat().st_mtime_ns for p in [*(out / "checkpoints").iterdir(), out / "final"]} == before
 
 
+def test_resume_on_re_made_base_models_is_refused(work, base_run, tiny_models, tmp_path, capsys):
+    """A base re-made behind the same folder layout (as `easyref tiny-models` after a re-pretrained part) is another
+    run's ground: resuming the adapter trained on the old one would mix the two silently."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models / "sdxl", base / "sdxl")
+    shutil.copytree(tiny_models / "mllm", base / "mllm")
+    weights = base / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors = {k: (v + 1e-3 if k == "conv_out.bias" else v).contiguous() for k, v in tensors.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == (tiny_models / "sdxl/unet/diffusion_pytorch_model.safetensors").stat().st_size
+    out = copy_run(base_run, tmp_path / "run")
+    assert main(train_args(work, out, "--max-steps", "3", "--base", str(base))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "base: " in err and "--allow-config-change" in err, err
+    # the same models copied elsewhere are the same base: resumed
+    shutil.copy2(tiny_models / "sdxl/unet/diffusion_pytorch_model.safetensors", weights)
+    assert main(train_args(work, out, "--max-steps", "3", "--base", str(base))) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
 def test_allow_config_change_logs_the_changes_and_applies_the_new_lr(work, base_run, tmp_path, capsys):
     out = copy_run(base_run, tmp_path / "run")
     assert main(train_args(work, out, "--max-steps", "3", "--lr", "0.003", "--allow-config-change")) == 0

@@ -126,7 +126,7 @@ class Trainer:
         self.config, self.out, self.init, self.env = config, out, init, env
         self.dataset, self.preview_dataset = dataset, preview_dataset
         self.sdxl, self.mllm = base_paths(config.base)
-        self.settings = resume.run_settings(config, init, env.world_size)
+        self.settings = resume.run_settings(config, init, env.world_size, (self.sdxl, self.mllm))
         self.latest, self.changes = resume.resume_point(
             out, self.settings, allow_config_change, env, restart=restart_on_config_change
         )

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,33 @@ def init_fingerprint(init: Path | None) -> str:
     return _digest(record + str((init / CHECKPOINT_WEIGHTS).stat().st_size).encode())
 
 
-def run_settings(config: TrainConfig, init: Path | None, world_size: int) -> dict[str, Any]:
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+EDGE_BYTES = 1 << 20
+
+
+def base_fingerprint(folders: Iterable[Path]) -> str:
+    """Identity of the frozen base models a run trains on: every config file and, for every weight file, its size
+    and the sha256 of its first and last MiB (training changes weights throughout, so a re-trained base differs
+    there; reading 2 MiB per file keeps this instant for SDXL's gigabytes). A resume on other base models is then a
+    changed setting, not a silent continuation (a re-made tiny base behind an unchanged folder name)."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
+            if path.suffix in WEIGHT_SUFFIXES:
+                size = path.stat().st_size
+                with path.open("rb") as f:
+                    head = f.read(EDGE_BYTES)
+                    f.seek(max(size - EDGE_BYTES, 0))
+                    tail = f.read(EDGE_BYTES)
+                digest.update(f"{Path(folder).name}/{name} {size}".encode() + head + tail)
+            elif path.suffix == ".json":
+                digest.update(f"{Path(folder).name}/{name}".encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_settings(config: TrainConfig, init: Path | None, world_size: int,
+                 base: Iterable[Path]) -> dict[str, Any]:
     """The settings a checkpoint records and a resume must match (plain JSON values)."""
     plain = to_dict(config)
     settings = {k: plain[k] for k in RUN_SETTINGS}
@@ -112,6 +138,7 @@ def run_settings(config: TrainConfig, init: Path | None, world_size: int) -> dic
     settings["global_batch"] = config.global_batch(world_size)
     settings["data"] = dataset_fingerprint(config.data) if config.data else "none"
     settings["init"] = init_fingerprint(init)
+    settings["base"] = base_fingerprint(base)
     return settings
 
 
