@@ -130,7 +130,6 @@ def test_resume_on_re_made_base_models_is_refused(work, base_run, tiny_models, t
     run's ground: resuming the adapter trained on the old one would mix the two silently."""
     import shutil
 
-    import torch
     from safetensors.torch import save_file
 
     base = tmp_path / "base"
