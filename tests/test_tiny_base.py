@@ -125,8 +125,8 @@ def test_base_draws_the_colour_and_shape_its_caption_names(pipe):
 
 @pytest.mark.slow
 def test_pretrain_base_resumed_after_its_first_runs_gives_the_bytes_of_one_run(tmp_path):
-    """The packaged base's second UNet run was made with --resume-from on the base its first runs had written: that
-    must be the same bytes as the documented command run from scratch (and so the run is reproducible)."""
+    """A second UNet run made with --resume-from on the base that the first runs wrote must be the same bytes as the
+    whole command run from scratch (docs/training.md resumes the packaged base so); and so the run is reproducible."""
     config = BasePretrainConfig(per_subject=1, vae_steps=2, unet_steps=3, vae_batch=2, unet_batch=2,
                                 unet_restart_steps=3)
     whole = pretrain_base(tmp_path / "whole", config)
@@ -204,3 +204,22 @@ def test_base_check_command_refuses_impossible_settings(flag, capsys):
         main(flag)
     assert exit_info.value.code == 2
     assert flag[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "message"), [(["--unet-restart-steps", "-1"], "--unet-restart-steps must be >= 0"),
+                                               (["--vae-steps", "0"], "--vae-steps must be >= 1")])
+def test_pretrain_base_command_refuses_impossible_settings(flag, message, capsys):
+    from easyref.cli import main
+
+    assert main(["pretrain-base", *flag]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pretrain_base_resume_from_a_folder_without_a_manifest_says_so(tmp_path, capsys):
+    from easyref.cli import main
+
+    out = tmp_path / "out"
+    assert main(["pretrain-base", "--resume-from", str(tmp_path), "--out", str(out), "--unet-steps", "1",
+                 "--vae-steps", "1", "--per-subject", "1"]) == 2
+    assert "pretrain.json missing" in capsys.readouterr().err
+    assert not out.exists()

@@ -294,9 +294,11 @@ def load_first_run(pipe: Any, folder: Path, config: BasePretrainConfig, text_tow
         raise UserError(f"{folder}: that base already had its second UNet run; resume from one made with "
                         "--unet-restart-steps 0")
     differ = sorted(k for k, v in asdict(config).items() if k not in RESTART and earlier.get(k) != v)
-    if differ or manifest.get("text_encoders_from") != text_towers:
-        raise UserError(f"{folder}: made with other settings ({', '.join(differ) or 'text encoders'}); resume only "
-                        "from a base made with the same settings, or train from scratch without --resume-from")
+    if manifest.get("text_encoders_from") != text_towers:
+        differ.append("text encoders")
+    if differ:
+        raise UserError(f"{folder}: made with other settings ({', '.join(differ)}); resume only from a base made "
+                        "with the same settings, or train from scratch without --resume-from")
     with torch.no_grad():
         for part in ("vae", "unet"):
             getattr(pipe, part).load_state_dict(load_file(folder / part / "diffusion_pytorch_model.safetensors"))
@@ -343,12 +345,14 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
             unet_losses = train_text_to_image(pipe, means, stds, captions, config, generator, config.unet_steps,
                                               config.unet_lr)
             first = {"vae_loss_last100": last100(vae_losses), "unet_loss_last100": last100(unet_losses)}
+            earlier_seconds = 0.0
         else:
             earlier = load_first_run(pipe, Path(resume), config, text_towers)
             means, stds = encode_latents(pipe.vae, images)
             first = {key: earlier[key] for key in ("vae_loss_last100", "unet_loss_last100")}
+            earlier_seconds = earlier["seconds"]
             first["first_runs_resumed_from"] = {"unet": earlier["files"]["unet/diffusion_pytorch_model.safetensors"],
-                                                "seconds": earlier["seconds"]}
+                                                "seconds": earlier_seconds}
         if config.unet_restart_steps:
             # its own seed, so that resuming from a first run's files gives the same bytes as one run from scratch
             torch.manual_seed(config.seed + 1)
@@ -372,7 +376,7 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
             "text_encoders_from": text_towers,
             "scaling_factor": pipe.vae.config.scaling_factor,
             **first,
-            "seconds": round(time.time() - started + first.get("first_runs_resumed_from", {}).get("seconds", 0), 1),
+            "seconds": round(time.time() - started + earlier_seconds, 1),  # the first runs' included
             "torch": torch.__version__,
             "check": {k: v for k, v in checked.items() if k != "images"},
         }
@@ -402,10 +406,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from easyref.errors import UserError
 
-    for name in ("per_subject", "vae_steps", "unet_steps", "unet_restart_steps", "threads"):
-        if getattr(args, name) < (0 if name == "unet_restart_steps" else 1):
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (--unet-restart-steps >= 0), got "
-                            f"{getattr(args, name)}")
+    minimum = {"per_subject": 1, "vae_steps": 1, "unet_steps": 1, "unet_restart_steps": 0, "threads": 1}
+    for name, least in minimum.items():
+        if getattr(args, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     config = BasePretrainConfig(seed=args.seed, data_seed=args.data_seed, per_subject=args.per_subject,
                                 vae_steps=args.vae_steps,
                                 unet_steps=args.unet_steps, threads=args.threads, vae_lr=args.vae_lr,
