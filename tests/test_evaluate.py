@@ -371,6 +371,54 @@ def test_reference_scale_sets_how_strongly_easyref_follows_its_references(tiny_m
         EvaluateConfig(reference_scale=-1.0)
 
 
+def test_images_per_sample_averages_each_samples_draws(tiny_models, checkpoint, evaluation):
+    """`--images-per-sample 2`: every method draws each sample twice, the first draw with the sample's own seed (the
+    image of a one-draw run), the second with another; samples.parquet keeps one row per draw and image, while every
+    mean and interval is over samples (each the mean of its draws) and the reference gain is measured once per
+    sample."""
+    import numpy as np
+    from PIL import Image
+
+    from easyref.cli import main
+    from easyref.evaluate.config import EvaluateConfig
+
+    out = evaluation / "out_draws"
+    params = evaluation / "params_draws.yaml"
+    params.write_text("evaluate:\n  batch_size: 2\n  reference_gain:\n    timesteps: 2\n")
+    code = main(["evaluate", "--checkpoint", str(checkpoint), "--split", str(evaluation / "data/held_out.parquet"),
+                 "--out", str(out), "--base", str(tiny_models), "--params", str(params), "--steps", "2",
+                 "--baseline", "text", "--images-per-sample", "2", "--tracking-uri",
+                 mlflow_store(evaluation / "mlflow_draws.db")])
+    assert code == 0
+    table = pd.read_parquet(out / "samples.parquet")
+    metrics = json.loads((out / "metrics.json").read_text())
+    info = json.loads((out / "evaluation.json").read_text())
+    assert metrics["num_samples"] == 3 and info["images_per_sample"] == 2
+    assert len(table) == 3 * 3 * 2  # easyref, swapped, text x 3 samples x 2 draws
+    assert (table.groupby(["method", "sample_id"])["draw"].apply(sorted) == pd.Series([[0, 1]] * 9).values).all()
+    one = load_split(evaluation / "data/held_out.parquet")
+    first = table[table["draw"] == 0].set_index(["method", "sample_id"])
+    assert (first.loc["easyref", "seed"] == pd.Series({s.sample_id: s.seed for s in one})).all()
+    assert table.groupby(["method", "sample_id"])["seed"].nunique().eq(2).all()
+    for sample in one:  # the first draw is the one-draw run's image; the second is another image
+        path = table.query("method == 'easyref' and sample_id == @sample.sample_id and draw == 0")["image"].iloc[0]
+        again = np.asarray(Image.open(out / path), dtype=np.int16)
+        before = np.asarray(Image.open(evaluation / "out/images/held_out/easyref" / f"{sample.slug}.png"),
+                            dtype=np.int16)
+        assert np.abs(again - before).max() <= 2  # batched vs single MLLM padding
+        second = np.asarray(Image.open(out / "images/held_out/easyref" / f"{sample.slug}-draw1.png"), dtype=np.int16)
+        assert np.abs(second - again).max() > 2
+    means = table.groupby(["method", "sample_id"])["clip_i"].mean()
+    assert metrics["easyref.clip_i"] == pytest.approx(means["easyref"].mean(), abs=1e-5)
+    diff = means["easyref"] - means["text"]
+    assert metrics["paired/easyref_vs_text.clip_i"] == pytest.approx(diff.mean(), abs=1e-5)
+    gains = table.query("method == 'easyref'").set_index("draw")["reference_gain"]
+    assert gains.loc[0].notna().all() and gains.loc[1].isna().all()
+    assert metrics["easyref.reference_gain"] == pytest.approx(gains.loc[0].mean(), abs=1e-6)
+    with pytest.raises(ValueError, match="images_per_sample must be >= 1"):
+        EvaluateConfig(images_per_sample=0)
+
+
 def test_evaluate_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     from easyref.cli import main
 

@@ -15,7 +15,9 @@ found through the ``split.json`` beside the split file or given with ``--images-
 targets are the subject's images.
 
 Each sample is generated once per method with its own seed (derived from ``evaluate.seed`` and the sample id, so
-it does not depend on batching or on which other samples are evaluated). Methods:
+it does not depend on batching or on which other samples are evaluated); with ``evaluate.images_per_sample`` N
+(``--images-per-sample``) N times, each draw with its own seed, and the sample's metrics are the mean over its draws
+(every mean and interval is over samples). Methods:
 
   easyref     the checkpoint, references encoded by the MLLM
   text        text-only SDXL: the same sampler with the reference attention at scale 0 (and any LoRA disabled)
@@ -35,7 +37,8 @@ EasyRef > IP-Adapter > text-only holds on CLIP-I and DINO-I.
 Writes to OUT: metrics.json (the full flat table: ``<section>/<method>.<metric>``, ``<section>/paired/easyref_vs_
 text.clip_i``, ..., and the primary section's, the held-out one, unprefixed), headline.json (its compact form, for
 ``dvc metrics show``), evaluation.json (provenance, and the digests of metrics.json and samples.parquet that
-``easyref register`` checks), samples.parquet / samples.csv (one row per section, method and sample), images/<section>/<method>/<sample>.png, grids/<section>/<sample>.png (references | target |
+``easyref register`` checks), samples.parquet / samples.csv (one row per section, method, sample and draw), images/<section>/<method>/<sample>.png
+(later draws ``<sample>-draw<N>.png``), grids/<section>/<sample>.png (references | target |
 generated) and report.html (one self-contained page, one part per section), and logs all of it to MLflow.
 """
 

@@ -16,7 +16,7 @@ from easyref.evaluate.outputs import log_to_mlflow, write_outputs
 from easyref.evaluate.paired import ordering_verdict, paired_summaries
 from easyref.evaluate.reference_gain import partners, reference_gain
 from easyref.evaluate.samples import ImageStore
-from easyref.evaluate.scoring import load_embedders, score, summarize
+from easyref.evaluate.scoring import load_embedders, per_sample, score, summarize
 from easyref.evaluate.sections import HELD_OUT, Section, SectionRun, combine, load_sections, primary
 
 
@@ -67,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-samples", type=int, help="evaluate at most N samples of each section, from its groups in turn"
     )
+    parser.add_argument(
+        "--images-per-sample", type=int,
+        help="images each method generates per sample, each with its own seed; a sample's metrics are their mean "
+        "(default 1; more make the intervals less a matter of the sampler's noise, at that many times the time)",
+    )
     parser.add_argument("--batch-size", type=int, help="samples per sampler call (default 4)")
     parser.add_argument("--no-reference-gain", action="store_true", help="skip the reference-gain check")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -86,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         "reference_scale": args.reference_scale,
         "seed": args.seed,
         "max_samples": args.max_samples,
+        "images_per_sample": args.images_per_sample,
         "batch_size": args.batch_size,
         "baselines": baselines,
     }
@@ -139,7 +145,7 @@ def evaluate(
     base_models = BaseModels.load(sdxl, mllm, model.config, device=device, torch_dtype=dtype)
     sampler = EasyRefSampler(model, base_models).to(device)
     fit = CaptionFit.shared(sampler.pipe)
-    captions = [s.caption for run in runs for s in run.section.samples]
+    captions = [s.caption for run in runs for s in run.section.first_draws]
     captions_cut = fit.count_long(captions)
     if captions_cut:
         print(
@@ -156,7 +162,7 @@ def evaluate(
                 swapped = [samples[j].references for j in others if j is not None]
                 run.generated[SWAPPED] = generate_easyref(sampler, samples, store, config, references=swapped)
             if config.reference_gain.enabled:
-                run.gains = reference_gain(sampler, samples, store, config)
+                run.gains = reference_gain(sampler, run.section.first_draws, store, config)
             if TEXT in config.baselines:
                 run.timed(TEXT, partial(generate_easyref, text_only=True), sampler, samples, store, config)
     del sampler, model
@@ -176,13 +182,14 @@ def evaluate(
     for run in runs:
         table = score(run.section.samples, run.generated, store, config, cache, device, embedders)
         if run.gains is not None:
-            ids = [s.sample_id for s in run.section.samples]
-            gain_frame = pd.DataFrame(run.gains).assign(method="easyref", sample_id=ids)
-            table = table.merge(gain_frame, on=["method", "sample_id"], how="left")
+            ids = [s.sample_id for s in run.section.first_draws]
+            gain_frame = pd.DataFrame(run.gains).assign(method="easyref", sample_id=ids, draw=0)
+            table = table.merge(gain_frame, on=["method", "sample_id", "draw"], how="left")
         tables[run.name] = table
+        samples = per_sample(table)
         summaries[run.name] = {
-            **summarize(table, config.confidence, config.caption_subsets),
-            **paired_summaries(table, config.confidence),
+            **summarize(samples, config.confidence, config.caption_subsets),
+            **paired_summaries(samples, config.confidence),
         }
     main = primary([run.name for run in runs])
     for run in runs:

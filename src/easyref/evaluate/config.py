@@ -142,6 +142,10 @@ class EvaluateConfig:
     """Samples per sampler call (results do not depend on it)."""
     max_samples: int | None = None
     """Evaluate at most N samples of each section, taken from its groups in turn (None = all)."""
+    images_per_sample: int = 1
+    """Images each method generates per sample, each with its own seed (the first with the sample's seed); a
+    sample's metrics are their mean, so the sampler's noise weighs less in every mean and interval (DreamBench draws
+    4 per prompt). The reference gain is measured once per sample (it draws its own noise)."""
     baselines: list[str] = field(default_factory=list)
     """Baselines evaluated beside the checkpoint: ``text`` or any module of ``easyref.evaluate.baselines``
     (``ip_adapter``, ``lora``)."""
@@ -183,6 +187,8 @@ class EvaluateConfig:
             raise ValueError(f"reference_scale must be a finite number >= 0, got {self.reference_scale}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.images_per_sample < 1:
+            raise ValueError(f"images_per_sample must be >= 1, got {self.images_per_sample}")
         known = known_baselines()
         unknown = sorted(set(self.baselines) - set(known))
         if unknown:

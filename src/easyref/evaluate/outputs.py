@@ -68,16 +68,16 @@ def write_outputs(
             folder.mkdir(parents=True, exist_ok=True)
             for sample, image in zip(samples, images, strict=True):
                 image.save(folder / f"{sample.slug}.png")
-        slugs = {s.sample_id: s.slug for s in samples}
+        slugs = {(s.sample_id, s.draw): s.slug for s in samples}
         table = tables[run.name].assign(section=run.name)
         table["image"] = [
-            f"images/{run.name}/{m}/{slugs[sid]}.png"
-            for m, sid in zip(table["method"], table["sample_id"], strict=True)
+            f"images/{run.name}/{m}/{slugs[sid, draw]}.png"
+            for m, sid, draw in zip(table["method"], table["sample_id"], table["draw"], strict=True)
         ]
         frames.append(table)
         grids = []
         (out / "grids" / run.name).mkdir(parents=True, exist_ok=True)
-        for i, sample in enumerate(samples[: config.report_samples]):
+        for i, sample in enumerate(samples[: min(config.report_samples, len(run.section.first_draws))]):
             images = {m: generated[i] for m, generated in run.generated.items()}
             grid = make_grid(store.group(sample.references), store(sample.targets[0]), images)
             grid.save(out / "grids" / run.name / f"{sample.slug}.png")
@@ -88,7 +88,7 @@ def write_outputs(
     table.to_parquet(out / "samples.parquet", index=False)
     table.to_csv(out / "samples.csv", index=False)
 
-    flat = {run.name: flat_metrics(summaries[run.name], len(run.section.samples)) for run in runs}
+    flat = {run.name: flat_metrics(summaries[run.name], len(run.section.first_draws)) for run in runs}
     metrics = combine(flat, info["primary_section"])
     write_json(metrics, out / "metrics.json")
     write_json(headline(metrics, [run.name for run in runs]), out / HEADLINE_FILE)

@@ -9,6 +9,7 @@ and targets are the subject's images.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import zlib
@@ -38,16 +39,32 @@ class Sample:
     seed: int
     reference_captions: tuple[str, ...] = ()
     """The references' own captions, in the order of ``references`` (what the per-group LoRA is tuned on)."""
+    draw: int = 0
+    """Which of the sample's images this is (``evaluate.images_per_sample``; 0 = the first, seeded with the
+    sample's seed): the draws of a sample share its id, caption and targets, and differ in their seed."""
 
     @property
     def slug(self) -> str:
-        """A file-name-safe form of the id."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "__", self.sample_id)
+        """A file-name-safe form of the id (and of the draw, after the first)."""
+        suffix = f"-draw{self.draw}" if self.draw else ""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "__", self.sample_id) + suffix
 
 
 def sample_seed(base_seed: int, sample_id: str) -> int:
     """A per-sample seed that depends only on the base seed and the id."""
     return (zlib.crc32(sample_id.encode()) + 1_000_003 * base_seed) % (2**31)
+
+
+def with_draws(samples: list[Sample], images_per_sample: int, base_seed: int = 0) -> list[Sample]:
+    """``samples``, then each sample's further draws up to ``images_per_sample`` (draw-major: every sample's draw 1,
+    then every sample's draw 2, ...), each seeded from the base seed, the id and the draw; 1 = ``samples`` as they
+    are. The first draws keep their order, so whatever shows the first N samples shows the same ones."""
+    further = [
+        dataclasses.replace(s, draw=d, seed=sample_seed(base_seed, f"{s.sample_id}#draw{d}"))
+        for d in range(1, images_per_sample)
+        for s in samples
+    ]
+    return [*samples, *further]
 
 
 def images_root_for(split_file: Path) -> Path:

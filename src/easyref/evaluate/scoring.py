@@ -66,6 +66,7 @@ def score(
                 "sample_id": sample.sample_id,
                 "group": sample.group,
                 "caption": sample.caption,
+                "draw": sample.draw,
                 "seed": sample.seed,
             }
             for name, key in (("clip", "clip_i"), ("dino", "dino_i")):
@@ -79,6 +80,17 @@ def score(
                                           for t in sample.targets) / len(sample.targets)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def per_sample(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, sample): the mean of each metric over the sample's draws (``evaluate.images_per_sample``;
+    missing values skipped, so the reference gain, measured on the first draw only, stays the sample's). Means and
+    intervals are taken over samples, not images: a sample's draws share its target and are not independent."""
+    keys = ["method", "sample_id", "group", "caption"]
+    if "draw" not in table.columns or table["draw"].max() == 0:
+        return table
+    numeric = [c for c in table.select_dtypes("number").columns if c not in ("draw", "seed")]
+    return table.groupby(keys, sort=False, dropna=False)[numeric].mean().reset_index()
 
 
 def summarize(

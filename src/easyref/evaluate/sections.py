@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from easyref.errors import UserError
 from easyref.evaluate.config import EvaluateConfig
-from easyref.evaluate.samples import Sample, load_dreambench, load_split
+from easyref.evaluate.samples import Sample, load_dreambench, load_split, with_draws
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -48,8 +48,14 @@ class Section:
 
     name: str
     samples: list[Sample]
+    """Every image to generate: the samples (draw 0), then their further draws (``evaluate.images_per_sample``)."""
     source: dict[str, str] = field(default_factory=dict)
     """``split`` + ``split_sha256``, or ``dreambench`` (the folder)."""
+
+    @property
+    def first_draws(self) -> list[Sample]:
+        """One entry per sample (its first draw): what the reference gain measures and the report shows."""
+        return [s for s in self.samples if s.draw == 0]
 
     @property
     def title(self) -> str:
@@ -93,7 +99,8 @@ class SectionRun:
         """This section's provenance and timings (keys of evaluation.json, before the section prefix)."""
         return {
             **self.section.source,
-            "num_samples": len(self.section.samples),
+            "num_samples": len(self.section.first_draws),
+            "images_per_sample": len(self.section.samples) // max(len(self.section.first_draws), 1),
             "num_groups": self.section.num_groups,
             **{f"seconds_per_group.{method}": s for method, s in self.per_group().items()},
             **{f"tuning_seconds_per_group.{method}": s for method, s in self.tuning.items()},
@@ -157,12 +164,14 @@ def load_sections(
                 continue
             samples = load_split(file, images_root, config.seed)
             source = {"split": str(file), "split_sha256": sha256_file(file)}
-            sections.append(Section(section_name(file), spread_over_groups(samples, config.max_samples), source))
+            limited = spread_over_groups(samples, config.max_samples)
+            sections.append(Section(section_name(file), with_draws(limited, config.images_per_sample, config.seed),
+                                    source))
         if not sections:
             raise UserError(f"{split}: no target rows in {' or '.join(f.name for f in files)}: nothing to evaluate")
     if dreambench is not None:
         samples = load_dreambench(dreambench, config.dreambench, config.seed)
-        limited = spread_over_groups(samples, config.max_samples)
+        limited = with_draws(spread_over_groups(samples, config.max_samples), config.images_per_sample, config.seed)
         sections.append(Section(DREAMBENCH, limited, {"dreambench": str(dreambench)}))
     if not sections:
         raise UserError("nothing to evaluate: pass --split (a split folder or file) and/or --dreambench DIR")
