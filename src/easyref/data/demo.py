@@ -81,12 +81,22 @@ class Subject:
         return " ".join(w for w in words if w)
 
 
-def catalogue() -> list[Subject]:
-    """All demo subjects: every colour x shape, each with a pattern; ``red-star`` is plain (solid)."""
+PATTERN_SETS = ("one", "all")
+
+
+def catalogue(patterns: str = "one") -> list[Subject]:
+    """The demo's subjects. ``one``: every colour x shape, each with one pattern (``red-star`` is plain): 48
+    subjects, the catalogue the tiny parts are pretrained on. ``all``: every colour x shape x pattern, 192 subjects;
+    the 144 beyond ``one`` combine a colour, shape and pattern that the ``one`` catalogue keeps apart."""
+    if patterns not in PATTERN_SETS:
+        raise ValueError(f"patterns must be one of {', '.join(PATTERN_SETS)}, got {patterns!r}")
     subjects = []
     for ci, colour in enumerate(COLOURS):
         for si, shape in enumerate(SHAPES):
-            subjects.append(Subject(colour, shape, PATTERNS[(ci + 2 * si) % len(PATTERNS)]))
+            if patterns == "all":
+                subjects += [Subject(colour, shape, pattern) for pattern in PATTERNS]
+            else:
+                subjects.append(Subject(colour, shape, PATTERNS[(ci + 2 * si) % len(PATTERNS)]))
     return subjects
 
 
@@ -101,6 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"share of captions that leave out the subject's colour, which then only the references show (default "
         f"{OMIT_COLOUR}; 1 = no caption names it, so the colour must come from the references)",
     )
+    parser.add_argument(
+        "--patterns", choices=PATTERN_SETS, default="one",
+        help="one: every colour x shape with one pattern each, 48 groups (default); all: every colour x shape x "
+        "pattern, 192 groups (more varied groups to train on)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,23 +129,23 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--omit-colour {args.omit_colour}: a share of captions, between 0 and 1")
     n_images = write_demo_data(
         args.out, seed=args.seed, size=args.size, min_images=args.min_images, max_images=args.max_images,
-        omit_colour=args.omit_colour,
+        omit_colour=args.omit_colour, patterns=args.patterns,
     )
-    print(f"demo-data: wrote {n_images} images in {len(catalogue())} groups to {args.out}")
+    print(f"demo-data: wrote {n_images} images in {len(catalogue(args.patterns))} groups to {args.out}")
     return 0
 
 
 def write_demo_data(
     out: str | Path, *, seed: int = 0, size: int = 128, min_images: int = 4, max_images: int = 10,
-    omit_colour: float = OMIT_COLOUR,
+    omit_colour: float = OMIT_COLOUR, patterns: str = "one",
 ) -> int:
-    """Write the demo dataset under ``out``; returns the number of images written. ``omit_colour`` changes the
-    captions only: the images are the same for every value."""
+    """Write the demo dataset under ``out``, one group per subject of ``catalogue(patterns)``; returns the number of
+    images written. ``omit_colour`` changes the captions only: the images are the same for every value."""
     import numpy as np
 
     out = Path(out)
     captions: list[dict[str, str]] = []
-    for index, subject in enumerate(catalogue()):
+    for index, subject in enumerate(catalogue(patterns)):
         rng = np.random.default_rng([seed, index])
         folder = out / subject.slug
         folder.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,9 @@ class Drawn:
     """The same caption naming colour, pattern and shape."""
 
 
-def draw(seed: int, per_subject: int, size: int = 128) -> list[Drawn]:
-    """``per_subject`` images of every catalogue subject, from ``seed`` (the same seed gives the same images)."""
+def draw(seed: int, per_subject: int, size: int = 128, patterns: str = "one") -> list[Drawn]:
+    """``per_subject`` images of every subject of ``catalogue(patterns)``, from ``seed`` (the same seed gives the
+    same images)."""
     import numpy as np
 
     from easyref.data.demo import catalogue, draw_image
@@ -41,7 +42,7 @@ def draw(seed: int, per_subject: int, size: int = 128) -> list[Drawn]:
     if seed == 0:
         raise ValueError("seed 0 is the demo's own data; pretraining and checks draw with other seeds")
     drawn = []
-    for index, subject in enumerate(catalogue()):
+    for index, subject in enumerate(catalogue(patterns)):
         for i in range(per_subject):
             state = [seed, index, i]
             image, caption = draw_image(subject, np.random.default_rng(state), size)
