@@ -337,6 +337,8 @@ def run_local(params_file: str | Path, workdir: Path, nproc: int = 2) -> dict[st
                         str(params["data"].get("demo_groups_max_images", 10)),
                         "--omit-colour",
                         str(params["data"].get("demo_omit_colour", 0.4)),
+                        "--patterns",
+                        str(params["data"].get("demo_patterns", "one")),
                     ],
                     check=True,
                 )

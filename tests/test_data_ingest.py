@@ -279,6 +279,30 @@ def test_demo_data_omit_colour_changes_the_captions_only(tmp_path: Path, capsys)
     assert "--omit-colour 1.5: a share of captions, between 0 and 1" in capsys.readouterr().err
 
 
+def test_demo_data_patterns_all_gives_every_colour_shape_and_pattern(tmp_path: Path, capsys) -> None:
+    """`--patterns all`: one group per colour x shape x pattern (192), each folder's images in its own pattern; the
+    default keeps the 48-subject catalogue (one pattern per colour x shape), whose subjects are among them."""
+    from easyref.data.demo import COLOURS, PATTERNS, SHAPES, catalogue
+
+    one, every = catalogue(), catalogue("all")
+    assert len(one) == 48 and len({(s.colour, s.shape) for s in one}) == 48
+    assert len(every) == len(COLOURS) * len(SHAPES) * len(PATTERNS) == len({s.slug for s in every})
+    assert set(one) < set(every)
+    with pytest.raises(ValueError, match="patterns must be one of one, all"):
+        catalogue("some")
+    args = ["--size", "32", "--min-images", "3", "--max-images", "3"]
+    assert main(["demo-data", "--out", str(tmp_path / "all"), *args, "--patterns", "all"]) == 0
+    assert "wrote 576 images in 192 groups" in capsys.readouterr().out
+    folders = {p.name for p in (tmp_path / "all").iterdir() if p.is_dir()}
+    assert folders == {s.slug for s in every}
+    # the same colour and shape in two patterns: different images
+    plain, striped = (tmp_path / "all/red-star/000.png"), (tmp_path / "all/striped-red-star/000.png")
+    assert plain.read_bytes() != striped.read_bytes()
+    with pytest.raises(SystemExit):
+        main(["demo-data", "--out", str(tmp_path / "bad"), *args, "--patterns", "some"])
+    assert "invalid choice: 'some'" in capsys.readouterr().err
+
+
 def test_perceptual_hash_matches_imagehash() -> None:
     import imagehash
 

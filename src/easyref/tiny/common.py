@@ -34,13 +34,20 @@ class PretrainConfig:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[PretrainConfig]) -> None:
-    """``--out`` and one flag per int / float setting of ``config_class`` (default: the part's packaged value)."""
+    """``--out`` and one flag per int / float setting of ``config_class`` (default: the part's packaged value), and
+    ``--patterns`` where it has that setting (the catalogue its data is drawn from)."""
+    from easyref.data.demo import PATTERN_SETS
+
     parser.add_argument("--out", type=Path, default=None, help="where to write it (default: the packaged asset)")
     for field in fields(config_class):
         kind = {"int": int, "float": float}.get(str(field.type))
         if kind is not None:
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
                                 help=f"(default: the packaged part's {field.name})")
+        elif field.name == "patterns":
+            parser.add_argument("--patterns", choices=PATTERN_SETS, default=None,
+                                help="the subjects its data is drawn from: one = the 48-subject catalogue, all = "
+                                "every colour x shape x pattern (default: the packaged part's)")
 
 
 def config_from_args(defaults: Config, args: argparse.Namespace) -> Config:
