@@ -36,10 +36,11 @@ class IPAdapterPretrainConfig(PretrainConfig):
     """How the tiny IP-Adapter is trained (the defaults made the packaged one)."""
 
     data_seed: int = 4001
-    per_subject: int = 8
-    patterns: str = "all"
+    per_subject: int = 32
+    patterns: str = "one"
     """The subjects of its data (``easyref.data.demo.catalogue``): the same set as the demo's training groups
-    (``data.demo_patterns``), so that both adapters learn from the same kinds of groups; 8 x 192 images."""
+    (``data.demo_patterns``), so that both adapters learn from the same kinds of groups (32 x 48 images; with
+    ``all``, ``--per-subject 8`` draws as many)."""
     steps: int = 500
     """500 steps of 16 = 8,000 samples: the budget of EasyRef's stage 1 in the demo (2000 steps of 4), so the two
     adapters are compared at equal training (the paper's IP-Adapter-SDXL is its authors' long-trained release)."""
