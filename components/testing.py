@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small reference images keep the tiny MLLM fast (4-9 visual tokens per image), as in tests/conftest.py.
 TINY_MODEL = {"num_tokens": 8, "min_pixels": 4 * 28 * 28, "max_pixels": 9 * 28 * 28, "dropped_image_size": 56}
 TINY_TRAIN = {"batch_size": 1, "save_every": 0, "preview_every": -1, "preview_steps": 2, "model": TINY_MODEL}
-TINY_EVALUATE = {"steps": 2, "max_samples": 2, "batch_size": 2, "baselines": [],
+TINY_EVALUATE = {"steps": 2, "max_samples": 2, "images_per_sample": 1, "batch_size": 2, "baselines": [],
                  "reference_gain": {"enabled": True, "timesteps": 1}}
 TINY_SPLIT = {"held_out_groups": 4, "held_in_groups": 4}
 
@@ -157,7 +157,8 @@ def tool_env(tmp: Path) -> dict[str, str]:
 
 
 def fast_params(params_file: Path) -> None:
-    """Shrink params.yaml for tests: 2 optimizer steps per stage, 2 test samples, 2 DDIM steps, no baselines."""
+    """Shrink params.yaml for tests: 2 optimizer steps per stage, 2 test samples of one image, 2 DDIM steps, no
+    baselines."""
     import yaml
 
     params = yaml.safe_load(params_file.read_text())
