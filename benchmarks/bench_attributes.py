@@ -16,10 +16,7 @@ EasyRef the paired difference of the shape and pattern hits with a 95% interval 
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-import torch
+from demo_outputs import demo_arguments, demo_outputs, demo_samples
 from PIL import Image
 
 ASPECTS = ("colour", "shape", "pattern")
@@ -57,29 +54,19 @@ def ask(clip, image: Image.Image, subject, palette, grounds) -> dict[str, bool]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo", type=Path, default=Path("."), help="the repository where `make demo` ran")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = parser.parse_args()
-    import pandas as pd
-
-    from easyref.config import load_section
-    from easyref.evaluate.config import EvaluateConfig
-    from easyref.evaluate.samples import ImageStore, load_split
+    args = demo_arguments(__doc__)
+    from easyref.evaluate.samples import ImageStore
     from easyref.metrics import ClipEmbedder
     from easyref.stats import bootstrap_over_groups
 
-    torch.set_num_threads(args.threads)
     root = args.demo
-    config = load_section(EvaluateConfig, root / "params.yaml", "evaluate", {})
+    config, table = demo_outputs(root)
     palette = {name: tuple(rgb) for name, rgb in config.palette.items()}
     grounds = [tuple(rgb) for rgb in config.palette_backgrounds]
     clip = ClipEmbedder.from_pretrained(str(root / "models" / "tiny" / "clip"))
-    table = pd.read_parquet(root / "outputs" / "eval" / "samples.parquet")
     store = ImageStore()
     for section in ("held_out", "held_in"):
-        samples = {s.sample_id: s for s in load_split(root / "data" / "split" / f"{section}.parquet",
-                                                       root / "data" / "ingested")}
+        samples = demo_samples(root, section)
         hits: dict[str, list[dict[str, bool]]] = {}
         groups: dict[str, list[str]] = {}
         for sample in samples.values():

@@ -11,39 +11,28 @@ to them than the others are, and its gap would be higher. Nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from pathlib import Path
 
 import torch
+from demo_outputs import demo_arguments, demo_outputs, demo_samples
 from PIL import Image
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo", type=Path, default=Path("."), help="the repository where `make demo` ran")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = parser.parse_args()
-    import pandas as pd
-
-    from easyref.config import load_section
-    from easyref.evaluate.config import EvaluateConfig
-    from easyref.evaluate.samples import ImageStore, load_split
+    args = demo_arguments(__doc__)
+    from easyref.evaluate.samples import ImageStore
     from easyref.evaluate.scoring import load_embedders
     from easyref.metrics import cosine, mean_ci
 
-    torch.set_num_threads(args.threads)
     root = args.demo
-    config = load_section(EvaluateConfig, root / "params.yaml", "evaluate", {})
+    config, table = demo_outputs(root)
     judges = root / "models" / "tiny"
     config = dataclasses.replace(config, metrics=dataclasses.replace(
         config.metrics, clip=str(judges / "clip"), dino=str(judges / "dino")))
     embedders = dict(zip(("CLIP", "DINO"), load_embedders(config, "cpu"), strict=True))
-    table = pd.read_parquet(root / "outputs" / "eval" / "samples.parquet")
     store = ImageStore()
     for section in ("held_out", "held_in"):
-        samples = {s.sample_id: s for s in load_split(root / "data" / "split" / f"{section}.parquet",
-                                                       root / "data" / "ingested")}
+        samples = demo_samples(root, section)
         for judge, embedder in embedders.items():
             print(f"{section}, {judge}: method, mean cosine to the references, to the target, references - target")
             paths = sorted({p for s in samples.values() for p in (*s.references, *s.targets)})
