@@ -42,9 +42,12 @@ def prepare(work: Path, params: dict) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     easyref("tiny-models", "--out", "models/tiny", cwd=work)  # does nothing when complete
     if not (work / "data/split/held_out.parquet").is_file():
-        # the demo's caption setting: with no caption naming the colour, only the references tell it
-        omit = params.get("data", {}).get("demo_omit_colour")
-        easyref("demo-data", "--out", "data/raw", *(["--omit-colour", str(omit)] if omit is not None else []), cwd=work)
+        # the demo's caption setting (with no caption naming the colour, only the references tell it) and subjects
+        data = params.get("data", {})
+        flags = [(flag, data.get(key)) for flag, key in (("--omit-colour", "demo_omit_colour"),
+                                                          ("--patterns", "demo_patterns"))]
+        easyref("demo-data", "--out", "data/raw", *[str(x) for f, v in flags if v is not None for x in (f, v)],
+                cwd=work)
         easyref("ingest", "data/raw", "--out", "data/ingested", "--params", "params.yaml", "--no-progress", cwd=work)
         easyref("split", "--manifest", "data/ingested/manifest.parquet", "--out", "data/split",
                 "--params", "params.yaml", cwd=work)

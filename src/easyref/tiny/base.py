@@ -52,8 +52,11 @@ class BasePretrainConfig:
     """Seed of the random tiny models the training starts from and of the training's own randomness."""
     data_seed: int = 1002
     """Seed of the pretraining images (:func:`easyref.tiny.data.draw`; the demo itself uses seed 0)."""
-    per_subject: int = 16
-    """Images drawn per catalogue subject (48 subjects)."""
+    per_subject: int = 4
+    """Images drawn per catalogue subject."""
+    patterns: str = "all"
+    """The subjects its images are drawn from (``easyref.data.demo.catalogue``): ``one`` = the 48-subject
+    catalogue, ``all`` = every colour x shape x pattern (192; a quarter of ``per_subject`` draws as many images)."""
     resolution: int = 64
     """Training images are resized to this square side (the UNet's native size)."""
     vae_steps: int = 3000
@@ -159,7 +162,7 @@ def draw_pairs(config: BasePretrainConfig) -> tuple[Any, list[list[str]]]:
     """``(images, captions)`` drawn for pretraining: each image with its demo caption and its full caption."""
     from easyref.tiny.data import draw
 
-    drawn = draw(config.data_seed, config.per_subject)
+    drawn = draw(config.data_seed, config.per_subject, patterns=config.patterns)
     return to_tensor([d.image for d in drawn], config.resolution), [[d.caption, d.full_caption] for d in drawn]
 
 
@@ -329,7 +332,8 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
     with tempfile.TemporaryDirectory() as tmp:
         sdxl = write_sdxl(Path(tmp) / "sdxl", seed=config.seed)
         if data is None:
-            source = f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})"
+            source = (f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject}, "
+                      f"patterns={config.patterns!r})")
             images, captions = draw_pairs(config)
         else:
             source = Path(data).name
@@ -387,6 +391,8 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from easyref.data.demo import PATTERN_SETS
+
     parser.add_argument("--out", type=Path, default=ASSET,
                         help="where to write the trained vae/, unet/, text_encoder*/ (default: the packaged asset)")
     parser.add_argument("--data", type=Path, default=None,
@@ -398,6 +404,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("seed", "data_seed", "per_subject", "vae_steps", "unet_steps", "unet_restart_steps", "threads"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=f"(default {getattr(defaults, name)})")
+    parser.add_argument("--patterns", choices=PATTERN_SETS, default=defaults.patterns,
+                        help="the subjects its images are drawn from: one = the 48-subject catalogue, all = every "
+                             f"colour x shape x pattern (default {defaults.patterns})")
     for name in ("vae_lr", "chroma_weight", "noise_offset", "unet_restart_lr"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
                             help=f"(default {getattr(defaults, name)})")
@@ -411,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < least:
             raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     config = BasePretrainConfig(seed=args.seed, data_seed=args.data_seed, per_subject=args.per_subject,
+                                patterns=args.patterns,
                                 vae_steps=args.vae_steps,
                                 unet_steps=args.unet_steps, threads=args.threads, vae_lr=args.vae_lr,
                                 chroma_weight=args.chroma_weight, noise_offset=args.noise_offset,

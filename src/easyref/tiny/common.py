@@ -22,7 +22,10 @@ class PretrainConfig:
     data_seed: int = 1001
     """Seed of the pretraining images (:func:`easyref.tiny.data.draw`): never the demo's seed 0."""
     per_subject: int = 64
-    """Images drawn per catalogue subject (48 subjects)."""
+    """Images drawn per catalogue subject."""
+    patterns: str = "one"
+    """The subjects its data is drawn from (``easyref.data.demo.catalogue``): ``one`` = the 48-subject catalogue,
+    ``all`` = every colour x shape x pattern (192; a quarter of ``per_subject`` then draws as many images)."""
     steps: int = 1500
     """Optimizer steps."""
     batch: int = 128
@@ -106,7 +109,8 @@ def run_record(part: str, config: PretrainConfig, code_files: list[str], losses:
         "part": part,
         "config": asdict(config),
         "code_sha256": assets.code_fingerprint(code_files),
-        "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject})",
+        "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject}, "
+                f"patterns={config.patterns!r})",
         **extra,
         "loss_last100": last100(losses),
         "seconds": round(time.time() - started, 1),

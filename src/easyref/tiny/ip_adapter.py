@@ -36,11 +36,10 @@ class IPAdapterPretrainConfig(PretrainConfig):
     """How the tiny IP-Adapter is trained (the defaults made the packaged one)."""
 
     data_seed: int = 4001
-    per_subject: int = 32
-    patterns: str = "one"
-    """The subjects of its data (``easyref.data.demo.catalogue``): the same set as the demo's training groups
-    (``data.demo_patterns``), so that both adapters learn from the same kinds of groups (32 x 48 images; with
-    ``all``, ``--per-subject 8`` draws as many)."""
+    per_subject: int = 8
+    patterns: str = "all"
+    """The subjects of the demo's groups (``data.demo_patterns``), so that both adapters learn from the same kinds
+    of groups (8 x 192 images)."""
     steps: int = 500
     """500 steps of 16 = 8,000 samples: the budget of EasyRef's stage 1 in the demo (2000 steps of 4), so the two
     adapters are compared at equal training (the paper's IP-Adapter-SDXL is its authors' long-trained release)."""
@@ -179,10 +178,7 @@ def pretrain_ip_adapter(out: Path, config: IPAdapterPretrainConfig) -> dict[str,
         tensors, losses = train_ip_adapter(sdxl, folder / "image_encoder", config)
         save_file(tensors, folder / WEIGHTS)
         base = assets.read_manifest(assets.asset("sdxl"))
-        record = run_record("ip_adapter", config, [__file__], losses, started,
-                            data=f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject}, "
-                            f"patterns={config.patterns!r})",
-                            base_unet_sha256=base["files"]["unet/diffusion_pytorch_model.safetensors"],
+        record = run_record("ip_adapter", config, [__file__], losses, started, base_unet_sha256=base["files"]["unet/diffusion_pytorch_model.safetensors"],
                             image_encoder_from="tiny_ip_clip")
         return assets.publish(folder.parent, out, record)
 

@@ -52,9 +52,9 @@ class JudgeConfig(PretrainConfig):
 
 
 DEFAULTS = {
-    "clip": JudgeConfig(per_subject=128),
-    "dino": JudgeConfig(steps=2000),
-    "ip_clip": JudgeConfig(seed=1, data_seed=2001, per_subject=128),
+    "clip": JudgeConfig(per_subject=32, patterns="all", steps=3000),
+    "dino": JudgeConfig(steps=2000, per_subject=16, patterns="all"),
+    "ip_clip": JudgeConfig(seed=1, data_seed=2001, per_subject=32, patterns="all", steps=3000),
 }
 
 
@@ -94,7 +94,7 @@ def train_clip(folder: Path, config: JudgeConfig) -> list[float]:
 
     from easyref.tiny.data import describe, draw
 
-    drawn = draw(config.data_seed, config.per_subject)
+    drawn = draw(config.data_seed, config.per_subject, patterns=config.patterns)
     model = CLIPModel.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     images, mean, std = _training_images(folder, drawn)
@@ -167,7 +167,7 @@ def train_dino(folder: Path, config: JudgeConfig) -> list[float]:
 
     from easyref.tiny.data import draw
 
-    drawn = draw(config.data_seed, config.per_subject)
+    drawn = draw(config.data_seed, config.per_subject, patterns=config.patterns)
     images, mean, std = _training_images(folder, drawn)
     model = Dinov2Model.from_pretrained(folder)
     width = model.config.hidden_size
@@ -208,20 +208,23 @@ def pair_auc(embeddings: torch.Tensor, labels: list[Any]) -> float:
     return roc_auc(same, other)
 
 
-def check(part: str, folder: Path, per_subject: int = 4) -> dict[str, float]:
-    """What a judge can do on held-back images: ``auc`` (same subject vs other) and, for CLIP, ``retrieval_top1``
-    (the nearest of the 48 subject descriptions names the image's colour and shape)."""
+def check(part: str, folder: Path, per_subject: int = 0, patterns: str | None = None) -> dict[str, float]:
+    """What a judge can do on held-back images of the subjects it learnt (``patterns``, default: the packaged
+    part's): ``auc`` (same subject vs other) and, for CLIP, ``retrieval_top1`` (the nearest of the subjects'
+    descriptions names the image's colour and shape). ``per_subject`` 0 draws four images of each of 48 subjects,
+    two of each of 192."""
     from easyref.data.demo import catalogue
     from easyref.metrics import ClipEmbedder, DinoEmbedder
     from easyref.tiny.data import CHECK_SEED, describe, draw
 
-    drawn = draw(CHECK_SEED, per_subject)
+    patterns = patterns or DEFAULTS[part].patterns
+    candidates = catalogue(patterns)
+    drawn = draw(CHECK_SEED, per_subject or max(2, 192 // len(candidates)), patterns=patterns)
     images, subjects = [d.image for d in drawn], [d.subject for d in drawn]
     if part == "dino":
         return {"auc": pair_auc(DinoEmbedder.from_pretrained(str(folder)).embed_images(images), subjects)}
     clip = ClipEmbedder.from_pretrained(str(folder))
     embeddings = clip.embed_images(images)
-    candidates = catalogue()
     best = (embeddings @ clip.embed_texts([describe(s) for s in candidates]).T).argmax(-1).tolist()
     hits = [(candidates[b].colour, candidates[b].shape) == (s.colour, s.shape) for b, s in zip(best, subjects, strict=True)]
     return {"auc": pair_auc(embeddings, subjects), "retrieval_top1": sum(hits) / len(hits)}
@@ -246,7 +249,7 @@ def pretrain_judge(part: str, out: Path, config: JudgeConfig) -> dict[str, Any]:
             losses = train_clip(folder, config)
         assets.forget_source_path(folder / "config.json")
         record = run_record(part, config, [__file__, build.__file__, demo.__file__], losses, started)
-        return assets.publish(folder, out, {**record, "check": check(part, folder)})
+        return assets.publish(folder, out, {**record, "check": check(part, folder, patterns=config.patterns)})
 
 
 

@@ -51,6 +51,8 @@ class MLLMPretrainConfig(PretrainConfig):
     """How the tiny MLLM is pretrained (the defaults made the packaged one)."""
 
     data_seed: int = 3001
+    per_subject: int = 16
+    patterns: str = "all"
     steps: int = 4000
     batch: int = 12
     warmup: int = 100
@@ -155,7 +157,7 @@ def train_mllm(folder: Path, config: MLLMPretrainConfig) -> tuple[list[float], d
     from easyref.tiny import mllm_vision
     from easyref.tiny.data import draw
 
-    drawn = draw(config.data_seed, config.per_subject)
+    drawn = draw(config.data_seed, config.per_subject, patterns=config.patterns)
     processor = _processor(folder, config)
     processor.image_processor = _MemoImageProcessor(processor.image_processor)
     model = Qwen2VLForConditionalGeneration.from_pretrained(folder)
@@ -166,7 +168,7 @@ def train_mllm(folder: Path, config: MLLMPretrainConfig) -> tuple[list[float], d
             model, processor.image_processor, drawn, seed=config.seed, steps=config.vision_steps,
             batch=config.vision_batch, lr=config.lr, warmup=config.warmup)
         vision = {"loss_last100": sum(vision_losses[-100:]) / len(vision_losses[-100:]),
-                  "check": mllm_vision.check(pair)}
+                  "check": mllm_vision.check(pair, patterns=config.patterns)}
     losses = _train_language(model, processor, drawn, config)
     model.eval().save_pretrained(folder)
     return losses, vision
@@ -227,12 +229,15 @@ def describe_images(folder: Path, images: list[Any], config: MLLMPretrainConfig,
     return answers
 
 
-def check(folder: Path, config: MLLMPretrainConfig | None = None, per_subject: int = 2) -> dict[str, Any]:
-    """On held-back images: the share of generated captions that name the right colour, shape, pattern, all three."""
+def check(folder: Path, config: MLLMPretrainConfig | None = None, per_subject: int = 0) -> dict[str, Any]:
+    """On held-back images of the subjects it learnt (``config.patterns``): the share of generated captions that
+    name the right colour, shape, pattern, all three (``per_subject`` 0 draws 96 images whichever the subjects)."""
+    from easyref.data.demo import catalogue
     from easyref.tiny.data import CHECK_SEED, draw
 
-    drawn = draw(CHECK_SEED, per_subject)
-    answers = describe_images(folder, [d.image for d in drawn], config or MLLMPretrainConfig())
+    config = config or MLLMPretrainConfig()
+    drawn = draw(CHECK_SEED, per_subject or max(1, 96 // len(catalogue(config.patterns))), patterns=config.patterns)
+    answers = describe_images(folder, [d.image for d in drawn], config)
     hits = [named(a, d.subject) for a, d in zip(answers, drawn, strict=True)]
     rates = {k: sum(h[k] for h in hits) / len(hits) for k in ("colour", "shape", "pattern")}
     rates["all"] = sum(all(h.values()) for h in hits) / len(hits)

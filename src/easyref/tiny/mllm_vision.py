@@ -102,16 +102,16 @@ def train_vision_tower(model: Any, image_processor: Any, drawn: list[Any], *, se
     return losses, pair
 
 
-def check(pair: ContrastivePair, per_subject: int = 2) -> dict[str, float]:
-    """On held-back images: how often the nearest of the 48 subject descriptions has the image's shape, and its
-    colour and shape."""
+def check(pair: ContrastivePair, per_subject: int = 0, patterns: str = "one") -> dict[str, float]:
+    """On held-back images of ``patterns``' subjects: how often the nearest of those subjects' descriptions has the
+    image's shape, and its colour and shape (``per_subject`` 0 draws 96 images whichever the subjects)."""
     import torch
 
     from easyref.data.demo import catalogue
     from easyref.tiny.data import CHECK_SEED, describe, draw
 
-    drawn = draw(CHECK_SEED, per_subject)
-    subjects = catalogue()
+    subjects = catalogue(patterns)
+    drawn = draw(CHECK_SEED, per_subject or max(1, 96 // len(subjects)), patterns=patterns)
     with torch.no_grad():
         images = torch.cat([pair.embed_images([d.image for d in drawn[i : i + 32]]) for i in range(0, len(drawn), 32)])
         best = (images @ pair.embed_texts([describe(s) for s in subjects]).T).argmax(-1).tolist()
