@@ -110,17 +110,18 @@ def test_base_draws_a_subject_on_a_pale_background(pipe):
 def test_base_draws_the_colour_and_shape_its_caption_names(pipe):
     """Text to image from captions naming colour and shape (the base's check, one seeded sample per subject) at the
     tiny profile's guidance (params.yaml evaluate.guidance, chosen where this check peaks: docs/training.md): the
-    packaged base, trained with offset noise, draws 0.65 of them in the named colour and the judge names the shape of
-    0.35 at 3 (at guidance 7.5: 0.46 and 0.27); the base trained on plain noise drew 0.21 at 7.5 and the same UNet
+    packaged base, trained with offset noise on every colour x shape x pattern, draws 0.92 of them in the named colour
+    and the judge names the shape of 0.50 at 3 (at guidance 7.5: 0.77 and 0.48; the judge names 0.85 of drawn images'
+    shapes); the 48-subject base drew 0.65 / 0.35 at 3, one trained on plain noise 0.21 at 7.5, and the same UNet
     continued on plain noise 0.125 (chance 0.125): it took the colour from the noise."""
     from easyref.tiny.assets import asset
     from easyref.tiny.base_check import text_to_image_rates
 
     guidance = yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]["guidance"]
     rates = text_to_image_rates(pipe, asset("clip"), guidance=guidance)
-    assert rates["colour_rate"] >= 0.55, rates
-    assert rates["shape_rate"] >= 0.3, rates  # chance 1/6; the judge names 0.79 of drawn images' shapes
-    assert sum(rate >= 0.5 for rate in rates["colour_rate_per_colour"].values()) >= 6, rates
+    assert rates["colour_rate"] >= 0.8, rates
+    assert rates["shape_rate"] >= 0.4, rates  # chance 1/6
+    assert sum(rate >= 0.5 for rate in rates["colour_rate_per_colour"].values()) >= 7, rates
 
 
 @pytest.mark.slow
@@ -172,8 +173,8 @@ def test_resume_refuses_a_base_whose_files_changed(tmp_path):
 def test_base_check_sees_the_trained_vae_keep_colours_a_random_one_loses(tiny_models, tmp_path):
     """The base's check (`python -m easyref.tiny.base_check`, numbers in docs/training.md) measures every colour
     and tells the packaged VAE from a random one of the same architecture: the packaged one keeps each colour
-    within 60 (its worst, blue, 57: checkers averaged; the previous base's worst was 118), a random one moves them
-    by about 150 on average (blue and teal by 240)."""
+    within 65 (its worst, yellow, 61, and blue 43: checkers averaged; the 48-subject base's worst was blue, 57, and
+    the first base's 118), a random one moves them by about 150 on average (blue and teal by 240)."""
     from diffusers import AutoencoderKL
 
     from easyref.tiny.base_check import vae_colour_error
@@ -184,7 +185,7 @@ def test_base_check_sees_the_trained_vae_keep_colours_a_random_one_loses(tiny_mo
     random = vae_colour_error(AutoencoderKL.from_pretrained(write_sdxl(tmp_path / "random", seed=0) / "vae"))
     assert len(trained) == 8 and trained.keys() == random.keys()
     assert sum(trained.values()) < 0.6 * sum(random.values()), (trained, random)
-    assert max(trained.values()) <= 60, trained
+    assert max(trained.values()) <= 65, trained
 
 
 def test_base_check_command_names_a_missing_model_folder(tmp_path, capsys):
