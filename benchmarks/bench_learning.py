@@ -43,11 +43,11 @@ def prepare(work: Path, params: dict) -> None:
     easyref("tiny-models", "--out", "models/tiny", cwd=work)  # does nothing when complete
     if not (work / "data/split/held_out.parquet").is_file():
         # the demo's caption setting (with no caption naming the colour, only the references tell it) and subjects
-        data = params.get("data", {})
-        flags = [(flag, data.get(key)) for flag, key in (("--omit-colour", "demo_omit_colour"),
-                                                          ("--patterns", "demo_patterns"))]
-        easyref("demo-data", "--out", "data/raw", *[str(x) for f, v in flags if v is not None for x in (f, v)],
-                cwd=work)
+        data, flags = params.get("data", {}), []
+        for flag, key in (("--omit-colour", "demo_omit_colour"), ("--patterns", "demo_patterns")):
+            if data.get(key) is not None:
+                flags += [flag, str(data[key])]
+        easyref("demo-data", "--out", "data/raw", *flags, cwd=work)
         easyref("ingest", "data/raw", "--out", "data/ingested", "--params", "params.yaml", "--no-progress", cwd=work)
         easyref("split", "--manifest", "data/ingested/manifest.parquet", "--out", "data/split",
                 "--params", "params.yaml", cwd=work)
