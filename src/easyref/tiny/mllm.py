@@ -29,6 +29,7 @@ from easyref.tiny.common import (
     PretrainConfig,
     add_config_arguments,
     config_from_args,
+    last100,
     run_record,
     take_step,
     warmed_adamw,
@@ -60,7 +61,7 @@ class MLLMPretrainConfig(PretrainConfig):
     min_pixels: int = 16 * 28 * 28
     """Image sizes as the tiny profile's EasyRef reads its references (params.yaml train.model)."""
     max_pixels: int = 25 * 28 * 28
-    vision_steps: int = 1500
+    vision_steps: int = 4000
     """Steps of the vision tower's contrastive first stage (0: none, the tower starts random)."""
     vision_batch: int = 64
     """(image, text) pairs per step of the first stage."""
@@ -167,7 +168,7 @@ def train_mllm(folder: Path, config: MLLMPretrainConfig) -> tuple[list[float], d
         vision_losses, pair = mllm_vision.train_vision_tower(
             model, processor.image_processor, drawn, seed=config.seed, steps=config.vision_steps,
             batch=config.vision_batch, lr=config.lr, warmup=config.warmup)
-        vision = {"loss_last100": sum(vision_losses[-100:]) / len(vision_losses[-100:]),
+        vision = {"loss_last100": last100(vision_losses),
                   "check": mllm_vision.check(pair, patterns=config.patterns)}
     losses = _train_language(model, processor, drawn, config)
     model.eval().save_pretrained(folder)
