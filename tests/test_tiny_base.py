@@ -112,8 +112,9 @@ def test_base_draws_the_colour_and_shape_its_caption_names(pipe):
     tiny profile's guidance (params.yaml evaluate.guidance, chosen where this check peaks: docs/training.md): the
     packaged base, trained with offset noise on every colour x shape x pattern, draws 0.92 of them in the named colour
     and the judge names the shape of 0.50 at 3 (at guidance 7.5: 0.77 and 0.48; the judge names 0.85 of drawn images'
-    shapes); the 48-subject base drew 0.65 / 0.35 at 3, one trained on plain noise 0.21 at 7.5, and the same UNet
-    continued on plain noise 0.125 (chance 0.125): it took the colour from the noise."""
+    shapes, of their VAE reconstructions 0.77: the most a UNet drawing through this VAE can score); the 48-subject
+    base drew 0.65 / 0.35 at 3, one trained on plain noise 0.21 at 7.5, and the same UNet continued on plain noise
+    0.125 (chance 0.125): it took the colour from the noise."""
     from easyref.tiny.assets import asset
     from easyref.tiny.base_check import text_to_image_rates
 
@@ -121,6 +122,10 @@ def test_base_draws_the_colour_and_shape_its_caption_names(pipe):
     rates = text_to_image_rates(pipe, asset("clip"), guidance=guidance)
     assert rates["colour_rate"] >= 0.8, rates
     assert rates["shape_rate"] >= 0.4, rates  # chance 1/6
+    # the VAE blurs edges and loses stripes and dots, so its reconstructions' shapes are named less often than the
+    # drawn images' (0.77 against 0.85), yet far above chance and above what the UNet draws
+    assert rates["shape_rate"] < rates["vae_judge_shape_rate"] < rates["judge_shape_rate"], rates
+    assert rates["vae_judge_shape_rate"] >= 0.6, rates
     assert sum(rate >= 0.5 for rate in rates["colour_rate_per_colour"].values()) >= 7, rates
 
 

@@ -8,7 +8,9 @@ and its preview picture.
   blue circle in the centre on a white background"), one image per catalogue subject and seed; the share whose
   subject is drawn in the named colour (:func:`easyref.metrics.named_colour`) and the share the pretrained tiny
   CLIP judge, asked to choose among the six shapes, names the right shape. ``judge_shape_rate`` is the same
-  judge on held-back *drawn* images of those subjects: the most ``shape_rate`` can be with this judge.
+  judge on held-back *drawn* images of those subjects: the most ``shape_rate`` can be with this judge;
+  ``vae_judge_shape_rate`` the same judge on those images' VAE reconstructions: the most a UNet that draws through
+  this VAE can score (the VAE blurs edges and loses stripes and dots).
 """
 
 from __future__ import annotations
@@ -19,19 +21,27 @@ from typing import Any
 CHECK_CAPTION = "a large {noun} in the centre on a white background"
 
 
+def reconstruct(vae: Any, images: list[Any], resolution: int) -> tuple[Any, Any]:
+    """``images`` resized to ``resolution`` (float RGB pixels, ``(N, R, R, 3)``) and their reconstructions through
+    ``vae`` (encode to the posterior mean, decode; ``(N, 3, R, R)`` in [-1, 1])."""
+    import numpy as np
+    import torch
+
+    pixels = np.stack([np.asarray(im.convert("RGB").resize((resolution, resolution)), np.float32) for im in images])
+    with torch.no_grad():
+        batch = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1
+        return pixels, vae.decode(vae.encode(batch).latent_dist.mean).sample.clamp(-1, 1)
+
+
 def vae_colour_error(vae: Any, per_subject: int = 2, resolution: int = 64) -> dict[str, float]:
     """Mean RGB distance between a held-back image's subject colour and its reconstruction's, per colour."""
     import numpy as np
-    import torch
 
     from easyref.data.demo import COLOURS
     from easyref.tiny.data import CHECK_SEED, draw
 
     drawn = draw(CHECK_SEED, per_subject)
-    pixels = np.stack([np.asarray(d.image.convert("RGB").resize((resolution, resolution)), np.float32) for d in drawn])
-    with torch.no_grad():
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1
-        recon = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    pixels, recon = reconstruct(vae, [d.image for d in drawn], resolution)
     recon_pixels = ((recon + 1) * 127.5).permute(0, 2, 3, 1).numpy()
     errors: dict[str, list[float]] = {}
     for original, rebuilt, d in zip(pixels, recon_pixels, drawn, strict=True):
@@ -81,10 +91,13 @@ def text_to_image_rates(pipe: Any, clip_folder: Path, seeds: int = 1, steps: int
     shapes = shape_hits(clip, images, subjects * seeds)
     drawn = draw(CHECK_SEED, 2)
     judge = shape_hits(clip, [d.image for d in drawn], [d.subject for d in drawn])
+    rebuilt = pipe.image_processor.postprocess(reconstruct(pipe.vae, [d.image for d in drawn], side)[1])
+    through_vae = shape_hits(clip, rebuilt, [d.subject for d in drawn])
     return {
         "colour_rate": round(sum(colour_hits) / len(colour_hits), 3),
         "shape_rate": round(sum(shapes) / len(shapes), 3),
         "judge_shape_rate": round(sum(judge) / len(judge), 3),
+        "vae_judge_shape_rate": round(sum(through_vae) / len(through_vae), 3),
         "colour_rate_per_colour": {c: round(sum(v) / len(v), 2) for c, v in per_colour.items()},
     }
 
@@ -138,11 +151,8 @@ def write_preview(sdxl: Path, png: Path, seed: int = 0) -> None:
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     drawn = draw(CHECK_SEED, 1)
     picks = [next(d.image for d in drawn if d.subject.colour == colour) for colour in COLOURS]
-    pixels = np.stack([np.asarray(im.convert("RGB").resize((side, side)), np.float32) for im in picks])
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1
-    with torch.no_grad():
-        recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample
-    rows = [pipe.image_processor.postprocess(batch) for batch in (images, recon)]
+    pixels, recon = reconstruct(pipe.vae, picks, side)
+    rows = [[Image.fromarray(p.astype(np.uint8)) for p in pixels], pipe.image_processor.postprocess(recon)]
     for s in (seed, seed + 1):
         rows.append(pipe(list(PREVIEW_CAPTIONS), num_inference_steps=30, guidance_scale=7.5, height=side,
                          width=side, generator=torch.Generator().manual_seed(s)).images)
