@@ -69,16 +69,16 @@ def test_ip_adapter_image_encoder_is_not_the_judge(tiny_models):
 @pytest.mark.slow
 def test_mllm_captions_what_held_back_images_show(tiny_models):
     """Greedy captions of held-back images of all 192 subjects (one each) name the right colour and pattern in >= 80%
-    of them (a random MLLM: never), and the shape in >= 65% (chance 1/6). The issue's bar of 0.8 for the shape is
-    not met on every colour x shape x pattern: the packaged MLLM names 0.72 (0.54 with a 1500-step first stage; on
-    the 48-subject catalogue an MLLM named 0.86, helped by the catalogue's pairing of pattern with shape;
-    docs/training.md)."""
+    of them (a random MLLM: never), and the shape in >= 75% (chance 1/6). The issue's bar of 0.8 for the shape is
+    just missed on every colour x shape x pattern: the packaged MLLM (an 8000-step first stage) names 0.79, 151 of
+    192 (0.72 with a 4000-step first stage, 0.54 with 1500; on the 48-subject catalogue an MLLM named 0.86, helped by
+    the catalogue's pairing of pattern with shape; docs/training.md)."""
     from easyref.tiny.mllm import check
 
     torch.set_num_threads(1)
     result = check(tiny_models / "mllm", per_subject=1)
     assert min(result["colour"], result["pattern"]) >= 0.8, result
-    assert result["shape"] >= 0.65 and result["all"] >= 0.6, result
+    assert result["shape"] >= 0.75 and result["all"] >= 0.72, result
 
 
 def test_ip_adapter_was_trained_to_follow_its_image(tiny_models):

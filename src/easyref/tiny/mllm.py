@@ -61,7 +61,7 @@ class MLLMPretrainConfig(PretrainConfig):
     min_pixels: int = 16 * 28 * 28
     """Image sizes as the tiny profile's EasyRef reads its references (params.yaml train.model)."""
     max_pixels: int = 25 * 28 * 28
-    vision_steps: int = 4000
+    vision_steps: int = 8000
     """Steps of the vision tower's contrastive first stage (0: none, the tower starts random)."""
     vision_batch: int = 64
     """(image, text) pairs per step of the first stage."""
