@@ -68,17 +68,17 @@ def test_ip_adapter_image_encoder_is_not_the_judge(tiny_models):
 
 @pytest.mark.slow
 def test_mllm_captions_what_held_back_images_show(tiny_models):
-    """Greedy captions of held-back images of all 192 subjects (one each) name the right colour and pattern in >= 80%
-    of them (a random MLLM: never), and the shape in >= 75% (chance 1/6). The issue's bar of 0.8 for the shape is
-    just missed on every colour x shape x pattern: the packaged MLLM (an 8000-step first stage) names 0.79, 151 of
-    192 (0.72 with a 4000-step first stage, 0.54 with 1500; on the 48-subject catalogue an MLLM named 0.86, helped by
-    the catalogue's pairing of pattern with shape; docs/training.md)."""
+    """Greedy captions of held-back images of all 192 subjects (three each, 576 images) name the right colour and
+    pattern in >= 90% of them (a random MLLM: never), the shape in >= 80% (chance 1/6), the issue's bar: the
+    packaged MLLM (an 8000-step first stage) names colour 1.00, shape 0.82, pattern 0.98, all three 0.81 (on the
+    first image of each subject alone, the pretraining's check: shape 0.79; with a 4000-step first stage 0.73 on
+    these 576, 0.54 with 1500 steps on 192; docs/training.md)."""
     from easyref.tiny.mllm import check
 
     torch.set_num_threads(1)
-    result = check(tiny_models / "mllm", per_subject=1)
-    assert min(result["colour"], result["pattern"]) >= 0.8, result
-    assert result["shape"] >= 0.75 and result["all"] >= 0.72, result
+    result = check(tiny_models / "mllm", per_subject=3)
+    assert min(result["colour"], result["pattern"]) >= 0.9, result
+    assert result["shape"] >= 0.8 and result["all"] >= 0.78, result
 
 
 def test_ip_adapter_was_trained_to_follow_its_image(tiny_models):
