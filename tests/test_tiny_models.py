@@ -44,6 +44,25 @@ def test_same_seed_same_bytes_and_rebuild_is_skipped(tmp_path, tiny_models, caps
     assert "already present" in capsys.readouterr().out
 
 
+def test_a_tree_written_before_a_part_was_re_made_is_rebuilt(tmp_path, tiny_models, capsys):
+    """A tree whose stamp names another packaged MLLM (the part was re-made since) or another seed is not
+    "already present": it is rebuilt, and says why."""
+    import json
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(tiny_models, out)
+    stamp = json.loads((out / ".complete").read_text())
+    assert set(stamp["packaged"]) == {"sdxl", "mllm", "clip", "dino", "ip_adapter"}
+    stamp["packaged"]["mllm"] = "0" * 64
+    (out / ".complete").write_text(json.dumps(stamp))
+    assert main(["tiny-models", "--out", str(out)]) == 0
+    assert "other packaged mllm: rebuilding" in capsys.readouterr().out
+    assert _digest(out) == _digest(tiny_models)
+    assert main(["tiny-models", "--out", str(out), "--seed", "1"]) == 0
+    assert "other seed: rebuilding" in capsys.readouterr().out
+
+
 def test_tiny_mllm_tells_reference_groups_apart(tiny_models, tmp_path):
     """The untrained tiny Qwen2-VL's group states (reference tokens after the real insertion path) differ between
     demo groups by more than a tenth of their spread, and more than two halves of one group differ."""

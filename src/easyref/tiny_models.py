@@ -30,7 +30,10 @@ HELP = "write the tiny SDXL / Qwen2-VL / CLIP / DINOv2 / IP-Adapter models (pret
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("models/tiny"), help="output folder (default: models/tiny)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if the folder holds a finished tree written with these settings and the "
+                             "packaged parts of this checkout (one written before a part was re-made is rebuilt "
+                             "anyway)")
     parser.add_argument(
         "--untrained",
         action="store_true",
@@ -40,17 +43,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out
-    if not args.force and is_complete(out):
-        print(f"tiny models already present in {out} (use --force to rebuild)")
-        return 0
-    write_tiny_models(out, seed=args.seed, pretrained=not args.untrained)
+    pretrained = not args.untrained
+    if not args.force:
+        stale = stale_settings(out, stamp(args.seed, 1, pretrained))
+        if not stale:
+            print(f"tiny models already present in {out} (use --force to rebuild)")
+            return 0
+        if (out / STAMP).is_file():
+            print(f"{out} was written with other {', '.join(stale)}: rebuilding it")
+    write_tiny_models(out, seed=args.seed, pretrained=pretrained)
     print(f"wrote tiny models to {out}: {', '.join(sorted(p.name for p in out.iterdir() if p.is_dir()))}")
     return 0
 
 
-def is_complete(out: Path) -> bool:
-    """True when every model folder of a previous build is present (its stamp file is written last)."""
-    return (out / ".complete").is_file()
+STAMP = ".complete"
+"""Written last into a finished tree: the settings and the packaged parts it was written with."""
+
+
+def stamp(seed: int, width: int, pretrained: bool) -> dict[str, object]:
+    """What a tree written with these settings records: them, and with ``pretrained`` the sha256 of each
+    packaged part's manifest (a re-made part makes an older tree stale)."""
+    from easyref.data.parquet import sha256_file
+
+    parts = ("sdxl", *PRETRAINED) if pretrained and width == 1 else ()
+    packaged = {part: sha256_file(assets.asset(part) / assets.MANIFEST) for part in parts}
+    return {"seed": seed, "width": width, "pretrained": bool(parts), "packaged": packaged}
+
+
+def stale_settings(out: Path, expected: dict[str, object]) -> list[str]:
+    """The settings (``seed``, ``packaged`` parts, ...) in which the finished tree at ``out`` differs from
+    ``expected``; every one of them when ``out`` holds no finished tree."""
+    try:
+        written = json.loads((out / STAMP).read_text())
+    except (OSError, ValueError):
+        return list(expected)
+    stale = [key for key in expected if key != "packaged" and written.get(key) != expected[key]]
+    old = written.get("packaged") if isinstance(written.get("packaged"), dict) else {}
+    stale += [f"packaged {part}" for part, digest in expected["packaged"].items() if old.get(part) != digest]
+    return stale
 
 
 PRETRAINED = ("mllm", "clip", "dino", "ip_adapter")
@@ -83,6 +113,6 @@ def write_tiny_models(out: str | Path, seed: int = 0, width: int = 1, pretrained
             assets.install(assets.asset("sdxl"), tmp / "sdxl", build.SDXL_TRAINED)
             for part in PRETRAINED:
                 assets.install(assets.asset(part), tmp / part)
-        writer.write_text(".complete", json.dumps({"seed": seed, "width": width, "pretrained": pretrained}) + "\n")
+        writer.write_text(STAMP, json.dumps(stamp(seed, width, pretrained)) + "\n")
     return out
 
