@@ -123,8 +123,12 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[st
         noisy = scheduler.add_noise(latents, noise, t)
         pred = pipe.unet(noisy, t, encoder_hidden_states=text,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        loss = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        take_step((loss * min_snr_weight(alphas[t], config.snr_gamma)).mean(), opt, schedule, losses, bar)
+        if config.snr_gamma:
+            per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * min_snr_weight(alphas[t], config.snr_gamma)).mean()
+        else:
+            loss = F.mse_loss(pred, noise)
+        take_step(loss, opt, schedule, losses, bar)
     quiet.setLevel(level)
     pipe.unet.eval().requires_grad_(False)
     return losses
