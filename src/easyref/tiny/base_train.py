@@ -1,14 +1,73 @@
-"""The training steps of the tiny SDXL base's pretraining (:mod:`easyref.tiny.base`): the VAE as an autoencoder,
-its latents and calibrated ``scaling_factor``, and the UNet text-to-image on the frozen text encoders."""
+"""The settings and training steps of the tiny SDXL base's pretraining (:mod:`easyref.tiny.base`): the VAE as an
+autoencoder, its latents and calibrated ``scaling_factor``, and the UNet text-to-image on the frozen text
+encoders."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from easyref.tiny.common import take_step, warmed_adamw
 
-if TYPE_CHECKING:
-    from easyref.tiny.base import BasePretrainConfig
+
+@dataclass(kw_only=True)
+class BasePretrainConfig:
+    """How the tiny base is pretrained (the defaults made the packaged one)."""
+
+    seed: int = 0
+    """Seed of the random tiny models the training starts from and of the training's own randomness."""
+    data_seed: int = 1002
+    """Seed of the pretraining images (:func:`easyref.tiny.data.draw`; the demo itself uses seed 0)."""
+    per_subject: int = 4
+    """Images drawn per catalogue subject."""
+    patterns: str = "all"
+    """The subjects its images are drawn from (``easyref.data.demo.catalogue``): ``one`` = the 48-subject
+    catalogue, ``all`` = every colour x shape x pattern (192; a quarter of ``per_subject`` draws as many images)."""
+    resolution: int = 64
+    """Training images are resized to this square side (the UNet's native size)."""
+    vae_steps: int = 3000
+    """Steps of the VAE's training. 6000 keep shapes and patterns (the judge names 0.85 of the reconstructions'
+    shapes, as of the drawn images', against 0.77) and the base draws better (colour 0.97, shape 0.57 against 0.91 /
+    0.50), but the demo's EasyRef learned a quarter of the reference gain on that base (docs/training.md)."""
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    """Weight of the KL term per latent element (Stable Diffusion's VAE used 1e-6)."""
+    initial_logvar: float = -10.0
+    """Initial log-variance of the VAE posterior (a nearly deterministic encoder from the first step)."""
+    chroma_weight: float = 1.0
+    """Weight of the colour (Cb, Cr) errors against the brightness (Y) error in the VAE's reconstruction loss; an
+    autoencoder fits brightness first and colour last, so > 1 teaches it the colours sooner."""
+    unet_steps: int = 5000
+    unet_batch: int = 16
+    unet_lr: float = 5e-4
+    unet_restart_steps: int = 0
+    unet_restart_lr: float = 2.5e-4
+    """A second run of the UNet's training on the same data, with a fresh warm-up and cosine decay from this rate (a
+    warm restart, as SGDR's). 4000 steps draw the named colour and shape more often (0.74 / 0.44 against 0.63 / 0.37
+    at guidance 3), but the demo's EasyRef learned half the reference gain on that base and its DINO-I fell for
+    every method, so the packaged base has none (0; docs/training.md, "A second UNet run")."""
+    snr_gamma: float = 0.0
+    """Min-SNR-gamma weighting of the UNet's loss (Hang et al. 2023; 0 = plain MSE, the packaged base's): the nearly
+    clean timesteps stop dominating the gradient. With 5, on a 6000-step VAE, the base drew the named colour more
+    often (0.97 against 0.94) and the shapes as often (docs/training.md)."""
+    warmup_steps: int = 200
+    final_lr: float = 0.1
+    """Both trainings end on this share of their learning rate (cosine decay after the warm-up)."""
+    drop_caption: float = 0.1
+    """Share of empty captions, so the unconditional branch of guidance is learned too."""
+    full_caption: float = 0.5
+    """Share of captions that name colour, pattern and shape; the rest are the demo's, which leave some out."""
+    noise_offset: float = 0.3
+    """Offset noise: each latent channel's noise gets one more normal draw times this, shared by all its pixels.
+    Without it an image's colours stay readable in the channel means of even the noisiest latents (signal-to-noise
+    0.1-0.3 at the last timestep, about 1 at nine tenths), so the UNet learns to take them from there rather than
+    from the caption, and from pure noise draws the colour the noise happens to suggest (docs/training.md)."""
+    text_encoder: str = "clip"
+    text_encoder_2: str = "ip_clip"
+    """The packaged tiny CLIPs (:func:`easyref.tiny.assets.asset`) whose text towers become the two text encoders."""
+    threads: int = 1
+    """torch threads; fixed, so that the result is reproducible."""
 
 
 def train_vae(vae: Any, images: Any, config: BasePretrainConfig, generator: Any) -> list[float]:
