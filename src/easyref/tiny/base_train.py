@@ -27,8 +27,8 @@ class BasePretrainConfig:
     """Training images are resized to this square side (the UNet's native size)."""
     vae_steps: int = 3000
     """Steps of the VAE's training. 6000 keep shapes and patterns (the judge names 0.85 of the reconstructions'
-    shapes, as of the drawn images', against 0.77) and the base draws better (colour 0.97, shape 0.57 against 0.91 /
-    0.50), but the demo's EasyRef learned a quarter of the reference gain on that base (docs/training.md)."""
+    shapes, as of the drawn images', against 0.77), the base draws shape 0.58 against 0.50, and EasyRef did better
+    on such a base in the demo (docs/training.md, "A 6000-step VAE"); not packaged yet."""
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
@@ -50,7 +50,7 @@ class BasePretrainConfig:
     snr_gamma: float = 0.0
     """Min-SNR-gamma weighting of the UNet's loss (Hang et al. 2023; 0 = plain MSE, the packaged base's): the nearly
     clean timesteps stop dominating the gradient. With 5, on a 6000-step VAE, the base drew the named colour more
-    often (0.97 against 0.94) and the shapes as often (docs/training.md)."""
+    often (0.97 against 0.94) and the shapes as often, but EasyRef learned less on it (docs/training.md)."""
     warmup_steps: int = 200
     final_lr: float = 0.1
     """Both trainings end on this share of their learning rate (cosine decay after the warm-up)."""
