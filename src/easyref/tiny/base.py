@@ -245,13 +245,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from easyref.errors import UserError
-
-    config = config_from_args(BasePretrainConfig(), args)
     minimum = {"vae_steps": 1, "vae_batch": 1, "unet_steps": 1, "unet_batch": 1, "unet_restart_steps": 0}
-    for name, least in minimum.items():
-        if getattr(config, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(config, name)}")
+    config = config_from_args(BasePretrainConfig(), args, minimum)
     out = args.out or ASSET
     manifest = pretrain_base(out, config, args.data, args.resume_from)
     print(f"pretrain-base: wrote {out} in {manifest['seconds']} s (scaling_factor "

@@ -53,14 +53,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[Pre
                                 "every colour x shape x pattern (default: the packaged part's)")
 
 
-def config_from_args(defaults: Config, args: argparse.Namespace) -> Config:
-    """``defaults`` with the flags given; counts below 1 are one line (exit 2)."""
+def config_from_args(defaults: Config, args: argparse.Namespace, minimum: dict[str, int] | None = None) -> Config:
+    """``defaults`` with the flags given; a count below its least value (1 for :data:`POSITIVE`, or as ``minimum``
+    says) is one line (exit 2)."""
     from easyref.errors import UserError
 
     given = {k: getattr(args, k) for k in asdict(defaults) if getattr(args, k, None) is not None}
-    for name in POSITIVE:
-        if given.get(name, 1) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {given[name]}")
+    for name, least in (dict.fromkeys(POSITIVE, 1) | (minimum or {})).items():
+        if given.get(name, least) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {given[name]}")
     return replace(defaults, **given)
 
 
