@@ -99,17 +99,16 @@ def last100(losses: list[float]) -> float:
     return sum(losses[-100:]) / len(losses[-100:])
 
 
-def run_record(part: str, config: PretrainConfig, code_files: list[str], losses: list[float], started: float,
+def run_record(part: str, config: PretrainConfig, code_sha256: str, losses: list[float], started: float,
                **extra: Any) -> dict[str, Any]:
-    """The manifest fields every pretrained part records (``assets.publish`` adds the files' sha256)."""
+    """The manifest fields every pretrained part records (``assets.publish`` adds the files' sha256);
+    ``code_sha256`` is the part module's ``fingerprint()``."""
     import torch
-
-    from easyref.tiny import assets
 
     return {
         "part": part,
         "config": asdict(config),
-        "code_sha256": assets.code_fingerprint(code_files),
+        "code_sha256": code_sha256,
         "data": f"easyref.tiny.data.draw(seed={config.data_seed}, per_subject={config.per_subject}, "
                 f"patterns={config.patterns!r})",
         **extra,

@@ -178,10 +178,15 @@ def pretrain_ip_adapter(out: Path, config: IPAdapterPretrainConfig) -> dict[str,
         tensors, losses = train_ip_adapter(sdxl, folder / "image_encoder", config)
         save_file(tensors, folder / WEIGHTS)
         base = assets.read_manifest(assets.asset("sdxl"))
-        record = run_record("ip_adapter", config, [__file__], losses, started,
+        record = run_record("ip_adapter", config, fingerprint(), losses, started,
                             base_unet_sha256=base["files"]["unet/diffusion_pytorch_model.safetensors"],
                             image_encoder_from="tiny_ip_clip")
         return assets.publish(folder.parent, out, record)
+
+
+def fingerprint() -> str:
+    """sha256 of the code that shapes the IP-Adapter: this module (the base it trains on is recorded by its hash)."""
+    return assets.code_fingerprint([__file__])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -230,11 +230,18 @@ def check(part: str, folder: Path, per_subject: int = 0, patterns: str | None = 
     return {"auc": pair_auc(embeddings, subjects), "retrieval_top1": sum(hits) / len(hits)}
 
 
+def fingerprint() -> str:
+    """sha256 of the code that shapes the judges: this module, the tiny models and the demo data."""
+    from easyref.data import demo
+    from easyref.tiny import build
+
+    return assets.code_fingerprint([__file__, build.__file__, demo.__file__])
+
+
 def pretrain_judge(part: str, out: Path, config: JudgeConfig) -> dict[str, Any]:
     """Write a random judge of the tiny architecture, train it, check it, and publish it to ``out``."""
     import torch
 
-    from easyref.data import demo
     from easyref.tiny import build
 
     torch.set_num_threads(config.threads)
@@ -248,7 +255,7 @@ def pretrain_judge(part: str, out: Path, config: JudgeConfig) -> dict[str, Any]:
             build.write_clip(folder, config.seed)
             losses = train_clip(folder, config)
         assets.forget_source_path(folder / "config.json")
-        record = run_record(part, config, [__file__, build.__file__, demo.__file__], losses, started)
+        record = run_record(part, config, fingerprint(), losses, started)
         return assets.publish(folder, out, {**record, "check": check(part, folder, patterns=config.patterns)})
 
 

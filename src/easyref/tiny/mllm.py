@@ -245,13 +245,21 @@ def check(folder: Path, config: MLLMPretrainConfig | None = None, per_subject: i
     return {**rates, "examples": [f"{d.subject.describe()} -> {a}" for d, a in zip(drawn[::17], answers[::17], strict=True)]}
 
 
+def fingerprint() -> str:
+    """sha256 of the code that shapes the MLLM: this module, its vision stage, the tiny models, the demo data and
+    the chat format EasyRef reads references in (``easyref.model``)."""
+    from easyref import model as model_module
+    from easyref.data import demo
+    from easyref.tiny import build, mllm_vision
+
+    return assets.code_fingerprint([__file__, mllm_vision.__file__, build.__file__, demo.__file__, model_module.__file__])
+
+
 def pretrain_mllm(out: Path, config: MLLMPretrainConfig) -> dict[str, Any]:
     """Write a random tiny Qwen2-VL, train it, check it, and publish it to ``out``."""
     import torch
 
-    from easyref import model as model_module
-    from easyref.data import demo
-    from easyref.tiny import build, mllm_vision
+    from easyref.tiny import build
 
     torch.set_num_threads(config.threads)
     started = time.time()
@@ -260,8 +268,7 @@ def pretrain_mllm(out: Path, config: MLLMPretrainConfig) -> dict[str, Any]:
         build.write_qwen2vl(folder, config.seed)
         losses, vision = train_mllm(folder, config)
         assets.forget_source_path(folder / "config.json")
-        code = [__file__, mllm_vision.__file__, build.__file__, demo.__file__, model_module.__file__]
-        record = run_record("mllm", config, code, losses, started, vision_stage=vision)
+        record = run_record("mllm", config, fingerprint(), losses, started, vision_stage=vision)
         return assets.publish(folder, out, {**record, "check": check(folder, config)})
 
 
