@@ -94,6 +94,17 @@ def take_step(loss: Any, opt: Any, schedule: Any, losses: list[float], bar: Any)
     bar.set_postfix(loss=f"{losses[-1]:.4f}")
 
 
+def matching_texts_loss(logits_per_image: Any, texts: list[str]) -> Any:
+    """CLIP's symmetric InfoNCE over a batch's image-text logits, where every identical text in the batch counts as a
+    match (the target spread evenly over them), not as a negative: images of one subject share a description."""
+    import torch
+    import torch.nn.functional as F
+
+    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
+    target = same / same.sum(-1, keepdim=True)
+    return (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_image.T, target)) / 2
+
+
 def last100(losses: list[float]) -> float:
     """Mean of the last 100 losses (of all, when fewer): the final loss a manifest records."""
     return sum(losses[-100:]) / len(losses[-100:])

@@ -28,6 +28,7 @@ from easyref.tiny.common import (
     PretrainConfig,
     add_config_arguments,
     config_from_args,
+    matching_texts_loss,
     run_record,
     take_step,
     warmed_adamw,
@@ -88,7 +89,6 @@ def train_clip(folder: Path, config: JudgeConfig) -> list[float]:
     identify an image.
     """
     import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPModel
 
@@ -113,10 +113,7 @@ def train_clip(folder: Path, config: JudgeConfig) -> list[float]:
         ])
         tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         out = model(**tokens, pixel_values=(batch - mean) / std)
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
-        target = same / same.sum(-1, keepdim=True)
-        loss = (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target)) / 2
-        take_step(loss, opt, warm, losses, bar)
+        take_step(matching_texts_loss(out.logits_per_image, texts), opt, warm, losses, bar)
     model.eval().save_pretrained(folder)
     return losses
 

@@ -10,8 +10,8 @@ of the image's text by a small CLIP text tower trained alongside and then droppe
 is not part of Qwen2-VL. The texts are the subject's description or the caption up to or with its background;
 identical texts in a batch count as matches.
 
-:func:`check` reports how often the tower's embedding of a held-back image is nearest to its own subject's
-description among the 48 subjects'.
+:func:`check` reports how often the description nearest to the tower's embedding of a held-back image, among those
+of every subject it was trained on, names the image's shape (and its colour and shape).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from easyref.tiny.common import take_step, warmed_adamw
+from easyref.tiny.common import matching_texts_loss, take_step, warmed_adamw
 
 if TYPE_CHECKING:
     import torch
@@ -70,14 +70,8 @@ class ContrastivePair:
         return F.normalize(self.text_projection(self.text_model(**tokens).pooler_output), dim=-1)
 
     def loss(self, images: list[Any], texts: list[str]) -> torch.Tensor:
-        """Symmetric InfoNCE; every identical text in the batch is a match (a soft target spread over them)."""
-        import torch
-        import torch.nn.functional as F
-
         logits = self.logit_scale.exp().clamp(max=100) * self.embed_images(images) @ self.embed_texts(texts).T
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
-        target = same / same.sum(-1, keepdim=True)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return matching_texts_loss(logits, texts)
 
 
 def train_vision_tower(model: Any, image_processor: Any, drawn: list[Any], *, seed: int, steps: int, batch: int,
