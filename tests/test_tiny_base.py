@@ -87,9 +87,8 @@ def test_vae_reconstructs_the_demo_images(pipe, demo):
     images, _ = load_pairs(demo, 64)
     with torch.no_grad():
         recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
-    # the packaged VAE (6000 steps) reaches about 0.0023 (the 3000-step one 0.010, the first base's 0.037; a random
-    # one about 0.5)
-    assert float(torch.nn.functional.mse_loss(recon, images)) < 0.006
+    # the packaged VAE reaches about 0.010 (the previous base's: 0.037; a random one: about 0.5)
+    assert float(torch.nn.functional.mse_loss(recon, images)) < 0.02
 
 
 def test_base_draws_a_subject_on_a_pale_background(pipe):
@@ -111,24 +110,23 @@ def test_base_draws_a_subject_on_a_pale_background(pipe):
 def test_base_draws_the_colour_and_shape_its_caption_names(pipe):
     """Text to image from captions naming colour and shape (the base's check, one seeded sample per subject) at the
     tiny profile's guidance (params.yaml evaluate.guidance, chosen where this check peaks: docs/training.md): the
-    packaged base, trained with offset noise on every colour x shape x pattern through a 6000-step VAE, draws 0.94 of
-    them in the named colour and the judge names the shape of 0.52 at 3 (three seeds: 0.93 and 0.52; at guidance 7.5
-    0.79 and 0.48; the judge names 0.85 of drawn images' shapes and as many of their VAE reconstructions: the most a
-    UNet can score); the base before it, on a 3000-step VAE, drew 0.92 / 0.50 at 3, its VAE's reconstructions 0.77;
-    the 48-subject base drew 0.65 / 0.35 at 3, one trained on plain noise 0.21 at 7.5, and the same UNet continued on
-    plain noise 0.125 (chance 0.125): it took the colour from the noise."""
+    packaged base, trained with offset noise on every colour x shape x pattern, draws 0.92 of them in the named colour
+    and the judge names the shape of 0.50 at 3 (at guidance 7.5: 0.77 and 0.48; the judge names 0.85 of drawn images'
+    shapes, of their VAE reconstructions 0.77: the most a UNet drawing through this VAE can score); the 48-subject
+    base drew 0.65 / 0.35 at 3, one trained on plain noise 0.21 at 7.5, and the same UNet continued on plain noise
+    0.125 (chance 0.125): it took the colour from the noise."""
     from easyref.tiny.assets import asset
     from easyref.tiny.base_check import text_to_image_rates
 
     guidance = yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]["guidance"]
     rates = text_to_image_rates(pipe, asset("clip"), guidance=guidance)
     assert rates["colour_rate"] >= 0.8, rates
-    assert rates["shape_rate"] >= 0.5, rates  # chance 1/6
-    # the VAE keeps shapes, stripes and dots: the judge names its reconstructions' shapes as often as the drawn
-    # images' (0.854 both; the 3000-step VAE before it blurred them to 0.77), and more often than the UNet's
-    assert rates["shape_rate"] < rates["vae_judge_shape_rate"], rates
-    assert rates["vae_judge_shape_rate"] >= rates["judge_shape_rate"] - 0.05, rates
-    assert min(rates["colour_rate_per_colour"].values()) >= 0.5, rates  # every colour (brown, the weakest, 0.5)
+    assert rates["shape_rate"] >= 0.4, rates  # chance 1/6
+    # the VAE blurs edges and loses stripes and dots, so its reconstructions' shapes are named less often than the
+    # drawn images' (0.77 against 0.85), yet far above chance and above what the UNet draws
+    assert rates["shape_rate"] < rates["vae_judge_shape_rate"] < rates["judge_shape_rate"], rates
+    assert rates["vae_judge_shape_rate"] >= 0.6, rates
+    assert sum(rate >= 0.5 for rate in rates["colour_rate_per_colour"].values()) >= 7, rates
 
 
 @pytest.mark.slow
@@ -180,9 +178,8 @@ def test_resume_refuses_a_base_whose_files_changed(tmp_path):
 def test_base_check_sees_the_trained_vae_keep_colours_a_random_one_loses(tiny_models, tmp_path):
     """The base's check (`python -m easyref.tiny.base_check`, numbers in docs/training.md) measures every colour
     and tells the packaged VAE from a random one of the same architecture: the packaged one keeps each colour
-    within 25 (its worst, blue, 17; the 3000-step VAE before it 61 for yellow and 43 for blue, its checkers averaged;
-    the 48-subject base's worst was blue, 57, and the first base's 118), a random one moves them by about 150 on
-    average (blue and teal by 240)."""
+    within 65 (its worst, yellow, 61, and blue 43: checkers averaged; the 48-subject base's worst was blue, 57, and
+    the first base's 118), a random one moves them by about 150 on average (blue and teal by 240)."""
     from diffusers import AutoencoderKL
 
     from easyref.tiny.base_check import vae_colour_error
@@ -193,7 +190,7 @@ def test_base_check_sees_the_trained_vae_keep_colours_a_random_one_loses(tiny_mo
     random = vae_colour_error(AutoencoderKL.from_pretrained(write_sdxl(tmp_path / "random", seed=0) / "vae"))
     assert len(trained) == 8 and trained.keys() == random.keys()
     assert sum(trained.values()) < 0.6 * sum(random.values()), (trained, random)
-    assert max(trained.values()) <= 25, trained
+    assert max(trained.values()) <= 65, trained
 
 
 def test_base_check_command_names_a_missing_model_folder(tmp_path, capsys):

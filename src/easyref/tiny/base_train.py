@@ -25,10 +25,10 @@ class BasePretrainConfig:
     catalogue, ``all`` = every colour x shape x pattern (192; a quarter of ``per_subject`` draws as many images)."""
     resolution: int = 64
     """Training images are resized to this square side (the UNet's native size)."""
-    vae_steps: int = 6000
+    vae_steps: int = 3000
     """Steps of the VAE's training. 6000 keep shapes and patterns (the judge names 0.85 of the reconstructions'
-    shapes, as many as of the drawn images', against 0.77 after 3000), so the base draws more of its shapes and
-    EasyRef learns more from the references on it (docs/training.md, "A 6000-step VAE")."""
+    shapes, as of the drawn images', against 0.77), the base draws shape 0.58 against 0.50, and EasyRef did better
+    on such a base in the demo (docs/training.md, "A 6000-step VAE"); not packaged yet."""
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
