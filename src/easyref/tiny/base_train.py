@@ -27,8 +27,9 @@ class BasePretrainConfig:
     """Training images are resized to this square side (the UNet's native size)."""
     vae_steps: int = 3000
     """Steps of the VAE's training. 6000 keep shapes and patterns (the judge names 0.85 of the reconstructions'
-    shapes, as of the drawn images', against 0.77), the base draws shape 0.58 against 0.50, and EasyRef did better
-    on such a base in the demo (docs/training.md, "A 6000-step VAE"); not packaged yet."""
+    shapes, as of the drawn images', against 0.77) and the base draws a few more shapes, but the demo's gate passed
+    on one such base and failed on another of the same recipe, so the packaged base keeps 3000 (docs/training.md,
+    "A 6000-step VAE")."""
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
