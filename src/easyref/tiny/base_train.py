@@ -51,7 +51,8 @@ class BasePretrainConfig:
     snr_gamma: float = 0.0
     """Min-SNR-gamma weighting of the UNet's loss (Hang et al. 2023; 0 = plain MSE, the packaged base's): the nearly
     clean timesteps stop dominating the gradient. With 5, on a 6000-step VAE, the base drew the named colour more
-    often (0.97 against 0.94) and the shapes as often, but EasyRef learned less on it (docs/training.md)."""
+    often (0.97 against 0.94) and the shapes as often; EasyRef learned less on that one base, but one base per recipe
+    cannot rank recipes: two plain-MSE bases of one recipe differed as much (docs/training.md)."""
     warmup_steps: int = 200
     final_lr: float = 0.1
     """Both trainings end on this share of their learning rate (cosine decay after the warm-up)."""
