@@ -228,6 +228,23 @@ def test_min_snr_weight_lowers_only_the_nearly_clean_timesteps():
     assert torch.equal(min_snr_weight(alphas, 0.0), torch.ones_like(alphas))
 
 
+def test_weight_average_starts_at_the_first_step_and_warms_up_its_decay():
+    """``pretrain-base --ema-decay``: the average is the first step's weights, then moves toward each step's weights
+    by ``1 - min(decay, (1 + n) / (10 + n))`` at step n: fast at first, by ``1 - decay`` once warmed up."""
+    from easyref.tiny.base_train import update_average
+
+    weights = torch.tensor([1.0])
+    average = update_average(None, [weights], 0.2, 1)
+    assert average[0] is not weights and float(average[0]) == 1.0  # a copy of the first step's weights
+    for n, value in ((2, 5.0), (3, 9.0), (4, 9.0)):  # decay min(0.2, 3/12) = 0.2 from step 2 on
+        weights.fill_(value)
+        average = update_average(average, [weights], 0.2, n)
+    assert abs(float(average[0]) - 8.808) < 1e-5  # 1 -> 4.2 -> 8.04 -> 8.808
+    # a high decay is warmed up: at step 2 the average still moves 3/4 of the way (decay min(0.999, 3/12))
+    start = update_average(None, [torch.tensor([1.0])], 0.999, 1)
+    assert abs(float(update_average(start, [torch.tensor([5.0])], 0.999, 2)[0]) - 4.0) < 1e-6
+
+
 @pytest.mark.parametrize(("flag", "message"), [(["--unet-restart-steps", "-1"], "--unet-restart-steps must be >= 0"),
                                                (["--vae-steps", "0"], "--vae-steps must be >= 1")])
 def test_pretrain_base_command_refuses_impossible_settings(flag, message, capsys):

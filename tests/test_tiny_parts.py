@@ -34,6 +34,22 @@ def test_packaged_part_is_what_its_manifest_says_and_the_defaults_make(part):
     assert size < 8 * 2**20, f"{part}: {size} bytes"
 
 
+@pytest.mark.parametrize("module", ["judges", "mllm", "ip_adapter", "base"])
+def test_every_part_fingerprint_covers_the_code_all_parts_share(module, monkeypatch):
+    """An edit to the random tiny models, the demo's drawing, the pretraining data or the shared training steps
+    changes what every part is; so every part's code hash covers them (and its own module)."""
+    import importlib
+
+    from easyref.data import demo
+    from easyref.tiny import build, data, optim
+
+    hashed = []
+    monkeypatch.setattr(assets, "code_fingerprint", lambda files: hashed.extend(map(str, files)) or "x")
+    part = importlib.import_module(f"easyref.tiny.{module}")
+    (part.base_fingerprint if module == "base" else part.fingerprint)()
+    assert set(hashed) >= {build.__file__, demo.__file__, data.__file__, optim.__file__, part.__file__}, hashed
+
+
 def test_tiny_models_install_every_pretrained_part(tiny_models):
     for folder, part in (("clip", "clip"), ("dino", "dino"), ("mllm", "mllm"), ("ip_adapter", "ip_adapter")):
         shipped = assets.file_checksums(assets.asset(part))

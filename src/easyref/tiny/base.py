@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from easyref.tiny.assets import asset as _asset
-from easyref.tiny.assets import code_fingerprint, forget_source_path, publish
+from easyref.tiny.assets import forget_source_path, publish
 from easyref.tiny.base_train import (
     BasePretrainConfig,
     calibrate_scaling_factor,
@@ -45,7 +45,7 @@ from easyref.tiny.base_train import (
     train_vae,
 )
 from easyref.tiny.build import SDXL_TRAINED as TRAINED
-from easyref.tiny.common import add_config_arguments, config_from_args, last100
+from easyref.tiny.common import add_config_arguments, config_from_args, last100, part_fingerprint
 
 HELP = "pretrain the tiny SDXL base (VAE, then the UNet on frozen CLIP text towers) on demo data, offline"
 ASSET = _asset("sdxl")
@@ -79,11 +79,11 @@ def load_text_towers(pipe: Any, config: BasePretrainConfig) -> dict[str, str]:
 
 
 def base_fingerprint() -> str:
-    """sha256 of the code that shapes the pretrained base: this module, the tiny models and the demo data."""
-    from easyref.data import demo
-    from easyref.tiny import base_train, build, data
+    """sha256 of the code that shapes the pretrained base: this module, its settings and training steps
+    (:mod:`easyref.tiny.base_train`) and what every part shares."""
+    from easyref.tiny import base_train
 
-    return code_fingerprint([build.__file__, demo.__file__, data.__file__, __file__, base_train.__file__])
+    return part_fingerprint(__file__, base_train.__file__)
 
 
 # -- data -------------------------------------------------------------------------------------------------------------

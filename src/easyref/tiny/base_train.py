@@ -7,22 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from easyref.tiny.common import take_step, warmed_adamw
+from easyref.tiny.common import RunConfig
+from easyref.tiny.optim import take_step, warmed_adamw
 
 
 @dataclass(kw_only=True)
-class BasePretrainConfig:
+class BasePretrainConfig(RunConfig):
     """How the tiny base is pretrained (the defaults made the packaged one)."""
 
-    seed: int = 0
-    """Seed of the random tiny models the training starts from and of the training's own randomness."""
-    data_seed: int = 1002
-    """Seed of the pretraining images (:func:`easyref.tiny.data.draw`; the demo itself uses seed 0)."""
+    data_seed: int = 1002  # the other parts' pretraining draws seed 1001, the demo 0
     per_subject: int = 4
-    """Images drawn per catalogue subject."""
     patterns: str = "all"
-    """The subjects its images are drawn from (``easyref.data.demo.catalogue``): ``one`` = the 48-subject
-    catalogue, ``all`` = every colour x shape x pattern (192; a quarter of ``per_subject`` draws as many images)."""
     resolution: int = 64
     """Training images are resized to this square side (the UNet's native size)."""
     vae_steps: int = 3000
@@ -53,6 +48,11 @@ class BasePretrainConfig:
     clean timesteps stop dominating the gradient. With 5, on a 6000-step VAE, the base drew the named colour more
     often (0.97 against 0.94) and the shapes as often; EasyRef learned less on that one base, but one base per recipe
     cannot rank recipes: two plain-MSE bases of one recipe differed as much (docs/training.md)."""
+    ema_decay: float = 0.0
+    """Decay of an exponential moving average of the UNet's weights, which the base keeps instead of the last step's
+    (as Stable Diffusion's and diffusers' ``--use_ema`` trainings do; warmed up as ``min(decay, (1 + n) / (10 + n))``
+    at step n, starting from the first step's weights); 0 = the last step's weights (docs/training.md, "Averaged
+    UNet weights")."""
     warmup_steps: int = 200
     final_lr: float = 0.1
     """Both trainings end on this share of their learning rate (cosine decay after the warm-up)."""
@@ -68,8 +68,6 @@ class BasePretrainConfig:
     text_encoder: str = "clip"
     text_encoder_2: str = "ip_clip"
     """The packaged tiny CLIPs (:func:`easyref.tiny.assets.asset`) whose text towers become the two text encoders."""
-    threads: int = 1
-    """torch threads; fixed, so that the result is reproducible."""
 
 
 def train_vae(vae: Any, images: Any, config: BasePretrainConfig, generator: Any) -> list[float]:
@@ -138,10 +136,22 @@ def min_snr_weight(alphas_cumprod: Any, gamma: float) -> Any:
     return snr.clamp(max=gamma) / snr
 
 
+def update_average(average: list[Any] | None, params: list[Any], decay: float, step: int) -> list[Any]:
+    """One step of the exponential moving average of ``params`` after optimizer step ``step`` (1 for the first),
+    with the warm-up ``min(decay, (1 + step) / (10 + step))``; the average starts at the first step's weights."""
+    import torch
+
+    if average is None:
+        average = [p.detach().clone() for p in params]
+    torch._foreach_lerp_(average, [p.detach() for p in params], 1 - min(decay, (1 + step) / (10 + step)))
+    return average
+
+
 def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[str]], config: BasePretrainConfig,
                         generator: Any, steps: int, lr: float) -> list[float]:
     """The UNet on the frozen text encoders, epsilon MSE on the scaled latents (Min-SNR weighted per sample where
-    ``config.snr_gamma`` > 0), ``steps`` steps warmed up to ``lr`` and decayed; returns the loss per step.
+    ``config.snr_gamma`` > 0), ``steps`` steps warmed up to ``lr`` and decayed; returns the loss per step. With
+    ``config.ema_decay`` the UNet ends on its weights' moving average.
 
     ``captions[i]`` are image i's captions: the first its own (the demo's style), the second, where there is one,
     its full caption, taken with probability ``full_caption``."""
@@ -154,7 +164,9 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[st
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas = scheduler.alphas_cumprod
     pipe.unet.train().requires_grad_(True)
-    opt, schedule = warmed_adamw(list(pipe.unet.parameters()), lr, config.warmup_steps, total=steps,
+    params = list(pipe.unet.parameters())
+    average = None
+    opt, schedule = warmed_adamw(params, lr, config.warmup_steps, total=steps,
                                  final=config.final_lr)
     factor = pipe.vae.config.scaling_factor
     side = config.resolution
@@ -166,7 +178,7 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[st
     time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).repeat(config.unet_batch, 1)
     losses = []
     bar = tqdm(range(steps), desc="unet", dynamic_ncols=True)
-    for _ in bar:
+    for step in bar:
         idx = torch.randint(0, len(means), (config.unet_batch,), generator=generator)
         eps_z = torch.randn(means[idx].shape, generator=generator)
         latents = (means[idx] + stds[idx] * eps_z) * factor
@@ -190,6 +202,11 @@ def train_text_to_image(pipe: Any, means: Any, stds: Any, captions: list[list[st
         else:
             loss = F.mse_loss(pred, noise)
         take_step(loss, opt, schedule, losses, bar)
+        if config.ema_decay:
+            average = update_average(average, params, config.ema_decay, step + 1)
     quiet.setLevel(level)
+    if average is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, average)
     pipe.unet.eval().requires_grad_(False)
     return losses

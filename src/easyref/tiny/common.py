@@ -1,5 +1,6 @@
-"""What every offline pretraining of a tiny part shares: its settings' common fields, its command-line flags and
-the optimizer step with its progress bar."""
+"""What every offline pretraining of a tiny part shares around its training: its settings' common fields, its
+command-line flags, its manifest's record and the fingerprint of the code that shapes it. The training steps they
+share are :mod:`easyref.tiny.optim`."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-Config = TypeVar("Config", bound="PretrainConfig")
+Config = TypeVar("Config", bound="RunConfig")
 POSITIVE = ("per_subject", "steps", "batch", "threads")
 
 
 @dataclass(kw_only=True)
-class PretrainConfig:
-    """The settings every part's pretraining has (each part's subclass sets the defaults that made it)."""
+class RunConfig:
+    """The settings every offline pretraining run has: its seeds, the demo-style data it draws and its threads (each
+    part's subclass sets the defaults that made it)."""
 
     seed: int = 0
     """Seed of the random model the training starts from and of the training's own randomness."""
@@ -26,17 +28,23 @@ class PretrainConfig:
     patterns: str = "one"
     """The subjects its data is drawn from (``easyref.data.demo.catalogue``): ``one`` = the 48-subject catalogue,
     ``all`` = every colour x shape x pattern (192; a quarter of ``per_subject`` then draws as many images)."""
+    threads: int = 1
+    """torch threads; fixed, so that the same command gives the same bytes."""
+
+
+@dataclass(kw_only=True)
+class PretrainConfig(RunConfig):
+    """A run with one optimizer: the settings of the judges', the MLLM's and the IP-Adapter's pretraining."""
+
     steps: int = 1500
     """Optimizer steps."""
     batch: int = 128
     """Samples per step."""
     lr: float = 1e-3
     """AdamW learning rate."""
-    threads: int = 1
-    """torch threads; fixed, so that the same command gives the same bytes."""
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[PretrainConfig]) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[RunConfig]) -> None:
     """``--out`` and one flag per int / float setting of ``config_class`` (default: the part's packaged value), and
     ``--patterns`` where it has that setting (the catalogue its data is drawn from)."""
     from easyref.data.demo import PATTERN_SETS
@@ -65,49 +73,19 @@ def config_from_args(defaults: Config, args: argparse.Namespace, minimum: dict[s
     return replace(defaults, **given)
 
 
-def warmed_adamw(params: list[Any], lr: float, warmup: int, weight_decay: float = 0.0, *, total: int = 0,
-                 final: float = 1.0) -> tuple[Any, Any]:
-    """AdamW with a linear warm-up over ``warmup`` steps; with ``total``, then a cosine decay that reaches
-    ``final`` x ``lr`` at step ``total``."""
-    import math
-
-    import torch
-
-    def factor(step: int) -> float:
-        if step < warmup or total <= warmup:
-            return min(1.0, (step + 1) / max(1, warmup))
-        progress = min(1.0, (step - warmup) / (total - warmup))
-        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def take_step(loss: Any, opt: Any, schedule: Any, losses: list[float], bar: Any) -> None:
-    """Backward, update, schedule; the loss recorded and shown on the progress bar."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if schedule is not None:
-        schedule.step()
-    losses.append(float(loss.detach()))
-    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-
-
-def matching_texts_loss(logits_per_image: Any, texts: list[str]) -> Any:
-    """CLIP's symmetric InfoNCE over a batch's image-text logits, where every identical text in the batch counts as a
-    match (the target spread evenly over them), not as a negative: images of one subject share a description."""
-    import torch
-    import torch.nn.functional as F
-
-    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32)
-    target = same / same.sum(-1, keepdim=True)
-    return (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_image.T, target)) / 2
-
-
 def last100(losses: list[float]) -> float:
     """Mean of the last 100 losses (of all, when fewer): the final loss a manifest records."""
     return sum(losses[-100:]) / len(losses[-100:])
+
+
+def part_fingerprint(*files: str) -> str:
+    """sha256 of a part's own modules (``files``) and of the code every part's pretraining shares: the random tiny
+    models it starts from (:mod:`easyref.tiny.build`), the demo's drawing (:mod:`easyref.data.demo`), the pretraining
+    data (:mod:`easyref.tiny.data`) and the training steps (:mod:`easyref.tiny.optim`)."""
+    from easyref.data import demo
+    from easyref.tiny import assets, build, data, optim
+
+    return assets.code_fingerprint([*files, build.__file__, demo.__file__, data.__file__, optim.__file__])
 
 
 def run_record(part: str, config: PretrainConfig, code_sha256: str, losses: list[float], started: float,

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from easyref.tiny import assets
-from easyref.tiny.common import PretrainConfig, add_config_arguments, config_from_args, run_record, take_step
+from easyref.tiny.common import PretrainConfig, add_config_arguments, config_from_args, part_fingerprint, run_record
+from easyref.tiny.optim import take_step
 
 SUBFOLDER = "sdxl_models"
 WEIGHTS = "ip-adapter_sdxl.safetensors"
@@ -185,8 +186,9 @@ def pretrain_ip_adapter(out: Path, config: IPAdapterPretrainConfig) -> dict[str,
 
 
 def fingerprint() -> str:
-    """sha256 of the code that shapes the IP-Adapter: this module (the base it trains on is recorded by its hash)."""
-    return assets.code_fingerprint([__file__])
+    """sha256 of the code that shapes the IP-Adapter: this module and what every part shares (the base it trains on
+    is recorded by its hash)."""
+    return part_fingerprint(__file__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,11 +28,10 @@ from easyref.tiny.common import (
     PretrainConfig,
     add_config_arguments,
     config_from_args,
-    matching_texts_loss,
+    part_fingerprint,
     run_record,
-    take_step,
-    warmed_adamw,
 )
+from easyref.tiny.optim import matching_texts_loss, take_step, warmed_adamw
 
 if TYPE_CHECKING:
     import torch
@@ -228,11 +227,8 @@ def check(part: str, folder: Path, per_subject: int = 0, patterns: str | None = 
 
 
 def fingerprint() -> str:
-    """sha256 of the code that shapes the judges: this module, the tiny models and the demo data."""
-    from easyref.data import demo
-    from easyref.tiny import build
-
-    return assets.code_fingerprint([__file__, build.__file__, demo.__file__])
+    """sha256 of the code that shapes the judges: this module and what every part shares."""
+    return part_fingerprint(__file__)
 
 
 def pretrain_judge(part: str, out: Path, config: JudgeConfig) -> dict[str, Any]:

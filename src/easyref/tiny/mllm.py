@@ -30,10 +30,10 @@ from easyref.tiny.common import (
     add_config_arguments,
     config_from_args,
     last100,
+    part_fingerprint,
     run_record,
-    take_step,
-    warmed_adamw,
 )
+from easyref.tiny.optim import take_step, warmed_adamw
 
 if TYPE_CHECKING:
     import torch
@@ -246,13 +246,12 @@ def check(folder: Path, config: MLLMPretrainConfig | None = None, per_subject: i
 
 
 def fingerprint() -> str:
-    """sha256 of the code that shapes the MLLM: this module, its vision stage, the tiny models, the demo data and
-    the chat format EasyRef reads references in (``easyref.model``)."""
+    """sha256 of the code that shapes the MLLM: this module, its vision stage, the chat format EasyRef reads
+    references in (``easyref.model``) and what every part shares."""
     from easyref import model as model_module
-    from easyref.data import demo
-    from easyref.tiny import build, mllm_vision
+    from easyref.tiny import mllm_vision
 
-    return assets.code_fingerprint([__file__, mllm_vision.__file__, build.__file__, demo.__file__, model_module.__file__])
+    return part_fingerprint(__file__, mllm_vision.__file__, model_module.__file__)
 
 
 def pretrain_mllm(out: Path, config: MLLMPretrainConfig) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from easyref.tiny.common import matching_texts_loss, take_step, warmed_adamw
+from easyref.tiny.optim import matching_texts_loss, take_step, warmed_adamw
 
 if TYPE_CHECKING:
     import torch
