@@ -16,7 +16,9 @@ PARTS = ("clip", "dino", "ip_clip", "mllm", "ip_adapter")
 
 @pytest.mark.parametrize("part", PARTS)
 def test_packaged_part_is_what_its_manifest_says_and_the_defaults_make(part):
-    from easyref.tiny import ip_adapter, judges, mllm
+    import importlib
+
+    from easyref.tiny.cli import PARTS as MODULES
     from easyref.tiny.ip_adapter import IPAdapterPretrainConfig
     from easyref.tiny.judges import DEFAULTS
     from easyref.tiny.mllm import MLLMPretrainConfig
@@ -28,8 +30,7 @@ def test_packaged_part_is_what_its_manifest_says_and_the_defaults_make(part):
     assert manifest["config"] == asdict(defaults)  # the documented command reproduces it
     # and this code made it: an edit to the part's training, the tiny models or the demo data asks for a re-made part
     # (or, where the edit cannot change the bytes, a re-hash that says so in the manifest's `code_sha256_rehashed`)
-    module = {"mllm": mllm, "ip_adapter": ip_adapter}.get(part, judges)
-    assert manifest["code_sha256"] == module.fingerprint(), part
+    assert manifest["code_sha256"] == importlib.import_module(MODULES[part]).fingerprint(), part
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size < 8 * 2**20, f"{part}: {size} bytes"
 

@@ -15,7 +15,7 @@ import importlib
 
 HELP = "pretrain a tiny part (clip, dino, ip_clip, mllm, ip_adapter) offline and package it"
 
-# part -> (module, extra fixed arguments)
+# part -> the module that pretrains it (its add_arguments, run and fingerprint)
 PARTS: dict[str, str] = {
     "clip": "easyref.tiny.judges",
     "dino": "easyref.tiny.judges",
