@@ -48,11 +48,12 @@ class BasePretrainConfig(RunConfig):
     clean timesteps stop dominating the gradient. With 5, on a 6000-step VAE, the base drew the named colour more
     often (0.97 against 0.94) and the shapes as often; EasyRef learned less on that one base, but one base per recipe
     cannot rank recipes: two plain-MSE bases of one recipe differed as much (docs/training.md)."""
-    ema_decay: float = 0.0
+    ema_decay: float = 0.999
     """Decay of an exponential moving average of the UNet's weights, which the base keeps instead of the last step's
-    (as Stable Diffusion's and diffusers' ``--use_ema`` trainings do; warmed up as ``min(decay, (1 + n) / (10 + n))``
-    at step n, starting from the first step's weights); 0 = the last step's weights (docs/training.md, "Averaged
-    UNet weights")."""
+    (as Stable Diffusion's and diffusers' ``--use_ema`` trainings do), warmed up as diffusers' is: the decay at step n
+    is ``min(ema_decay, (1 + n) / (10 + n))``, so it reaches 0.999 only at step 8991 and over 5000 steps any value
+    above 0.998 gives the warm-up's average, which weighs step n of N about as ``9 n^8 / N^9`` (nine tenths of it
+    from the last quarter of the steps); 0 = the last step's weights (docs/training.md, "Averaged UNet weights")."""
     warmup_steps: int = 200
     final_lr: float = 0.1
     """Both trainings end on this share of their learning rate (cosine decay after the warm-up)."""
