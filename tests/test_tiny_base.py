@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from easyref.tiny.assets import MANIFEST, file_checksums
-from easyref.tiny.base import ASSET, BasePretrainConfig, base_fingerprint, load_pairs, pretrain_base
+from easyref.tiny.base import ASSET, BasePretrainConfig, fingerprint, load_pairs, pretrain_base
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_packaged_base_is_what_its_manifest_says_and_the_defaults_make():
     assert file_checksums(ASSET) == manifest["files"]  # no file changed since `easyref pretrain-base` wrote it
     assert manifest["config"] == {k: v for k, v in vars(BasePretrainConfig()).items()}  # the documented command
     # and this code made it: an edit to the base's training, the tiny SDXL or the demo data asks for a re-made base
-    assert manifest["code_sha256"] == base_fingerprint()
+    assert manifest["code_sha256"] == fingerprint()
 
 
 def test_tiny_models_start_from_the_pretrained_base(tiny_models):

@@ -47,7 +47,7 @@ def test_every_part_fingerprint_covers_the_code_all_parts_share(module, monkeypa
     hashed = []
     monkeypatch.setattr(assets, "code_fingerprint", lambda files: hashed.extend(map(str, files)) or "x")
     part = importlib.import_module(f"easyref.tiny.{module}")
-    (part.base_fingerprint if module == "base" else part.fingerprint)()
+    part.fingerprint()
     assert set(hashed) >= {build.__file__, demo.__file__, data.__file__, optim.__file__, part.__file__}, hashed
 
 

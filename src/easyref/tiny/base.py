@@ -78,7 +78,7 @@ def load_text_towers(pipe: Any, config: BasePretrainConfig) -> dict[str, str]:
     return sources
 
 
-def base_fingerprint() -> str:
+def fingerprint() -> str:
     """sha256 of the code that shapes the pretrained base: this module, its settings and training steps
     (:mod:`easyref.tiny.base_train`) and what every part shares."""
     from easyref.tiny import base_train
@@ -219,7 +219,7 @@ def pretrain_base(out: str | Path, config: BasePretrainConfig, data: str | Path 
         base_check.write_preview(trained, staged / PREVIEW)
         manifest = {
             "config": asdict(config),
-            "code_sha256": base_fingerprint(),
+            "code_sha256": fingerprint(),
             "data": source,
             "images": len(captions),
             "text_encoders_from": text_towers,
